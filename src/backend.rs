@@ -1,0 +1,230 @@
+//! The seam between devices: one training step, one inference batch and the weights/optimizer
+//! state in and out. The CPU implementation (`CpuBackend`) is the reference; the CUDA one lives
+//! in `crate::cuda` behind the `cuda` feature (a stub that explains itself otherwise).
+//!
+//! The device is chosen once, when the backend is made; the training loop above it never asks.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{cross_entropy::argmax_rows, Ctx, SoftmaxCrossEntropy};
+use crate::model::{reference_model, ModelConfig, Sequential};
+use crate::optim::Adam;
+use crate::tensor::{from_vec, slice, slice_mut, Tensor};
+
+/// Side length of the (square, single-channel) images the model takes.
+pub const IMAGE_SIDE: usize = 64;
+
+/// A named f32 tensor as it travels between backends, checkpoints and safetensors files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Adam's state: the step count and both moments, one tensor per parameter, named
+/// `<param>.exp_avg` and `<param>.exp_avg_sq` as in PyTorch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub t: u64,
+    pub moments: Vec<NamedTensor>,
+}
+
+/// Training sums since the last `take_train_stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrainStats {
+    /// Sum over images of the cross-entropy loss.
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub images: u64,
+}
+
+/// Adam's settings (betas and eps are PyTorch's defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// What a device must do to train and run the reference model.
+pub trait Backend {
+    /// The device in words, e.g. `cpu (2 threads)` or `cuda: NVIDIA H100 80GB HBM3`.
+    fn describe(&self) -> String;
+
+    /// One step: forward (training mode) on x (n, 1, 64, 64), mean cross-entropy against y,
+    /// backward, one Adam update at learning rate `lr`. `step` seeds dropout. Loss and accuracy
+    /// are summed inside the backend; read them with `take_train_stats`.
+    fn train_step(&mut self, x: &[f32], y: &[usize], lr: f64, step: u64) -> Result<()>;
+
+    /// The sums since the last call (on a GPU this is where the host waits for the device).
+    fn take_train_stats(&mut self) -> Result<TrainStats>;
+
+    /// Logits (n, classes), row-major, in evaluation mode (dropout off).
+    fn predict(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>>;
+
+    /// The weights, named as the reference PyTorch module's `state_dict`.
+    fn export_weights(&mut self) -> Result<Vec<NamedTensor>>;
+    fn import_weights(&mut self, weights: &[NamedTensor]) -> Result<()>;
+
+    fn export_optimizer(&mut self) -> Result<OptimizerState>;
+    fn import_optimizer(&mut self, state: &OptimizerState) -> Result<()>;
+}
+
+/// Makes the backend for `device`, with the reference model initialised from `seed`.
+pub fn make_backend(device: Device, cfg: &ModelConfig, seed: u64, adam: AdamConfig) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(CpuBackend::new(cfg, seed, adam))),
+        Device::Cuda => Ok(Box::new(crate::cuda::CudaBackend::new(cfg, seed, adam)?)),
+    }
+}
+
+/// The reference path: the f32 CPU layers and Adam.
+pub struct CpuBackend {
+    pub model: Sequential<f32>,
+    pub adam: Adam<f32>,
+    loss: SoftmaxCrossEntropy<f32>,
+    stats: TrainStats,
+    num_classes: usize,
+}
+
+impl CpuBackend {
+    pub fn new(cfg: &ModelConfig, seed: u64, adam: AdamConfig) -> Self {
+        CpuBackend {
+            model: reference_model(cfg, seed),
+            adam: Adam::new(adam.lr).with_weight_decay(adam.weight_decay),
+            loss: SoftmaxCrossEntropy::new(),
+            stats: TrainStats::default(),
+            num_classes: cfg.num_classes,
+        }
+    }
+
+    fn input(x: &[f32], n: usize) -> Result<Tensor<f32>> {
+        let want = n * IMAGE_SIDE * IMAGE_SIDE;
+        if x.len() != want {
+            bail!("input batch has {} values, expected {n} x 1 x {IMAGE_SIDE} x {IMAGE_SIDE} = {want}", x.len());
+        }
+        Ok(from_vec(&[n, 1, IMAGE_SIDE, IMAGE_SIDE], x.to_vec()))
+    }
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn train_step(&mut self, x: &[f32], y: &[usize], lr: f64, step: u64) -> Result<()> {
+        let n = y.len();
+        let x = Self::input(x, n)?;
+        if let Some(&bad) = y.iter().find(|&&t| t >= self.num_classes) {
+            bail!("label {bad} out of range for {} classes", self.num_classes);
+        }
+        let logits = self.model.forward(&x, Ctx::train(step));
+        let loss = self.loss.forward(&logits, y);
+        self.model.zero_grad();
+        self.model.backward(&self.loss.backward());
+        self.adam.lr = lr;
+        self.adam.step(&mut self.model.params_mut());
+        let correct = argmax_rows(&logits).iter().zip(y).filter(|(p, t)| p == t).count();
+        self.stats.loss_sum += loss as f64 * n as f64;
+        self.stats.correct += correct as u64;
+        self.stats.images += n as u64;
+        Ok(())
+    }
+
+    fn take_train_stats(&mut self) -> Result<TrainStats> {
+        Ok(std::mem::take(&mut self.stats))
+    }
+
+    fn predict(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let logits = self.model.forward(&Self::input(x, n)?, Ctx::eval());
+        Ok(slice(&logits).to_vec())
+    }
+
+    fn export_weights(&mut self) -> Result<Vec<NamedTensor>> {
+        Ok(self
+            .model
+            .named_params()
+            .into_iter()
+            .map(|(name, p)| NamedTensor { name, shape: p.value.shape().to_vec(), data: slice(&p.value).to_vec() })
+            .collect())
+    }
+
+    fn import_weights(&mut self, weights: &[NamedTensor]) -> Result<()> {
+        let names: Vec<String> = self.model.named_params().into_iter().map(|(n, _)| n).collect();
+        check_names(&names, weights)?;
+        for (p, w) in self.model.params_mut().into_iter().zip(weights) {
+            if p.value.shape() != w.shape.as_slice() {
+                bail!("weight {} has shape {:?}, the model expects {:?}", w.name, w.shape, p.value.shape());
+            }
+            slice_mut(&mut p.value).copy_from_slice(&w.data);
+        }
+        Ok(())
+    }
+
+    fn export_optimizer(&mut self) -> Result<OptimizerState> {
+        let params = self.model.named_params();
+        let mut moments = Vec::new();
+        for (i, (name, p)) in params.iter().enumerate() {
+            let zeros = vec![0.0; p.value.len()];
+            let m = self.adam.m.get(i).unwrap_or(&zeros);
+            let v = self.adam.v.get(i).unwrap_or(&zeros);
+            let shape = p.value.shape().to_vec();
+            moments.push(NamedTensor { name: format!("{name}.exp_avg"), shape: shape.clone(), data: m.clone() });
+            moments.push(NamedTensor { name: format!("{name}.exp_avg_sq"), shape, data: v.clone() });
+        }
+        Ok(OptimizerState { t: self.adam.t, moments })
+    }
+
+    fn import_optimizer(&mut self, state: &OptimizerState) -> Result<()> {
+        let params = self.model.named_params();
+        let names: Vec<String> =
+            params.iter().flat_map(|(n, _)| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")]).collect();
+        check_names(&names, &state.moments)?;
+        for ((_, p), pair) in params.iter().zip(state.moments.chunks_exact(2)) {
+            for t in pair {
+                if t.data.len() != p.value.len() {
+                    bail!("optimizer state {} has {} values, expected {}", t.name, t.data.len(), p.value.len());
+                }
+            }
+        }
+        self.adam.t = state.t;
+        self.adam.m = state.moments.iter().step_by(2).map(|t| t.data.clone()).collect();
+        self.adam.v = state.moments.iter().skip(1).step_by(2).map(|t| t.data.clone()).collect();
+        Ok(())
+    }
+}
+
+/// Checks that `tensors` are exactly `names`, in order, with a message naming the first mismatch.
+pub fn check_names(names: &[String], tensors: &[NamedTensor]) -> Result<()> {
+    for (i, want) in names.iter().enumerate() {
+        match tensors.get(i) {
+            Some(t) if &t.name == want => {
+                if t.data.len() != t.shape.iter().product::<usize>() {
+                    bail!("tensor {} has {} values for shape {:?}", t.name, t.data.len(), t.shape);
+                }
+            }
+            Some(t) => bail!("expected tensor {want} at position {i}, found {}", t.name),
+            None => bail!("tensor {want} is missing"),
+        }
+    }
+    if tensors.len() > names.len() {
+        bail!("unexpected extra tensor {}", tensors[names.len()].name);
+    }
+    Ok(())
+}

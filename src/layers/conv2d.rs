@@ -1,0 +1,275 @@
+//! 2-D convolution (cross-correlation, as in PyTorch), any kernel size, stride and zero padding,
+//! with bias. CPU path: im2col + GEMM per image, images in parallel with rayon.
+//!
+//! Shapes: x (N, C, H, W), weight (OC, C, KH, KW), bias (OC), y (N, OC, OH, OW),
+//! OH = (H + 2P - KH) / S + 1, OW likewise.
+//!
+//! The math. Write K = C*KH*KW and L = OH*OW. im2col unrolls the receptive field of every output
+//! pixel of one image into a column: col (K, L), col[(c,i,j), (oh,ow)] = x[c, oh*S-P+i, ow*S-P+j]
+//! (0 outside the image). Then the convolution is one matrix product per image:
+//!
+//!   y_n = W col_n + b          W viewed as (OC, K), y_n as (OC, L)
+//!
+//! and its derivatives follow from the product rule of a matrix product:
+//!
+//!   dW   += dy_n col_n^T       (OC, L) x (L, K)   summed over the batch
+//!   db   += sum_l dy_n[:, l]   summed over the batch
+//!   dcol  = W^T dy_n           (K, OC) x (OC, L)
+//!   dx_n  = col2im(dcol)       each column entry adds back into the pixel it was copied from
+//!
+//! col2im is the transpose (adjoint) of im2col: where im2col copies one pixel into several
+//! columns, col2im sums those columns' gradients into that pixel.
+
+use rayon::prelude::*;
+
+use super::{batch_ranges, nchw, out_len, Ctx, Layer, Param};
+use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
+
+/// The sizes of one convolution, shared by im2col, col2im and the layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeometry {
+    pub fn new(c: usize, h: usize, w: usize, kh: usize, kw: usize, stride: usize, pad: usize) -> Self {
+        assert!(stride > 0, "conv stride must be positive");
+        let oh = out_len(h, kh, stride, pad);
+        let ow = out_len(w, kw, stride, pad);
+        ConvGeometry { c, h, w, kh, kw, stride, pad, oh, ow }
+    }
+    /// Rows of col: K = C*KH*KW.
+    pub fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    /// Columns of col: L = OH*OW.
+    pub fn l(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// The input column x[c, ih, iw] read by output column `ow` at kernel offset `j`, or None
+    /// when it falls in the zero padding.
+    #[inline]
+    fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
+        let i = (o * self.stride + k) as isize - self.pad as isize;
+        (i >= 0 && (i as usize) < len).then_some(i as usize)
+    }
+}
+
+/// col (K, L) from one image x (C, H, W).
+pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T]) {
+    let l = g.l();
+    for c in 0..g.c {
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = &mut col[((c * g.kh + i) * g.kw + j) * l..][..l];
+                for oh in 0..g.oh {
+                    let out = &mut row[oh * g.ow..][..g.ow];
+                    match g.src(oh, i, g.h) {
+                        None => out.fill(T::zero()),
+                        Some(ih) => {
+                            let xrow = &x[(c * g.h + ih) * g.w..][..g.w];
+                            for (ow, o) in out.iter_mut().enumerate() {
+                                *o = g.src(ow, j, g.w).map_or(T::zero(), |iw| xrow[iw]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dx (C, H, W) += col2im(dcol (K, L)): the adjoint of `im2col`.
+pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T]) {
+    let l = g.l();
+    for c in 0..g.c {
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let row = &dcol[((c * g.kh + i) * g.kw + j) * l..][..l];
+                for oh in 0..g.oh {
+                    let Some(ih) = g.src(oh, i, g.h) else { continue };
+                    let dxrow = &mut dx[(c * g.h + ih) * g.w..][..g.w];
+                    for (ow, &d) in row[oh * g.ow..][..g.ow].iter().enumerate() {
+                        if let Some(iw) = g.src(ow, j, g.w) {
+                            dxrow[iw] += d;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward of one image: y (OC, L) = W (OC, K) col (K, L) + b. `col` is scratch of size K*L.
+pub fn conv_forward_image<T: Float>(g: &ConvGeometry, w: &[T], b: &[T], x: &[T], col: &mut [T], y: &mut [T]) {
+    let (oc, k, l) = (b.len(), g.k(), g.l());
+    im2col(g, x, col);
+    gemm(false, false, oc, l, k, T::one(), w, col, T::zero(), y);
+    for (yrow, &bias) in y.chunks_exact_mut(l).zip(b) {
+        yrow.iter_mut().for_each(|v| *v += bias);
+    }
+}
+
+pub struct Conv2d<T: Float> {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: (usize, usize),
+    pub stride: usize,
+    pub padding: usize,
+    /// (OC, C, KH, KW)
+    pub weight: Param<T>,
+    /// (OC)
+    pub bias: Param<T>,
+    /// The input of the last forward call: backward rebuilds each image's col from it (one
+    /// image's col at a time stays in cache, the whole batch's would not).
+    x: Option<Tensor<T>>,
+}
+
+impl<T: Float> Conv2d<T> {
+    /// A zero-initialised layer; `model::init_pytorch_default` gives PyTorch's initialisation.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: (usize, usize), stride: usize, padding: usize) -> Self {
+        Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            weight: Param::new(zeros(&[out_channels, in_channels, kernel.0, kernel.1])),
+            bias: Param::new(zeros(&[out_channels])),
+            x: None,
+        }
+    }
+
+    pub fn geometry(&self, input: &[usize]) -> ConvGeometry {
+        assert_eq!(input.len(), 4, "Conv2d: expected an (N, C, H, W) input, got {input:?}");
+        assert_eq!(input[1], self.in_channels, "Conv2d: expected {} input channels, got {input:?}", self.in_channels);
+        ConvGeometry::new(input[1], input[2], input[3], self.kernel.0, self.kernel.1, self.stride, self.padding)
+    }
+}
+
+impl<T: Float> Layer<T> for Conv2d<T> {
+    fn describe(&self) -> String {
+        format!(
+            "Conv2d({}->{}, k{}x{}, s{}, p{})",
+            self.in_channels, self.out_channels, self.kernel.0, self.kernel.1, self.stride, self.padding
+        )
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        let g = self.geometry(input);
+        vec![input[0], self.out_channels, g.oh, g.ow]
+    }
+
+    fn flops(&self, input: &[usize]) -> u64 {
+        let g = self.geometry(input);
+        (2 * input[0] * self.out_channels * g.k() * g.l()) as u64
+    }
+
+    fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
+        let (n, c, h, w) = nchw("Conv2d", x);
+        let g = self.geometry(x.shape());
+        let oc = self.out_channels;
+        let mut y = zeros(&[n, oc, g.oh, g.ow]);
+        let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
+        // One image per task; each task keeps its own col buffer.
+        slice_mut(&mut y)
+            .par_chunks_mut(oc * g.l())
+            .zip(slice(x).par_chunks(c * h * w))
+            .for_each_init(
+                || vec![T::zero(); g.k() * g.l()],
+                |col, (yn, xn)| conv_forward_image(&g, wt, b, xn, col, yn),
+            );
+        self.x = Some(x.clone());
+        y
+    }
+
+    fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T> {
+        let x = self.x.as_ref().expect("Conv2d::backward called before forward");
+        let (n, c, h, w) = nchw("Conv2d", x);
+        let g = self.geometry(x.shape());
+        let (oc, k, l) = (self.out_channels, g.k(), g.l());
+        assert_eq!(dy.shape(), &[n, oc, g.oh, g.ow], "Conv2d: dy shape");
+        let wt = slice(&self.weight.value);
+        let mut dx = zeros(&[n, c, h, w]);
+
+        // Fixed ranges of images, one per thread; each range sums its own dW and db.
+        let ranges = batch_ranges(n, rayon::current_num_threads());
+        let (xs, dys) = (slice(x), slice(dy));
+        let mut dx_parts: Vec<&mut [T]> = Vec::with_capacity(ranges.len());
+        let mut rest = slice_mut(&mut dx);
+        for r in &ranges {
+            let (head, tail) = rest.split_at_mut(r.len() * c * h * w);
+            dx_parts.push(head);
+            rest = tail;
+        }
+        let partials: Vec<(Vec<T>, Vec<T>)> = ranges
+            .par_iter()
+            .zip(dx_parts)
+            .map(|(r, dx_part)| {
+                let mut dw = vec![T::zero(); oc * k];
+                let mut db = vec![T::zero(); oc];
+                let mut col = vec![T::zero(); k * l];
+                let mut dcol = vec![T::zero(); k * l];
+                for (i, img) in r.clone().enumerate() {
+                    let xn = &xs[img * c * h * w..][..c * h * w];
+                    let dyn_ = &dys[img * oc * l..][..oc * l];
+                    im2col(&g, xn, &mut col);
+                    // dW += dy_n col_n^T
+                    gemm(false, true, oc, k, l, T::one(), dyn_, &col, T::one(), &mut dw);
+                    // db += row sums of dy_n
+                    for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(l)) {
+                        *d += row.iter().fold(T::zero(), |s, &v| s + v);
+                    }
+                    // dcol = W^T dy_n, then dx_n = col2im(dcol)
+                    gemm(true, false, k, l, oc, T::one(), wt, dyn_, T::zero(), &mut dcol);
+                    col2im(&g, &dcol, &mut dx_part[i * c * h * w..][..c * h * w]);
+                }
+                (dw, db)
+            })
+            .collect();
+
+        // Add the per-range sums in range order (deterministic for a given thread count).
+        let gw = slice_mut(&mut self.weight.grad);
+        let gb = slice_mut(&mut self.bias.grad);
+        for (dw, db) in partials {
+            gw.iter_mut().zip(&dw).for_each(|(g, d)| *g += *d);
+            gb.iter_mut().zip(&db).for_each(|(g, d)| *g += *d);
+        }
+        dx
+    }
+
+    fn params(&self) -> Vec<&Param<T>> {
+        vec![&self.weight, &self.bias]
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<T>> {
+        vec![&mut self.weight, &mut self.bias]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)> for any x, c.
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        let g = ConvGeometry::new(2, 5, 7, 3, 2, 2, 1);
+        let x: Vec<f64> = (0..g.c * g.h * g.w).map(|i| (i as f64 * 0.37).sin()).collect();
+        let c: Vec<f64> = (0..g.k() * g.l()).map(|i| (i as f64 * 0.11).cos()).collect();
+        let mut col = vec![0.0; g.k() * g.l()];
+        im2col(&g, &x, &mut col);
+        let mut back = vec![0.0; x.len()];
+        col2im(&g, &c, &mut back);
+        let lhs: f64 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
+        let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
+        assert!((lhs - rhs).abs() < 1e-10, "{lhs} vs {rhs}");
+    }
+}

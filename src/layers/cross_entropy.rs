@@ -1,0 +1,75 @@
+//! Softmax cross-entropy, fused and numerically stable, averaged over the batch (PyTorch's
+//! `nn.CrossEntropyLoss()` on logits).
+//!
+//! Shapes: logits z (N, K), targets t (N) class indices, loss a scalar.
+//!
+//! The math. With the log-sum-exp trick (m = max_k z_k, so no exp overflows):
+//!
+//!   log p_k = z_k - lse,   lse = m + log sum_k exp(z_k - m)
+//!   L = (1/N) sum_n (lse_n - z[n, t_n])
+//!
+//! and, because d lse / d z_k = p_k, the gradient is simply
+//!
+//!   dz[n, k] = (p[n, k] - [k == t_n]) / N
+
+use crate::tensor::{from_vec, slice, Float, Tensor};
+
+#[derive(Default)]
+pub struct SoftmaxCrossEntropy<T: Float> {
+    /// Softmax probabilities of the last forward, (N, K).
+    probs: Option<Tensor<T>>,
+    targets: Vec<usize>,
+}
+
+impl<T: Float> SoftmaxCrossEntropy<T> {
+    pub fn new() -> Self {
+        SoftmaxCrossEntropy { probs: None, targets: Vec::new() }
+    }
+
+    /// The mean loss over the batch. Keeps the probabilities for `backward`.
+    pub fn forward(&mut self, logits: &Tensor<T>, targets: &[usize]) -> T {
+        assert_eq!(logits.ndim(), 2, "cross-entropy: logits must be (N, K), got {:?}", logits.shape());
+        let (n, k) = (logits.shape()[0], logits.shape()[1]);
+        assert_eq!(targets.len(), n, "cross-entropy: {n} logits rows but {} targets", targets.len());
+        let mut probs = Vec::with_capacity(n * k);
+        let mut total = T::zero();
+        for (z, &t) in slice(logits).chunks_exact(k).zip(targets) {
+            assert!(t < k, "cross-entropy: target {t} out of range for {k} classes");
+            let m = z.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+            let sum = z.iter().fold(T::zero(), |s, &v| s + (v - m).exp());
+            let lse = m + sum.ln();
+            total += lse - z[t];
+            probs.extend(z.iter().map(|&v| (v - lse).exp()));
+        }
+        self.probs = Some(from_vec(&[n, k], probs));
+        self.targets = targets.to_vec();
+        total / T::f(n as f64)
+    }
+
+    /// dL/dz for the last forward (the loss itself has gradient 1).
+    pub fn backward(&self) -> Tensor<T> {
+        let probs = self.probs.as_ref().expect("cross-entropy backward called before forward");
+        let (n, k) = (probs.shape()[0], probs.shape()[1]);
+        let inv_n = T::one() / T::f(n as f64);
+        let mut dz = probs.clone();
+        for (row, &t) in dz.as_slice_mut().unwrap().chunks_exact_mut(k).zip(&self.targets) {
+            row[t] -= T::one();
+            row.iter_mut().for_each(|v| *v *= inv_n);
+        }
+        dz
+    }
+
+    /// The softmax probabilities of the last forward, (N, K).
+    pub fn probs(&self) -> Option<&Tensor<T>> {
+        self.probs.as_ref()
+    }
+}
+
+/// The index of the largest logit of each row (the predicted class).
+pub fn argmax_rows<T: Float>(logits: &Tensor<T>) -> Vec<usize> {
+    let k = logits.shape()[1];
+    slice(logits)
+        .chunks_exact(k)
+        .map(|z| (0..k).fold(0, |best, j| if z[j] > z[best] { j } else { best }))
+        .collect()
+}

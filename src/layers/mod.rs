@@ -1,0 +1,138 @@
+//! The layers, one file each, forward and backward side by side.
+//!
+//! Every layer follows the same contract (the `Layer` trait):
+//! - `forward` takes the input and keeps exactly what `backward` will need;
+//! - `backward` takes dy = dL/dy (same shape as the output) and returns dx = dL/dx; it
+//!   *accumulates* (`+=`) dL/dw and dL/db into the layer's `Param::grad`, so gradients of
+//!   several backward calls add up until `zero_grad`.
+//!
+//! Shapes are NCHW for images and (N, features) after `Flatten`. This is the CPU path, the
+//! reference that every CUDA kernel (`kernels/*.cu`) is tested against.
+
+pub mod avg_pool2d;
+pub mod conv2d;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod flatten;
+pub mod linear;
+pub mod max_pool2d;
+pub mod relu;
+
+pub use avg_pool2d::{AvgPool2d, GlobalAvgPool2d};
+pub use conv2d::Conv2d;
+pub use cross_entropy::SoftmaxCrossEntropy;
+pub use dropout::Dropout;
+pub use flatten::Flatten;
+pub use linear::Linear;
+pub use max_pool2d::MaxPool2d;
+pub use relu::Relu;
+
+use std::ops::Range;
+
+use crate::tensor::{zeros, Float, Tensor};
+
+/// A learnable tensor and the gradient accumulated for it.
+#[derive(Clone, Debug)]
+pub struct Param<T: Float> {
+    pub value: Tensor<T>,
+    pub grad: Tensor<T>,
+}
+
+impl<T: Float> Param<T> {
+    pub fn new(value: Tensor<T>) -> Self {
+        let grad = zeros(value.shape());
+        Param { value, grad }
+    }
+}
+
+/// What a forward pass needs to know besides its input.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ctx {
+    /// Training mode (dropout active) or evaluation mode (dropout is the identity).
+    pub train: bool,
+    /// The optimizer step; dropout derives its mask from it, so a resumed run repeats exactly.
+    pub step: u64,
+}
+
+impl Ctx {
+    pub fn train(step: u64) -> Self {
+        Ctx { train: true, step }
+    }
+    pub fn eval() -> Self {
+        Ctx { train: false, step: 0 }
+    }
+}
+
+/// One layer: forward, backward and its parameters.
+pub trait Layer<T: Float>: Send {
+    /// A short name of the layer type and its settings, e.g. `Conv2d(1->32, k3, s1, p0)`.
+    fn describe(&self) -> String;
+    /// y = f(x). Keeps what backward needs.
+    fn forward(&mut self, x: &Tensor<T>, ctx: Ctx) -> Tensor<T>;
+    /// dx from dy; accumulates parameter gradients. Must follow a forward call.
+    fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T>;
+    /// The output shape for an input shape (no computation).
+    fn output_shape(&self, input: &[usize]) -> Vec<usize>;
+    /// Learnable parameters, in a fixed order (weight, then bias).
+    fn params(&self) -> Vec<&Param<T>> {
+        Vec::new()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<T>> {
+        Vec::new()
+    }
+    /// Forward floating-point operations for one input of this shape (a multiply-add is 2).
+    fn flops(&self, _input: &[usize]) -> u64 {
+        0
+    }
+}
+
+/// Splits `0..n` into `parts` contiguous ranges of nearly equal size, in order.
+///
+/// Layers that sum gradients over the batch give each range to one rayon task and then add
+/// the per-task partial sums in range order: the result depends only on the thread count, so
+/// a run with a fixed seed and thread count repeats bit for bit.
+pub fn batch_ranges(n: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    let base = n / parts;
+    let extra = n % parts;
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+/// Panics with a readable message if `x` does not have `rank` dimensions.
+pub(crate) fn expect_rank<T: Float>(layer: &str, x: &Tensor<T>, rank: usize) {
+    assert_eq!(x.ndim(), rank, "{layer}: expected a rank-{rank} input, got shape {:?}", x.shape());
+}
+
+/// The (N, C, H, W) of an image batch.
+pub(crate) fn nchw<T: Float>(layer: &str, x: &Tensor<T>) -> (usize, usize, usize, usize) {
+    expect_rank(layer, x, 4);
+    let s = x.shape();
+    (s[0], s[1], s[2], s[3])
+}
+
+/// Output length of a sliding window: floor((len + 2*pad - k) / stride) + 1 (PyTorch's floor mode).
+pub fn out_len(len: usize, k: usize, stride: usize, pad: usize) -> usize {
+    assert!(len + 2 * pad >= k, "window {k} larger than padded input {}", len + 2 * pad);
+    (len + 2 * pad - k) / stride + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_ranges_cover_in_order() {
+        let r = batch_ranges(10, 3);
+        assert_eq!(r, vec![0..4, 4..7, 7..10]);
+        assert_eq!(batch_ranges(2, 8), vec![0..1, 1..2]);
+        assert_eq!(batch_ranges(0, 2), vec![0..0]);
+    }
+}

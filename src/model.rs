@@ -1,0 +1,192 @@
+//! The model: a sequence of named layers run in order, the walk over their parameters, and the
+//! reference architecture with PyTorch's default initialisation.
+//!
+//! Layer names follow the reference PyTorch module, so parameter names match its `state_dict`
+//! (`conv_block.0.weight`, ..., `classifier.2.bias`) and weights can be exchanged with it.
+
+use rand::{rngs::StdRng, RngExt, SeedableRng};
+
+use crate::layers::{Conv2d, Ctx, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d, Param, Relu};
+use crate::tensor::{slice_mut, Float, Tensor};
+
+/// A layer and the name its parameters are saved under.
+pub struct NamedLayer<T: Float> {
+    pub name: String,
+    pub layer: Box<dyn Layer<T>>,
+}
+
+/// Layers applied in order: forward walks them first to last, backward last to first.
+pub struct Sequential<T: Float> {
+    pub layers: Vec<NamedLayer<T>>,
+}
+
+impl<T: Float> Sequential<T> {
+    pub fn new() -> Self {
+        Sequential { layers: Vec::new() }
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, layer: impl Layer<T> + 'static) {
+        self.layers.push(NamedLayer { name: name.into(), layer: Box::new(layer) });
+    }
+
+    pub fn forward(&mut self, x: &Tensor<T>, ctx: Ctx) -> Tensor<T> {
+        self.forward_range(x, 0..self.layers.len(), ctx)
+    }
+
+    /// Runs layers `range` only (Grad-CAM stops at the last conv layer, for example).
+    pub fn forward_range(&mut self, x: &Tensor<T>, range: std::ops::Range<usize>, ctx: Ctx) -> Tensor<T> {
+        let mut h = x.clone();
+        for l in &mut self.layers[range] {
+            h = l.layer.forward(&h, ctx);
+        }
+        h
+    }
+
+    /// Backpropagates dy through every layer; returns dL/dinput. Accumulates parameter grads.
+    pub fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T> {
+        self.backward_range(dy, 0..self.layers.len())
+    }
+
+    /// Backpropagates through layers `range` (last to first).
+    pub fn backward_range(&mut self, dy: &Tensor<T>, range: std::ops::Range<usize>) -> Tensor<T> {
+        let mut d = dy.clone();
+        for l in self.layers[range].iter_mut().rev() {
+            d = l.layer.backward(&d);
+        }
+        d
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in self.params_mut() {
+            p.grad.fill(T::zero());
+        }
+    }
+
+    /// Every parameter, in a fixed order (layer order, weight before bias).
+    pub fn params_mut(&mut self) -> Vec<&mut Param<T>> {
+        self.layers.iter_mut().flat_map(|l| l.layer.params_mut()).collect()
+    }
+
+    /// `(name, param)` pairs, names as in the PyTorch `state_dict`.
+    pub fn named_params(&self) -> Vec<(String, &Param<T>)> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            let ps = l.layer.params();
+            let kinds: &[&str] = if ps.len() == 2 { &["weight", "bias"] } else { &["weight"] };
+            for (p, kind) in ps.into_iter().zip(kinds) {
+                out.push((format!("{}.{kind}", l.name), p));
+            }
+        }
+        out
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.named_params().iter().map(|(_, p)| p.value.len()).sum()
+    }
+
+    /// Output shapes layer by layer for an input shape, without computing anything.
+    pub fn shapes(&self, input: &[usize]) -> Vec<Vec<usize>> {
+        let mut s = input.to_vec();
+        self.layers
+            .iter()
+            .map(|l| {
+                s = l.layer.output_shape(&s);
+                s.clone()
+            })
+            .collect()
+    }
+
+    /// A table of the layers, output shapes and parameter counts.
+    pub fn summary(&self, input: &[usize]) -> String {
+        let mut out = format!("{:<14} {:<28} {:<18} {:>9}\n", "name", "layer", "output", "params");
+        for (l, s) in self.layers.iter().zip(self.shapes(input)) {
+            let n: usize = l.layer.params().iter().map(|p| p.value.len()).sum();
+            out += &format!("{:<14} {:<28} {:<18} {:>9}\n", l.name, l.layer.describe(), format!("{s:?}"), n);
+        }
+        out + &format!("total parameters: {}\n", self.param_count())
+    }
+}
+
+impl<T: Float> Default for Sequential<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The settings of the reference architecture that a user can change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub num_classes: usize,
+    pub dropout: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { num_classes: 6, dropout: 0.4 }
+    }
+}
+
+/// The reference model, layer for layer as the PyTorch module:
+///
+/// ```text
+/// conv_block: Conv(1->32, k3) ReLU MaxPool(2)   64x64 -> 62 -> 31
+///             Conv(32->64)    ReLU MaxPool(2)   31 -> 29 -> 14
+///             Conv(64->128)   ReLU MaxPool(2)   14 -> 12 -> 6
+///             Conv(128->256)  ReLU MaxPool(2)    6 -> 4 -> 2
+/// global average pool -> 256, flatten
+/// classifier: Linear(256->128) Dropout(p) Linear(128->classes)
+/// ```
+///
+/// 421,510 parameters for 6 classes. Weights are drawn from `seed` as PyTorch's defaults.
+pub fn reference_model<T: Float>(cfg: &ModelConfig, seed: u64) -> Sequential<T> {
+    let mut m = Sequential::new();
+    let widths = [1, 32, 64, 128, 256];
+    for (i, w) in widths.windows(2).enumerate() {
+        m.push(format!("conv_block.{}", 3 * i), Conv2d::<T>::new(w[0], w[1], (3, 3), 1, 0));
+        m.push(format!("conv_block.{}", 3 * i + 1), Relu::<T>::new());
+        m.push(format!("conv_block.{}", 3 * i + 2), MaxPool2d::new(2, 2));
+    }
+    m.push("global_pool", GlobalAvgPool2d::new());
+    m.push("flatten", Flatten::new());
+    m.push("classifier.0", Linear::<T>::new(256, 128));
+    m.push("classifier.1", Dropout::<T>::new(cfg.dropout, seed ^ 0xD50F_u64));
+    m.push("classifier.2", Linear::<T>::new(128, cfg.num_classes));
+    init_pytorch_default(&mut m, seed);
+    m
+}
+
+/// PyTorch's default initialisation for Conv2d and Linear: weight from kaiming_uniform with
+/// a = sqrt(5), which works out to U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and bias from the same
+/// bound. fan_in = in_channels * kh * kw (conv) or in_features (linear), i.e. weight[0].len().
+///
+/// Values are drawn in f64 and rounded, so an f32 and an f64 model from one seed agree.
+pub fn init_pytorch_default<T: Float>(model: &mut Sequential<T>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for l in &mut model.layers {
+        let mut params = l.layer.params_mut();
+        let Some(weight) = params.first() else { continue };
+        let fan_in: usize = weight.value.shape()[1..].iter().product();
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        for p in params.iter_mut() {
+            for v in slice_mut(&mut p.value) {
+                *v = T::f(rng.random_range(-bound..bound));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_model_has_the_pytorch_parameter_count_and_names() {
+        let m = reference_model::<f32>(&ModelConfig::default(), 0);
+        assert_eq!(m.param_count(), 421_510);
+        let names: Vec<String> = m.named_params().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names[0], "conv_block.0.weight");
+        assert_eq!(names[6], "conv_block.9.weight");
+        assert_eq!(names.last().unwrap(), "classifier.2.bias");
+        assert_eq!(m.shapes(&[2, 1, 64, 64]).last().unwrap(), &vec![2, 6]);
+    }
+}

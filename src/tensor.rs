@@ -1,0 +1,203 @@
+//! Tensors, the `Float` trait (f32 for training, f64 for gradient checks) and the one matrix
+//! multiply every layer is built on.
+//!
+//! A tensor is an `ndarray::ArrayD` in standard (row-major, NCHW) layout; layers work on its
+//! contiguous slice. This file is not an autograd: each layer writes its own backward pass.
+
+use std::fmt::{Debug, Display};
+use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
+
+use ndarray::{ArrayD, IxDyn};
+
+/// A dense n-dimensional array in row-major order (NCHW for images, (N, features) for vectors).
+pub type Tensor<T> = ArrayD<T>;
+
+/// The element types the CPU layers run in: `f32` to train, `f64` to check gradients tightly.
+pub trait Float:
+    num_traits::Float
+    + num_traits::FromPrimitive
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + Default
+    + Send
+    + Sync
+    + Debug
+    + Display
+    + 'static
+{
+    /// Raw strided GEMM: `C = alpha * A * B + beta * C` with A (m x k), B (k x n), C (m x n)
+    /// given by row and column strides. Single-threaded: callers parallelise around it.
+    ///
+    /// # Safety
+    /// The pointers and strides must describe valid, non-overlapping (for C) memory.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+
+    /// Lossy conversion from f64 (exact for f64, rounding for f32).
+    fn f(x: f64) -> Self {
+        <Self as num_traits::FromPrimitive>::from_f64(x).expect("f64 converts to every Float")
+    }
+
+    /// Conversion to f64, for reporting.
+    fn as_f64(self) -> f64 {
+        num_traits::ToPrimitive::to_f64(&self).unwrap_or(f64::NAN)
+    }
+}
+
+impl Float for f32 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+impl Float for f64 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+/// `C = alpha * op(A) * op(B) + beta * C` on contiguous row-major matrices.
+///
+/// op(A) is (m x k): A is stored (m, k), or (k, m) when `trans_a`.
+/// op(B) is (k x n): B is stored (k, n), or (n, k) when `trans_b`.
+/// C is (m, n). With `beta == 0` the old contents of C are never read.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: Float>(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    a: &[T],
+    b: &[T],
+    beta: T,
+    c: &mut [T],
+) {
+    assert!(a.len() >= m * k, "gemm: A has {} elements, needs {m}x{k}", a.len());
+    assert!(b.len() >= k * n, "gemm: B has {} elements, needs {k}x{n}", b.len());
+    assert!(c.len() >= m * n, "gemm: C has {} elements, needs {m}x{n}", c.len());
+    let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the asserts above bound every index the strides can reach; `c` is a unique borrow.
+    unsafe {
+        T::gemm_raw(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        )
+    }
+}
+
+/// A tensor of zeros with the given shape.
+pub fn zeros<T: Float>(shape: &[usize]) -> Tensor<T> {
+    Tensor::from_elem(IxDyn(shape), T::zero())
+}
+
+/// A tensor from a shape and row-major data. Panics if the sizes disagree (a programming error).
+pub fn from_vec<T: Float>(shape: &[usize], data: Vec<T>) -> Tensor<T> {
+    Tensor::from_shape_vec(IxDyn(shape), data).expect("shape matches data length")
+}
+
+/// The contiguous row-major slice of a tensor. Every tensor medcnn makes is contiguous.
+pub fn slice<T: Float>(t: &Tensor<T>) -> &[T] {
+    t.as_slice().expect("medcnn tensors are contiguous and row-major")
+}
+
+/// The mutable contiguous row-major slice of a tensor.
+pub fn slice_mut<T: Float>(t: &mut Tensor<T>) -> &mut [T] {
+    t.as_slice_mut().expect("medcnn tensors are contiguous and row-major")
+}
+
+/// Converts a tensor between float types (f32 <-> f64), keeping the shape.
+pub fn cast<A: Float, B: Float>(t: &Tensor<A>) -> Tensor<B> {
+    t.mapv(|v| B::f(v.as_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_matches_naive_for_every_transpose() {
+        let (m, n, k) = (3, 5, 4);
+        let a: Vec<f64> = (0..m * k).map(|i| i as f64 * 0.5 - 2.0).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64).sin()).collect();
+        // Transposed copies: at is (k, m), bt is (n, k).
+        let at: Vec<f64> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let mut want = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut c = vec![0.0; m * n];
+            let aa = if ta { &at } else { &a };
+            let bb = if tb { &bt } else { &b };
+            gemm(ta, tb, m, n, k, 1.0, aa, bb, 0.0, &mut c);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-12, "ta={ta} tb={tb}: {x} vs {y}");
+            }
+        }
+    }
+}

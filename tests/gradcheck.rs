@@ -1,0 +1,319 @@
+//! Gradient checks: every layer's hand-written backward pass against central finite differences,
+//! in f64, on small odd shapes.
+//!
+//! How to read it. For a layer y = f(x; W, b) we fix random, non-uniform weights w of y's shape
+//! and check the scalar loss L = sum(w * y). Its gradient with respect to y is w, so
+//! `backward(w)` must return dL/dx and accumulate dL/dW, dL/db. Finite differences give the same
+//! numbers independently, one element at a time:
+//!
+//!   dL/dx_i ~ (L(x + h e_i) - L(x - h e_i)) / 2h
+//!
+//! (L+ - L-) is summed as sum(w * (y+ - y-)), so outputs the element does not touch cancel
+//! exactly. Every layer here except the cross-entropy is piecewise linear (conv, linear, pools,
+//! ReLU, dropout with a fixed mask): away from a kink the difference quotient is exact for any h,
+//! so a large h keeps rounding tiny. A step that crosses a kink (a ReLU changing sign, a max-pool
+//! changing its winner) shows up as (L+ - L0) != (L0 - L-); the checker then shrinks h.
+//!
+//! The relative error of an element is |analytic - numeric| / max(|analytic|, |numeric|) (0 when
+//! both are exactly 0). Each layer's maximum over every element of dx, dW and db must be <= 1e-6.
+//!
+//! Run `cargo test --release --test gradcheck -- --nocapture` to see the table.
+
+use medcnn::layers::{
+    AvgPool2d, Conv2d, Ctx, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d, Relu, SoftmaxCrossEntropy,
+};
+use medcnn::model::{reference_model, ModelConfig, Sequential};
+use medcnn::tensor::{from_vec, Tensor};
+
+const TOLERANCE: f64 = 1e-6;
+
+/// A small deterministic generator (the tests need no shared RNG state).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64) / ((1u64 << 53) as f64)
+    }
+    /// Uniform in [-1, 1).
+    fn sym(&mut self) -> f64 {
+        2.0 * self.next() - 1.0
+    }
+    fn tensor(&mut self, shape: &[usize]) -> Tensor<f64> {
+        let n = shape.iter().product();
+        from_vec(shape, (0..n).map(|_| self.sym()).collect())
+    }
+    /// Values at least 0.1 away from 0 (away from the ReLU kink).
+    fn away_from_zero(&mut self, shape: &[usize]) -> Tensor<f64> {
+        self.tensor(shape).mapv(|v| if v >= 0.0 { 0.1 + v } else { v - 0.1 })
+    }
+    /// Distinct values 0.01 apart in random order (no ties inside a max-pool window).
+    fn distinct(&mut self, shape: &[usize]) -> Tensor<f64> {
+        let n: usize = shape.iter().product();
+        let mut v: Vec<f64> = (0..n).map(|i| i as f64 * 0.01 - 0.5).collect();
+        for i in (1..n).rev() {
+            let j = (self.next() * (i + 1) as f64) as usize;
+            v.swap(i, j);
+        }
+        from_vec(shape, v)
+    }
+}
+
+/// The worst relative error of one gradient, and how many elements were checked.
+#[derive(Default, Clone, Copy)]
+struct Worst {
+    err: f64,
+    count: usize,
+}
+
+impl Worst {
+    fn add(&mut self, analytic: f64, numeric: f64) {
+        let scale = analytic.abs().max(numeric.abs());
+        let err = if scale == 0.0 { 0.0 } else { (analytic - numeric).abs() / scale };
+        self.err = self.err.max(err);
+        self.count += 1;
+    }
+}
+
+/// sum(w * (a - b)), the loss difference of two outputs.
+fn weighted_diff(w: &[f64], a: &Tensor<f64>, b: &Tensor<f64>) -> f64 {
+    w.iter().zip(a.iter().zip(b.iter())).map(|(w, (a, b))| w * (a - b)).sum()
+}
+
+/// Which value the checker perturbs: an input element or a parameter element.
+#[derive(Clone, Copy)]
+enum Target {
+    Input(usize),
+    Param(usize, usize),
+}
+
+/// Runs the layer with element `target` moved by `delta`, returns the output and restores it.
+fn forward_moved(layer: &mut dyn Layer<f64>, x: &Tensor<f64>, ctx: Ctx, target: Target, delta: f64) -> Tensor<f64> {
+    match target {
+        Target::Input(i) => {
+            let mut xm = x.clone();
+            xm.as_slice_mut().unwrap()[i] += delta;
+            layer.forward(&xm, ctx)
+        }
+        Target::Param(p, i) => {
+            let old = layer.params()[p].value.as_slice().unwrap()[i];
+            layer.params_mut()[p].value.as_slice_mut().unwrap()[i] = old + delta;
+            let y = layer.forward(x, ctx);
+            layer.params_mut()[p].value.as_slice_mut().unwrap()[i] = old;
+            y
+        }
+    }
+}
+
+/// The central difference of L = sum(w * y) for one element, shrinking h past kinks.
+fn numeric(layer: &mut dyn Layer<f64>, x: &Tensor<f64>, ctx: Ctx, w: &[f64], y0: &Tensor<f64>, target: Target) -> f64 {
+    let mut h = 1e-2;
+    loop {
+        let yp = forward_moved(layer, x, ctx, target, h);
+        let ym = forward_moved(layer, x, ctx, target, -h);
+        let (up, down) = (weighted_diff(w, &yp, y0), weighted_diff(w, y0, &ym));
+        let linear = (up - down).abs() <= 1e-9 * up.abs().max(down.abs()) + 1e-14;
+        if linear || h < 1e-7 {
+            return (up + down) / (2.0 * h);
+        }
+        h /= 10.0; // crossed a kink: step closer
+    }
+}
+
+/// Checks dx and every parameter gradient of `layer` at `x`, for up to `max_per_tensor`
+/// elements of each tensor (all of them when the tensor is smaller). Returns the worst errors:
+/// [dx, param 0, param 1, ...].
+fn check(layer: &mut dyn Layer<f64>, x: &Tensor<f64>, ctx: Ctx, seed: u64, max_per_tensor: usize) -> Vec<Worst> {
+    let mut rng = Lcg(seed);
+    let y0 = layer.forward(x, ctx);
+    // Loss weights in +-[0.5, 1.5): non-uniform, so a gradient routed to the wrong output shows.
+    let w: Vec<f64> = (0..y0.len())
+        .map(|_| {
+            let v = 0.5 + rng.next();
+            if rng.next() < 0.5 { -v } else { v }
+        })
+        .collect();
+    for p in layer.params_mut() {
+        p.grad.fill(0.0);
+    }
+    let dx = layer.backward(&from_vec(y0.shape(), w.clone()));
+    let grads: Vec<Vec<f64>> = layer.params().iter().map(|p| p.grad.as_slice().unwrap().to_vec()).collect();
+
+    let pick = |n: usize, rng: &mut Lcg| -> Vec<usize> {
+        if n <= max_per_tensor {
+            (0..n).collect()
+        } else {
+            (0..max_per_tensor).map(|_| (rng.next() * n as f64) as usize).collect()
+        }
+    };
+    let mut out = vec![Worst::default(); 1 + grads.len()];
+    for i in pick(x.len(), &mut rng) {
+        let n = numeric(layer, x, ctx, &w, &y0, Target::Input(i));
+        out[0].add(dx.as_slice().unwrap()[i], n);
+    }
+    for (p, g) in grads.iter().enumerate() {
+        for i in pick(g.len(), &mut rng) {
+            let n = numeric(layer, x, ctx, &w, &y0, Target::Param(p, i));
+            out[1 + p].add(g[i], n);
+        }
+    }
+    out
+}
+
+fn row(name: &str, shape: &[usize], worst: &[Worst]) -> String {
+    let cell = |i: usize| worst.get(i).map_or("-".to_string(), |w| format!("{:.2e} ({})", w.err, w.count));
+    format!("{:<34} {:<18} {:<18} {:<18} {:<18}", name, format!("{shape:?}"), cell(0), cell(1), cell(2))
+}
+
+fn max_err(worst: &[Worst]) -> f64 {
+    worst.iter().map(|w| w.err).fold(0.0, f64::max)
+}
+
+/// A Sequential is a layer too, for the whole-model check.
+struct Whole(Sequential<f64>);
+impl Layer<f64> for Whole {
+    fn describe(&self) -> String {
+        "reference model".into()
+    }
+    fn forward(&mut self, x: &Tensor<f64>, ctx: Ctx) -> Tensor<f64> {
+        self.0.forward(x, ctx)
+    }
+    fn backward(&mut self, dy: &Tensor<f64>) -> Tensor<f64> {
+        self.0.backward(dy)
+    }
+    fn output_shape(&self, s: &[usize]) -> Vec<usize> {
+        self.0.shapes(s).last().unwrap().clone()
+    }
+    fn params(&self) -> Vec<&medcnn::layers::Param<f64>> {
+        self.0.named_params().into_iter().map(|(_, p)| p).collect()
+    }
+    fn params_mut(&mut self) -> Vec<&mut medcnn::layers::Param<f64>> {
+        self.0.params_mut()
+    }
+}
+
+#[test]
+fn every_layer_matches_finite_differences() {
+    let mut rng = Lcg(42);
+    let train = Ctx::train(7);
+    let mut conv_s1 = Conv2d::<f64>::new(3, 4, (3, 3), 1, 0);
+    let mut conv_s2 = Conv2d::<f64>::new(2, 3, (3, 2), 2, 1);
+    let mut conv_1x1 = Conv2d::<f64>::new(3, 2, (1, 1), 1, 0);
+    let mut linear = Linear::<f64>::new(7, 5);
+    for l in [&mut conv_s1 as &mut dyn Layer<f64>, &mut conv_s2, &mut conv_1x1, &mut linear] {
+        for p in l.params_mut() {
+            p.value = rng.tensor(p.value.shape());
+        }
+    }
+
+    let cases: Vec<(&str, Box<dyn Layer<f64>>, Tensor<f64>)> = vec![
+        ("Conv2d 3->4 k3 s1 p0", Box::new(conv_s1), rng.tensor(&[2, 3, 7, 6])),
+        ("Conv2d 2->3 k3x2 s2 p1", Box::new(conv_s2), rng.tensor(&[3, 2, 7, 5])),
+        ("Conv2d 3->2 k1 s1 p0", Box::new(conv_1x1), rng.tensor(&[2, 3, 3, 5])),
+        ("MaxPool2d k2 s2", Box::new(MaxPool2d::new(2, 2)), rng.distinct(&[2, 3, 7, 6])),
+        ("MaxPool2d k3 s2 p1 ceil", Box::new(MaxPool2d::with_options(3, 2, 1, true)), rng.distinct(&[2, 2, 6, 7])),
+        ("AvgPool2d k2 s2", Box::new(AvgPool2d::new(2, 2)), rng.tensor(&[2, 3, 7, 6])),
+        ("AvgPool2d k3 s1", Box::new(AvgPool2d::new(3, 1)), rng.tensor(&[2, 2, 5, 4])),
+        ("GlobalAvgPool2d", Box::new(GlobalAvgPool2d::new()), rng.tensor(&[3, 4, 5, 3])),
+        ("Linear 7->5", Box::new(linear), rng.tensor(&[3, 7])),
+        ("ReLU", Box::new(Relu::<f64>::new()), rng.away_from_zero(&[2, 3, 5, 4])),
+        ("Dropout p=0.4 (train)", Box::new(Dropout::<f64>::new(0.4, 9)), rng.tensor(&[4, 9])),
+        ("Flatten", Box::new(Flatten::new()), rng.tensor(&[2, 3, 2, 3])),
+    ];
+
+    println!("\n{:<34} {:<18} {:<18} {:<18} {:<18}", "layer", "input", "dx max rel (n)", "dw max rel (n)", "db max rel (n)");
+    let mut failures = Vec::new();
+    for (i, (name, mut layer, x)) in cases.into_iter().enumerate() {
+        let worst = check(layer.as_mut(), &x, train, 100 + i as u64, usize::MAX);
+        println!("{}", row(name, x.shape(), &worst));
+        if max_err(&worst) > TOLERANCE {
+            failures.push(format!("{name}: {:.3e}", max_err(&worst)));
+        }
+    }
+
+    // The loss itself: dL/dz of the mean softmax cross-entropy, against central differences of L.
+    let z = rng.tensor(&[3, 5]).mapv(|v| 3.0 * v);
+    let targets = [4, 0, 2];
+    let mut ce = SoftmaxCrossEntropy::<f64>::new();
+    ce.forward(&z, &targets);
+    let dz = ce.backward();
+    let mut worst = Worst::default();
+    let h = 1e-5;
+    for i in 0..z.len() {
+        let mut zp = z.clone();
+        zp.as_slice_mut().unwrap()[i] += h;
+        let mut zm = z.clone();
+        zm.as_slice_mut().unwrap()[i] -= h;
+        let n = (ce.forward(&zp, &targets) - ce.forward(&zm, &targets)) / (2.0 * h);
+        worst.add(dz.as_slice().unwrap()[i], n);
+    }
+    // A smooth function: central differences are only O(h^2) exact, so 1e-6 still applies.
+    println!("{}", row("SoftmaxCrossEntropy (mean)", z.shape(), &[worst]));
+    if worst.err > TOLERANCE {
+        failures.push(format!("cross-entropy: {:.3e}", worst.err));
+    }
+    assert!(failures.is_empty(), "gradient check failed (tolerance {TOLERANCE:e}): {failures:?}");
+}
+
+/// The whole reference model (4 conv blocks, global pool, classifier with dropout active) on a
+/// batch of 2 non-square 46x54 images, the smallest size its four pools allow. 421,510
+/// parameters are too many to perturb one by one, so 40 random elements of each parameter tensor
+/// (every element of a smaller one) and 40 of dx are checked; each layer alone is checked in full
+/// above.
+#[test]
+fn reference_model_matches_finite_differences() {
+    let mut model = Whole(reference_model::<f64>(&ModelConfig::default(), 3));
+    let x = Lcg(5).tensor(&[2, 1, 46, 54]);
+    let worst = check(&mut model, &x, Ctx::train(11), 77, 40);
+    let names: Vec<String> = model.0.named_params().into_iter().map(|(n, _)| n).collect();
+    println!("\nreference model, input {:?}", x.shape());
+    println!("{:<24} {:>10} {:>8}", "gradient", "max rel", "checked");
+    println!("{:<24} {:>10.2e} {:>8}", "dx", worst[0].err, worst[0].count);
+    for (n, w) in names.iter().zip(&worst[1..]) {
+        println!("{:<24} {:>10.2e} {:>8}", n, w.err, w.count);
+    }
+    assert!(max_err(&worst) <= TOLERANCE, "reference model gradient check failed: {:.3e}", max_err(&worst));
+}
+
+/// A conv layer whose backward is wrong in a classic way: dx uses the kernel flipped by 180
+/// degrees (the true-convolution vs cross-correlation mix-up). The checker must catch it.
+struct FlippedKernelConv(Conv2d<f64>);
+impl Layer<f64> for FlippedKernelConv {
+    fn describe(&self) -> String {
+        "conv with flipped-kernel backward".into()
+    }
+    fn forward(&mut self, x: &Tensor<f64>, ctx: Ctx) -> Tensor<f64> {
+        self.0.forward(x, ctx)
+    }
+    fn backward(&mut self, dy: &Tensor<f64>) -> Tensor<f64> {
+        let w = self.0.weight.value.clone();
+        let mut flipped = w.clone();
+        flipped.invert_axis(ndarray::Axis(2));
+        flipped.invert_axis(ndarray::Axis(3));
+        self.0.weight.value = flipped.as_standard_layout().to_owned();
+        let dx = self.0.backward(dy);
+        self.0.weight.value = w;
+        dx
+    }
+    fn output_shape(&self, s: &[usize]) -> Vec<usize> {
+        self.0.output_shape(s)
+    }
+    fn params(&self) -> Vec<&medcnn::layers::Param<f64>> {
+        self.0.params()
+    }
+    fn params_mut(&mut self) -> Vec<&mut medcnn::layers::Param<f64>> {
+        self.0.params_mut()
+    }
+}
+
+#[test]
+fn a_wrong_backward_fails_the_checker() {
+    let mut rng = Lcg(8);
+    let mut conv = Conv2d::<f64>::new(2, 3, (3, 3), 1, 1);
+    conv.weight.value = rng.tensor(&[3, 2, 3, 3]);
+    let x = rng.tensor(&[2, 2, 5, 6]);
+    let mut bad = FlippedKernelConv(conv);
+    let worst = check(&mut bad, &x, Ctx::eval(), 1, usize::MAX);
+    println!("\nflipped-kernel backward: dx max rel {:.2e} (must be large), dw {:.2e}", worst[0].err, worst[1].err);
+    assert!(worst[0].err > 1e-2, "the checker missed a flipped kernel in dx: {:.3e}", worst[0].err);
+    assert!(worst[1].err <= TOLERANCE, "dw is untouched by the flip and must still pass");
+}
