@@ -128,22 +128,7 @@ pub fn gemm<T: Float>(
     let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
     // SAFETY: the asserts above bound every index the strides can reach; `c` is a unique borrow.
     unsafe {
-        T::gemm_raw(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
+        T::gemm_raw(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1)
     }
 }
 

@@ -129,7 +129,11 @@ fn check(layer: &mut dyn Layer<f64>, x: &Tensor<f64>, ctx: Ctx, seed: u64, max_p
     let w: Vec<f64> = (0..y0.len())
         .map(|_| {
             let v = 0.5 + rng.next();
-            if rng.next() < 0.5 { -v } else { v }
+            if rng.next() < 0.5 {
+                -v
+            } else {
+                v
+            }
         })
         .collect();
     for p in layer.params_mut() {
@@ -220,7 +224,10 @@ fn every_layer_matches_finite_differences() {
         ("Flatten", Box::new(Flatten::new()), rng.tensor(&[2, 3, 2, 3])),
     ];
 
-    println!("\n{:<34} {:<18} {:<18} {:<18} {:<18}", "layer", "input", "dx max rel (n)", "dw max rel (n)", "db max rel (n)");
+    println!(
+        "\n{:<34} {:<18} {:<18} {:<18} {:<18}",
+        "layer", "input", "dx max rel (n)", "dw max rel (n)", "db max rel (n)"
+    );
     let mut failures = Vec::new();
     for (i, (name, mut layer, x)) in cases.into_iter().enumerate() {
         let worst = check(layer.as_mut(), &x, train, 100 + i as u64, usize::MAX);

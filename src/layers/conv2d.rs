@@ -180,13 +180,10 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         let mut y = zeros(&[n, oc, g.oh, g.ow]);
         let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
         // One image per task; each task keeps its own col buffer.
-        slice_mut(&mut y)
-            .par_chunks_mut(oc * g.l())
-            .zip(slice(x).par_chunks(c * h * w))
-            .for_each_init(
-                || vec![T::zero(); g.k() * g.l()],
-                |col, (yn, xn)| conv_forward_image(&g, wt, b, xn, col, yn),
-            );
+        slice_mut(&mut y).par_chunks_mut(oc * g.l()).zip(slice(x).par_chunks(c * h * w)).for_each_init(
+            || vec![T::zero(); g.k() * g.l()],
+            |col, (yn, xn)| conv_forward_image(&g, wt, b, xn, col, yn),
+        );
         self.x = Some(x.clone());
         y
     }

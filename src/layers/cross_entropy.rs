@@ -68,8 +68,5 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
 /// The index of the largest logit of each row (the predicted class).
 pub fn argmax_rows<T: Float>(logits: &Tensor<T>) -> Vec<usize> {
     let k = logits.shape()[1];
-    slice(logits)
-        .chunks_exact(k)
-        .map(|z| (0..k).fold(0, |best, j| if z[j] > z[best] { j } else { best }))
-        .collect()
+    slice(logits).chunks_exact(k).map(|z| (0..k).fold(0, |best, j| if z[j] > z[best] { j } else { best })).collect()
 }

@@ -86,7 +86,13 @@ pub fn max_pool_plane<T: Float>(p: &MaxPool2d, x: &[T], h: usize, w: usize, y: &
 
 impl<T: Float> Layer<T> for MaxPool2d {
     fn describe(&self) -> String {
-        format!("MaxPool2d(k{}, s{}, p{}{})", self.kernel, self.stride, self.padding, if self.ceil_mode { ", ceil" } else { "" })
+        format!(
+            "MaxPool2d(k{}, s{}, p{}{})",
+            self.kernel,
+            self.stride,
+            self.padding,
+            if self.ceil_mode { ", ceil" } else { "" }
+        )
     }
 
     fn output_shape(&self, s: &[usize]) -> Vec<usize> {

@@ -1,0 +1,210 @@
+//! The `medcnn` command line: train, eval, predict, data fetch (and, from other modules, bench,
+//! explain, inspect, serve). Every error ends here as one message and a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use medcnn::backend::Device;
+use medcnn::optim::LrSchedule;
+use medcnn::train::{self, Outcome, TrainConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "medcnn",
+    version,
+    about = "A from-scratch CNN trainer for MedNIST, with hand-written CPU and CUDA kernels"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the reference model; writes metrics, plots, the best model and a checkpoint to --out.
+    Train(TrainArgs),
+    /// Accuracy, loss and confusion matrix of a saved model on a split.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// A folder of class folders or a MedNIST .tar.gz (default: data/).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// train, val, test (the model's own split) or all.
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+        batch_size: u64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// The class and the probabilities of each image.
+    Predict {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Get the MedNIST archive into data/.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download MedNIST.tar.gz from MONAI (md5-checked), or import a local copy with --from.
+    Fetch {
+        /// Import this local archive instead of downloading.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        #[arg(long, default_value = "data")]
+        dir: PathBuf,
+        #[arg(long, default_value = medcnn::data::MEDNIST_URL)]
+        url: String,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// A folder of class folders or a MedNIST .tar.gz (default: data/).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value = "outputs")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.4, allow_negative_numbers = true)]
+    dropout: f64,
+    /// constant, step:EVERY:GAMMA or cosine[:MIN_LR]
+    #[arg(long, default_value = "constant", value_parser = parse_schedule)]
+    schedule: LrSchedule,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// At most N images per class (quick runs).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Random horizontal flips of training images.
+    #[arg(long)]
+    augment: bool,
+    /// Skip images that cannot be decoded (and list them) instead of stopping.
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// Save the first conv layer's filters after every epoch (OUT/filters/).
+    #[arg(long)]
+    save_filters: bool,
+    /// Continue from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+}
+
+fn parse_schedule(s: &str) -> std::result::Result<LrSchedule, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let num = |i: usize, what: &str| -> std::result::Result<f64, String> {
+        parts.get(i).ok_or(format!("{s}: missing {what}"))?.parse::<f64>().map_err(|e| format!("{s}: {what}: {e}"))
+    };
+    match parts[0] {
+        "constant" => Ok(LrSchedule::Constant),
+        "step" => Ok(LrSchedule::Step { every: num(1, "EVERY")? as usize, gamma: num(2, "GAMMA")? }),
+        "cosine" => Ok(LrSchedule::Cosine { epochs: 0, min_lr: if parts.len() > 1 { num(1, "MIN_LR")? } else { 0.0 } }),
+        other => Err(format!("unknown schedule {other}: use constant, step:EVERY:GAMMA or cosine[:MIN_LR]")),
+    }
+}
+
+fn set_threads(threads: usize) -> Result<()> {
+    let n = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Train(a) => {
+            set_threads(a.threads)?;
+            let schedule = match a.schedule {
+                LrSchedule::Cosine { min_lr, .. } => LrSchedule::Cosine { epochs: a.epochs, min_lr },
+                s => s,
+            };
+            let cfg = TrainConfig {
+                data: a.data,
+                out: a.out,
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                weight_decay: a.weight_decay,
+                dropout: a.dropout,
+                schedule,
+                seed: a.seed,
+                threads: a.threads,
+                device: a.device,
+                limit: a.limit,
+                augment: a.augment,
+                skip_bad_images: a.skip_bad_images,
+                save_filters: a.save_filters,
+            };
+            cfg.validate()?;
+            ctrlc::set_handler(|| {
+                if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130); // a second Ctrl-C: stop now
+                }
+                eprintln!("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)");
+            })
+            .context("installing the Ctrl-C handler")?;
+            match train::train(&cfg, a.resume)? {
+                Outcome::Finished(_) => Ok(ExitCode::SUCCESS),
+                Outcome::Interrupted { .. } => Ok(ExitCode::from(130)),
+            }
+        }
+        Command::Eval { model, data, split, device, batch_size, threads } => {
+            set_threads(threads)?;
+            train::eval_command(&model, data.as_deref(), &split, device, batch_size as usize)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Predict { model, images, json, device, threads } => {
+            set_threads(threads)?;
+            train::predict_command(&model, &images, device, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data { command: DataCommand::Fetch { from, dir, url } } => {
+            let path = match from {
+                Some(src) => medcnn::data::import_archive(&src, &dir)?,
+                None => medcnn::data::fetch(&url, Some(medcnn::data::MEDNIST_MD5), &dir, true)?,
+            };
+            println!("MedNIST archive ready at {} (train with `medcnn train`)", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,682 @@
+//! The training loop: data -> batches -> backend steps -> validation -> metrics, plots, model and
+//! checkpoint every epoch -> test-set evaluation and `summary.json` at the end. Also evaluation
+//! of a saved model on a split, and prediction for single images.
+//!
+//! Everything random is derived from the seed: weights (`model::reference_model`), the split,
+//! each epoch's order and flips (`data::epoch_order(seed, epoch)`), and dropout
+//! (hash of seed, step, index). So a checkpoint only needs to store *where* the run is (epoch,
+//! batch, step) to continue exactly as the uninterrupted run would have.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backend::{make_backend, AdamConfig, Backend, Device, NamedTensor, OptimizerState, TrainStats};
+use crate::checkpoint::{self, meta_json, CHECKPOINT_FORMAT, MODEL_FORMAT};
+use crate::data::{self, Dataset, LoadOptions, Split, IMAGE_PIXELS};
+use crate::metrics::{write_metrics_csv, ConfusionMatrix, EpochMetrics};
+use crate::model::{reference_model, ModelConfig};
+use crate::optim::LrSchedule;
+use crate::report;
+
+/// Train / validation / test fractions of each class.
+pub const SPLIT_FRACTIONS: [f64; 3] = [0.7, 0.2, 0.1];
+
+/// Everything that defines a training run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub data: Option<PathBuf>,
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub dropout: f64,
+    pub schedule: LrSchedule,
+    pub seed: u64,
+    pub threads: usize,
+    pub device: Device,
+    pub limit: Option<usize>,
+    pub augment: bool,
+    pub skip_bad_images: bool,
+    /// Save the first conv layer's filters as a picture after every epoch.
+    pub save_filters: bool,
+}
+
+impl Default for TrainConfig {
+    /// The reference's settings: Adam, lr 1e-3, batch 64, 20 epochs, dropout 0.4.
+    fn default() -> Self {
+        TrainConfig {
+            data: None,
+            out: PathBuf::from("outputs"),
+            epochs: 20,
+            batch_size: 64,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            dropout: 0.4,
+            schedule: LrSchedule::Constant,
+            seed: 42,
+            threads: 0,
+            device: Device::Cpu,
+            limit: None,
+            augment: false,
+            skip_bad_images: false,
+            save_filters: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects settings that cannot train, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("--weight-decay must be zero or positive, got {}", self.weight_decay);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("--dropout must be in [0, 1), got {}", self.dropout);
+        }
+        if self.limit == Some(0) {
+            bail!("--limit must be at least 1 image per class");
+        }
+        Ok(())
+    }
+}
+
+/// Where a run stands: stored in the checkpoint, enough to continue exactly.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// The epoch in progress (0-based).
+    pub epoch: usize,
+    /// The next batch of that epoch.
+    pub batch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Training sums of the epoch so far, and its seconds so far.
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub images: u64,
+    pub seconds: f64,
+    pub best_val_acc: f64,
+    pub best_epoch: usize,
+    pub history: Vec<EpochMetrics>,
+}
+
+/// What `summary.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    pub best_val_accuracy: f64,
+    pub best_epoch: usize,
+    pub epochs: usize,
+    pub train_images_per_sec: f64,
+    pub wall_seconds: f64,
+    pub device: String,
+    pub threads: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub split: SplitSizes,
+    pub classes: Vec<String>,
+    pub per_class: Vec<crate::metrics::ClassStats>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SplitSizes {
+    pub train: usize,
+    pub val: usize,
+    pub test: usize,
+    pub duplicate_groups: usize,
+    pub duplicate_files: usize,
+}
+
+/// Set by Ctrl-C: the loop finishes its step, saves a checkpoint and stops.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The outcome of `train`.
+pub enum Outcome {
+    Finished(Box<Summary>),
+    Interrupted { checkpoint: PathBuf },
+}
+
+pub fn model_path(out: &Path) -> PathBuf {
+    out.join("model.safetensors")
+}
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    out.join("checkpoint.safetensors")
+}
+
+/// A fingerprint of the images (names and bytes), to make sure a split refers to the same data.
+pub fn data_fingerprint(ds: &Dataset) -> String {
+    let mut h = Sha256::new();
+    for (name, hash) in ds.names.iter().zip(&ds.hashes) {
+        h.update(name.as_bytes());
+        h.update(hash);
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Fails early, before any data is read, if `out` cannot be created or written.
+pub fn check_output_dir(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("output folder {} cannot be created", out.display()))?;
+    let probe = out.join(".medcnn-write-test");
+    std::fs::write(&probe, b"ok").with_context(|| format!("output folder {} is not writable", out.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Loads the data a run names (or `data/`), with the run's limit.
+pub fn load_data(path: Option<&Path>, limit: Option<usize>, skip_bad_images: bool) -> Result<Dataset> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => data::find_default_data(Path::new("data"))?,
+    };
+    let t = Instant::now();
+    let ds = data::load_dataset(&path, &LoadOptions { limit_per_class: limit, skip_bad_images })?;
+    let counts = ds.class_counts();
+    println!(
+        "data: {} images from {} in {:.1} s; classes: {}",
+        ds.len(),
+        path.display(),
+        t.elapsed().as_secs_f64(),
+        ds.classes.iter().zip(&counts).map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
+    );
+    let r = &ds.report;
+    if r.converted_to_gray > 0 || r.resized > 0 {
+        println!("data: {} images converted to gray, {} resized to 64x64", r.converted_to_gray, r.resized);
+    }
+    for (file, why) in &r.skipped {
+        println!("data: skipped {file}: {why}");
+    }
+    Ok(ds)
+}
+
+/// The model's metadata: what evaluation and prediction need besides the weights.
+fn model_metadata(
+    ds: &Dataset,
+    split: &Split,
+    cfg: &TrainConfig,
+    epoch: usize,
+    val_acc: f64,
+) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    m.insert("classes".into(), serde_json::to_string(&ds.classes)?);
+    m.insert("dropout".into(), cfg.dropout.to_string());
+    m.insert("split".into(), serde_json::to_string(split)?);
+    m.insert("data_fingerprint".into(), data_fingerprint(ds));
+    m.insert("limit".into(), serde_json::to_string(&cfg.limit)?);
+    m.insert("epoch".into(), (epoch + 1).to_string());
+    m.insert("val_accuracy".into(), val_acc.to_string());
+    Ok(m)
+}
+
+/// Trains as `cfg` says. With `resume`, continues from `out/checkpoint.safetensors`.
+pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
+    let wall = Instant::now();
+    check_output_dir(&cfg_in.out)?;
+    let ckpt_path = checkpoint_path(&cfg_in.out);
+
+    // A resumed run takes its settings from the checkpoint (so the data order, split and dropout
+    // repeat), except the number of epochs, which may be extended.
+    let resumed = if resume { Some(read_checkpoint(&ckpt_path)?) } else { None };
+    let mut cfg = match &resumed {
+        Some(r) => {
+            TrainConfig { epochs: cfg_in.epochs, out: cfg_in.out.clone(), threads: cfg_in.threads, ..r.config.clone() }
+        }
+        None => cfg_in.clone(),
+    };
+    cfg.validate()?;
+    cfg.threads = rayon::current_num_threads();
+
+    let ds = load_data(cfg.data.as_deref(), cfg.limit, cfg.skip_bad_images)?;
+    if ds.classes.len() < 2 {
+        bail!("the data has {} class(es); training needs at least two", ds.classes.len());
+    }
+    let fingerprint = data_fingerprint(&ds);
+    let split = match &resumed {
+        Some(r) => {
+            if r.fingerprint != fingerprint {
+                bail!("{}: the data differs from the data this run was started on", ckpt_path.display());
+            }
+            r.split.clone()
+        }
+        None => data::split_dataset(&ds, cfg.seed, SPLIT_FRACTIONS),
+    };
+    println!("{}", split.summary());
+    if split.train.is_empty() || split.val.is_empty() {
+        bail!("the split left no training or no validation images; use more images per class");
+    }
+
+    let model_cfg = ModelConfig { num_classes: ds.classes.len(), dropout: cfg.dropout };
+    let adam = AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay };
+    let mut backend = make_backend(cfg.device, &model_cfg, cfg.seed, adam)?;
+    let mut progress = Progress::default();
+    if let Some(r) = resumed {
+        backend.import_weights(&r.weights)?;
+        backend.import_optimizer(&r.optimizer)?;
+        progress = r.progress;
+        println!("resuming from {} at epoch {}, batch {}", ckpt_path.display(), progress.epoch + 1, progress.batch);
+    }
+    println!(
+        "training on {}: {} epochs, batch {}, lr {:e}, seed {}",
+        backend.describe(),
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.seed
+    );
+
+    let bs = cfg.batch_size;
+    let n_batches = split.train.len().div_ceil(bs);
+    let (mut x, mut y) = (Vec::with_capacity(bs * IMAGE_PIXELS), Vec::with_capacity(bs));
+    while progress.epoch < cfg.epochs {
+        let epoch = progress.epoch;
+        let lr = cfg.schedule.lr(cfg.lr, epoch);
+        let order = data::epoch_order(split.train.len(), cfg.seed, epoch as u64);
+        let flips = if cfg.augment { data::flip_mask(split.train.len(), cfg.seed, epoch as u64) } else { Vec::new() };
+        let bar = progress_bar(n_batches as u64, progress.batch as u64, epoch, cfg.epochs);
+        let t0 = Instant::now();
+        let seconds_before = progress.seconds;
+        let mut idx = Vec::with_capacity(bs);
+        while progress.batch < n_batches {
+            let range = progress.batch * bs..((progress.batch + 1) * bs).min(order.len());
+            idx.clear();
+            idx.extend(order[range.clone()].iter().map(|&i| split.train[i]));
+            let flip = if flips.is_empty() { &[][..] } else { &flips[range] };
+            data::fill_batch(&ds, &idx, flip, &mut x, &mut y);
+            backend.train_step(&x, &y, lr, progress.step)?;
+            progress.step += 1;
+            progress.batch += 1;
+            let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            if progress.batch % 20 == 0 || progress.batch == n_batches || interrupted {
+                absorb(&mut progress, backend.take_train_stats()?, epoch)?;
+                let secs = seconds_before + t0.elapsed().as_secs_f64();
+                bar.set_position(progress.batch as u64);
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.2}% {:.0} img/s",
+                    progress.loss_sum / progress.images.max(1) as f64,
+                    100.0 * progress.correct as f64 / progress.images.max(1) as f64,
+                    progress.images as f64 / secs.max(1e-9)
+                ));
+            }
+            if interrupted {
+                bar.abandon();
+                progress.seconds = seconds_before + t0.elapsed().as_secs_f64();
+                save_checkpoint(&ckpt_path, backend.as_mut(), &cfg, &split, &fingerprint, &progress)?;
+                println!("interrupted: checkpoint saved to {} (continue with --resume)", ckpt_path.display());
+                return Ok(Outcome::Interrupted { checkpoint: ckpt_path });
+            }
+        }
+        bar.finish_and_clear();
+        let train_seconds = seconds_before + t0.elapsed().as_secs_f64();
+
+        let (val_loss, val_acc, _) = evaluate(backend.as_mut(), &ds, &split.val, bs.max(256))?;
+        let row = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: progress.loss_sum / progress.images.max(1) as f64,
+            train_acc: progress.correct as f64 / progress.images.max(1) as f64,
+            val_loss,
+            val_acc,
+            lr,
+            seconds: train_seconds,
+            images_per_sec: progress.images as f64 / train_seconds.max(1e-9),
+        };
+        let best = val_acc > progress.best_val_acc || progress.history.is_empty();
+        println!(
+            "epoch {:>3}/{}  train loss {:.4} acc {:6.2}%  val loss {:.4} acc {:6.2}%  lr {:.1e}  {:6.1} s  {:6.0} img/s{}",
+            epoch + 1,
+            cfg.epochs,
+            row.train_loss,
+            100.0 * row.train_acc,
+            row.val_loss,
+            100.0 * row.val_acc,
+            lr,
+            row.seconds,
+            row.images_per_sec,
+            if best { "  *best" } else { "" }
+        );
+        if !row.val_loss.is_finite() {
+            bail!(
+                "training diverged: validation loss is {} after epoch {}; the last good checkpoint is kept at {}",
+                row.val_loss,
+                epoch + 1,
+                ckpt_path.display()
+            );
+        }
+        progress.history.push(row);
+        if best {
+            progress.best_val_acc = val_acc;
+            progress.best_epoch = epoch + 1;
+            let meta = model_metadata(&ds, &split, &cfg, epoch, val_acc)?;
+            checkpoint::save(&model_path(&cfg.out), MODEL_FORMAT, &backend.export_weights()?, &meta)?;
+        }
+        write_metrics_csv(&cfg.out.join("metrics.csv"), &progress.history)?;
+        report::plot_loss(&progress.history, &cfg.out.join("loss.png"))?;
+        report::plot_accuracy(&progress.history, &cfg.out.join("accuracy.png"))?;
+        if cfg.save_filters {
+            save_first_layer_filters(backend.as_mut(), &cfg.out.join(format!("filters/epoch_{:03}.png", epoch + 1)))?;
+        }
+        progress.epoch += 1;
+        progress.batch = 0;
+        (progress.loss_sum, progress.correct, progress.images, progress.seconds) = (0.0, 0, 0, 0.0);
+        save_checkpoint(&ckpt_path, backend.as_mut(), &cfg, &split, &fingerprint, &progress)?;
+    }
+
+    // The test set, once, with the best validation epoch's weights.
+    let (best_weights, _) = checkpoint::load(&model_path(&cfg.out), MODEL_FORMAT, &weight_names(&model_cfg))?;
+    backend.import_weights(&best_weights)?;
+    let (test_loss, test_acc, cm) = evaluate(backend.as_mut(), &ds, &split.test, bs.max(256))?;
+    println!(
+        "test: loss {test_loss:.4}, accuracy {:.2}% ({} images), best validation epoch {}",
+        100.0 * test_acc,
+        split.test.len(),
+        progress.best_epoch
+    );
+    println!("{}", cm.table());
+    if cm.total() > 0 {
+        report::plot_confusion(&cm, &cfg.out.join("confusion.png"))?;
+    }
+    let total_images: f64 = progress.history.iter().map(|r| r.images_per_sec * r.seconds).sum();
+    let total_secs: f64 = progress.history.iter().map(|r| r.seconds).sum();
+    let summary = Summary {
+        test_accuracy: test_acc,
+        test_loss,
+        best_val_accuracy: progress.best_val_acc,
+        best_epoch: progress.best_epoch,
+        epochs: cfg.epochs,
+        train_images_per_sec: total_images / total_secs.max(1e-9),
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        device: backend.describe(),
+        threads: cfg.threads,
+        seed: cfg.seed,
+        batch_size: cfg.batch_size,
+        split: SplitSizes {
+            train: split.train.len(),
+            val: split.val.len(),
+            test: split.test.len(),
+            duplicate_groups: split.duplicate_groups,
+            duplicate_files: split.duplicate_files,
+        },
+        classes: ds.classes.clone(),
+        per_class: cm.per_class(),
+    };
+    crate::metrics::write_atomic(&cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    println!("wrote {}/{{model.safetensors, checkpoint.safetensors, metrics.csv, loss.png, accuracy.png, confusion.png, summary.json}}", cfg.out.display());
+    Ok(Outcome::Finished(Box::new(summary)))
+}
+
+/// Adds a backend's training sums to the epoch's, refusing a diverged loss.
+fn absorb(progress: &mut Progress, s: TrainStats, epoch: usize) -> Result<()> {
+    if !s.loss_sum.is_finite() {
+        bail!(
+            "training diverged: the loss became {} in epoch {} (step {}); the last good checkpoint is kept",
+            s.loss_sum,
+            epoch + 1,
+            progress.step
+        );
+    }
+    progress.loss_sum += s.loss_sum;
+    progress.correct += s.correct;
+    progress.images += s.images;
+    Ok(())
+}
+
+fn progress_bar(len: u64, pos: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    bar.set_position(pos);
+    bar
+}
+
+/// Mean loss, accuracy and confusion matrix of the model on `indices`, in evaluation mode.
+pub fn evaluate(
+    backend: &mut dyn Backend,
+    ds: &Dataset,
+    indices: &[usize],
+    batch: usize,
+) -> Result<(f64, f64, ConfusionMatrix)> {
+    let k = ds.classes.len();
+    let mut cm = ConfusionMatrix::new(ds.classes.clone());
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut loss_sum = 0.0;
+    for chunk in indices.chunks(batch.max(1)) {
+        data::fill_batch(ds, chunk, &[], &mut x, &mut y);
+        let logits = backend.predict(&x, chunk.len())?;
+        for (z, &t) in logits.chunks_exact(k).zip(&y) {
+            let (loss, pred) = row_loss_and_argmax(z, t);
+            loss_sum += loss;
+            cm.add(t, pred);
+        }
+    }
+    let n = indices.len().max(1) as f64;
+    Ok((loss_sum / n, cm.accuracy(), cm))
+}
+
+/// Cross-entropy of one row of logits against class `t` (in f64), and the predicted class.
+fn row_loss_and_argmax(z: &[f32], t: usize) -> (f64, usize) {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = m + z.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+    let pred = (0..z.len()).fold(0, |b, j| if z[j] > z[b] { j } else { b });
+    (lse - z[t] as f64, pred)
+}
+
+/// Softmax of one row of logits.
+pub fn softmax(z: &[f32]) -> Vec<f64> {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = z.iter().map(|&v| (v as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// The parameter names of the reference model, in order.
+pub fn weight_names(cfg: &ModelConfig) -> Vec<String> {
+    reference_model::<f32>(cfg, 0).named_params().into_iter().map(|(n, _)| n).collect()
+}
+
+fn optimizer_names(cfg: &ModelConfig) -> Vec<String> {
+    weight_names(cfg).iter().flat_map(|n| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")]).collect()
+}
+
+fn save_checkpoint(
+    path: &Path,
+    backend: &mut dyn Backend,
+    cfg: &TrainConfig,
+    split: &Split,
+    fingerprint: &str,
+    progress: &Progress,
+) -> Result<()> {
+    let mut tensors: Vec<NamedTensor> = backend.export_weights()?;
+    let opt = backend.export_optimizer()?;
+    tensors.extend(opt.moments.into_iter().map(|t| NamedTensor { name: format!("optimizer.{}", t.name), ..t }));
+    let mut meta = BTreeMap::new();
+    meta.insert("config".into(), serde_json::to_string(cfg)?);
+    meta.insert("split".into(), serde_json::to_string(split)?);
+    meta.insert("data_fingerprint".into(), fingerprint.to_string());
+    meta.insert("progress".into(), serde_json::to_string(progress)?);
+    meta.insert("adam_t".into(), opt.t.to_string());
+    checkpoint::save(path, CHECKPOINT_FORMAT, &tensors, &meta)
+}
+
+/// A checkpoint, read back.
+pub struct Resumed {
+    pub config: TrainConfig,
+    pub split: Split,
+    pub fingerprint: String,
+    pub progress: Progress,
+    pub weights: Vec<NamedTensor>,
+    pub optimizer: OptimizerState,
+}
+
+pub fn read_checkpoint(path: &Path) -> Result<Resumed> {
+    if !path.exists() {
+        bail!("--resume: no checkpoint at {} (train without --resume first)", path.display());
+    }
+    // The class count decides the names; read it from the metadata before the tensors.
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable checkpoint (truncated or corrupt?): {e}", path.display()))?;
+    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let split: Split = meta_json(&meta, "split", path)?;
+    let config: TrainConfig = meta_json(&meta, "config", path)?;
+    let classes = header.tensors().get("classifier.2.bias").map(|t| t.shape.first().copied().unwrap_or(0)).unwrap_or(0);
+    let model_cfg = ModelConfig { num_classes: classes, dropout: config.dropout };
+    let wn = weight_names(&model_cfg);
+    let on = optimizer_names(&model_cfg);
+    let names: Vec<String> = wn.iter().cloned().chain(on.iter().map(|n| format!("optimizer.{n}"))).collect();
+    let (mut tensors, meta) = checkpoint::load(path, CHECKPOINT_FORMAT, &names)?;
+    let moments = tensors.split_off(wn.len());
+    let t: u64 = meta.get("adam_t").and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok(Resumed {
+        config,
+        split,
+        fingerprint: meta.get("data_fingerprint").cloned().unwrap_or_default(),
+        progress: meta_json(&meta, "progress", path)?,
+        weights: tensors,
+        optimizer: OptimizerState {
+            t,
+            moments: moments.into_iter().zip(on).map(|(t, name)| NamedTensor { name, ..t }).collect(),
+        },
+    })
+}
+
+/// A trained model file, read back: weights and what they need to be used.
+pub struct SavedModel {
+    pub path: PathBuf,
+    pub classes: Vec<String>,
+    pub config: ModelConfig,
+    pub weights: Vec<NamedTensor>,
+    pub meta: BTreeMap<String, String>,
+}
+
+impl SavedModel {
+    pub fn load(path: &Path) -> Result<SavedModel> {
+        if !path.exists() {
+            bail!("model file {} does not exist", path.display());
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            anyhow::anyhow!("{}: not a readable model file (truncated or corrupt?): {e}", path.display())
+        })?;
+        let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let classes: Vec<String> = meta_json(&meta, "classes", path)?;
+        let dropout = meta.get("dropout").and_then(|v| v.parse().ok()).unwrap_or(0.4);
+        let config = ModelConfig { num_classes: classes.len(), dropout };
+        let (weights, meta) = checkpoint::load(path, MODEL_FORMAT, &weight_names(&config))?;
+        Ok(SavedModel { path: path.to_path_buf(), classes, config, weights, meta })
+    }
+
+    /// A backend on `device` holding these weights.
+    pub fn backend(&self, device: Device) -> Result<Box<dyn Backend>> {
+        let mut b = make_backend(device, &self.config, 0, AdamConfig { lr: 1e-3, weight_decay: 0.0 })?;
+        b.import_weights(&self.weights)?;
+        Ok(b)
+    }
+}
+
+/// `medcnn eval`: accuracy, loss and confusion matrix of a saved model on a split.
+pub fn eval_command(
+    model: &Path,
+    data_path: Option<&Path>,
+    split_name: &str,
+    device: Device,
+    batch: usize,
+) -> Result<()> {
+    let saved = SavedModel::load(model)?;
+    let limit: Option<usize> = saved.meta.get("limit").and_then(|v| serde_json::from_str(v).ok()).flatten();
+    let ds = load_data(data_path, if split_name == "all" { None } else { limit }, false)?;
+    if ds.classes != saved.classes {
+        bail!("the data's classes {:?} differ from the model's {:?}", ds.classes, saved.classes);
+    }
+    let indices: Vec<usize> = if split_name == "all" {
+        (0..ds.len()).collect()
+    } else {
+        let split: Split = meta_json(&saved.meta, "split", model)?;
+        if saved.meta.get("data_fingerprint") != Some(&data_fingerprint(&ds)) {
+            bail!("{}: these are not the images the model was trained on, so its {split_name} split cannot be found (use --split all to evaluate every image)", model.display());
+        }
+        match split_name {
+            "train" => split.train,
+            "val" => split.val,
+            "test" => split.test,
+            other => bail!("--split must be train, val, test or all, got {other}"),
+        }
+    };
+    let mut backend = saved.backend(device)?;
+    let (loss, acc, cm) = evaluate(backend.as_mut(), &ds, &indices, batch)?;
+    println!("{split_name}: {} images, loss {loss:.4}, accuracy {:.2}%", indices.len(), 100.0 * acc);
+    println!("{}", cm.table());
+    Ok(())
+}
+
+/// One image's prediction.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    pub file: String,
+    pub class: String,
+    pub probability: f64,
+    pub probabilities: BTreeMap<String, f64>,
+}
+
+/// Reads, decodes (gray, 64x64) and normalises an image file for the model.
+pub fn read_image_input(path: &Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    let (pixels, _) = data::decode_image(&bytes, &path.display().to_string())?;
+    let mut x = vec![0.0; IMAGE_PIXELS];
+    data::normalize_into(&pixels, &mut x);
+    Ok(x)
+}
+
+/// `medcnn predict`: the class and the probabilities for each image.
+pub fn predict_command(model: &Path, images: &[PathBuf], device: Device, json: bool) -> Result<()> {
+    let saved = SavedModel::load(model)?;
+    let mut backend = saved.backend(device)?;
+    let mut out = Vec::new();
+    for path in images {
+        let x = read_image_input(path)?;
+        let p = softmax(&backend.predict(&x, 1)?);
+        let best = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
+        out.push(Prediction {
+            file: path.display().to_string(),
+            class: saved.classes[best].clone(),
+            probability: p[best],
+            probabilities: saved.classes.iter().cloned().zip(p.iter().copied()).collect(),
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for p in &out {
+            let all: Vec<String> = saved.classes.iter().map(|c| format!("{c} {:.4}", p.probabilities[c])).collect();
+            println!("{}: {} ({:.2}%)  [{}]", p.file, p.class, 100.0 * p.probability, all.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// The first conv layer's filters as a grid picture.
+fn save_first_layer_filters(backend: &mut dyn Backend, path: &Path) -> Result<()> {
+    let weights = backend.export_weights()?;
+    let w = &weights[0]; // conv_block.0.weight (32, 1, 3, 3)
+    let (kh, kw) = (w.shape[2], w.shape[3]);
+    let per = w.shape[1] * kh * kw;
+    let tiles: Vec<Vec<f32>> = w.data.chunks_exact(per).map(|c| c[..kh * kw].to_vec()).collect();
+    report::save_gray_grid(&tiles, kw, kh, 8, 16, path)
+}
