@@ -106,7 +106,8 @@ pub struct CpuBackend {
 impl CpuBackend {
     pub fn new(cfg: &ModelConfig, seed: u64, adam: AdamConfig) -> Self {
         CpuBackend {
-            model: reference_model(cfg, seed),
+            // The fused conv blocks: same weights and results as the layer-by-layer reference.
+            model: reference_model(&ModelConfig { fused: true, ..cfg.clone() }, seed),
             adam: Adam::new(adam.lr).with_weight_decay(adam.weight_decay),
             loss: SoftmaxCrossEntropy::new(),
             stats: TrainStats::default(),

@@ -47,6 +47,8 @@ impl<T: Float> Adam<T> {
         self.t += 1;
         let t = self.t as i32;
         let (b1, b2) = (T::f(self.beta1), T::f(self.beta2));
+        // 1 - beta in f64, rounded once (as PyTorch): 1 - 0.999f32 would lose most digits.
+        let (one_minus_b1, one_minus_b2) = (T::f(1.0 - self.beta1), T::f(1.0 - self.beta2));
         let step_size = T::f(self.lr / (1.0 - self.beta1.powi(t)));
         let bc2_sqrt = T::f((1.0 - self.beta2.powi(t)).sqrt());
         let (eps, wd) = (T::f(self.eps), T::f(self.weight_decay));
@@ -55,8 +57,8 @@ impl<T: Float> Adam<T> {
             let value = slice_mut(&mut p.value);
             for i in 0..value.len() {
                 let g = grad[i] + wd * value[i];
-                m[i] = b1 * m[i] + (T::one() - b1) * g;
-                v[i] = b2 * v[i] + (T::one() - b2) * g * g;
+                m[i] = b1 * m[i] + one_minus_b1 * g;
+                v[i] = b2 * v[i] + one_minus_b2 * g * g;
                 value[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
             }
         }

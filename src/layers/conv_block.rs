@@ -1,0 +1,242 @@
+//! Conv2d + ReLU + MaxPool2d fused into one layer: the same math as the three layers in a row,
+//! done image by image so the full-resolution conv output never leaves the cache. This is the
+//! layer the CPU training path runs; the separate layers stay the readable reference, and a
+//! test checks that both give the same outputs and gradients.
+//!
+//! Shapes: x (N, C, H, W) -> conv (N, OC, OH, OW) -> pooled y (N, OC, PH, PW).
+//!
+//! The math, per image. Forward: c = W col(x) + b (see `conv2d.rs`), then for each pooling
+//! window y = max(0, max_window c). Since ReLU is monotone, pooling first and clamping after is
+//! the same as clamping every element first. Backward: the pooled gradient dy goes to the
+//! window's argmax a* if that maximum was positive (else ReLU's derivative is 0):
+//!
+//!   dc[a*] += dy   when max_window c > 0
+//!
+//! and dc feeds the convolution's backward unchanged: dW += dc col^T, db += sum dc,
+//! dx = col2im(W^T dc).
+
+use rayon::prelude::*;
+
+use super::conv2d::{col2im, im2col, ConvGeometry};
+use super::{batch_ranges, nchw, Conv2d, Ctx, Layer, MaxPool2d, Param};
+use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
+
+/// Marks a window whose maximum was not positive: no gradient flows back through it.
+const DEAD: u32 = u32::MAX;
+
+pub struct ConvReluPool<T: Float> {
+    pub conv: Conv2d<T>,
+    pub pool: MaxPool2d,
+    /// The first layer's input gradient is thrown away; skipping it saves a GEMM and col2im.
+    pub input_grad: bool,
+    x: Option<Tensor<T>>,
+    /// Per pooled output: the index (oh * OW + ow) of its winner in the conv plane, or DEAD.
+    argmax: Vec<u32>,
+}
+
+impl<T: Float> ConvReluPool<T> {
+    pub fn new(conv: Conv2d<T>, pool: MaxPool2d) -> Self {
+        assert_eq!(pool.padding, 0, "ConvReluPool: pooling with padding is not fused");
+        ConvReluPool { conv, pool, input_grad: true, x: None, argmax: Vec::new() }
+    }
+
+    fn pooled(&self, g: &ConvGeometry) -> (usize, usize) {
+        (self.pool.out_len(g.oh), self.pool.out_len(g.ow))
+    }
+}
+
+/// ReLU + max-pool of one conv output plane c (OH, OW) into y (PH, PW) and the winners.
+fn relu_pool_plane<T: Float>(p: &MaxPool2d, g: &ConvGeometry, c: &[T], y: &mut [T], arg: &mut [u32]) {
+    let (ph, pw) = (p.out_len(g.oh), p.out_len(g.ow));
+    // `m <= 0` is false for NaN, which then propagates (a diverged run must show it).
+    let mut put = |at: usize, best: usize| {
+        let m = c[best];
+        let dead = m <= T::zero();
+        y[at] = if dead { T::zero() } else { m };
+        arg[at] = if dead { DEAD } else { best as u32 };
+    };
+    if p.kernel == 2 && p.stride == 2 {
+        // The model's case: 2x2 windows that never leave the plane (floor mode).
+        for i in 0..ph {
+            let r0 = 2 * i * g.ow;
+            let r1 = r0 + g.ow;
+            for j in 0..pw {
+                let mut best = r0 + 2 * j;
+                for cand in [r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1] {
+                    if !(c[cand] <= c[best]) {
+                        best = cand;
+                    }
+                }
+                put(i * pw + j, best);
+            }
+        }
+        return;
+    }
+    for i in 0..ph {
+        let h0 = i * p.stride;
+        let h1 = (h0 + p.kernel).min(g.oh);
+        for j in 0..pw {
+            let w0 = j * p.stride;
+            let w1 = (w0 + p.kernel).min(g.ow);
+            let mut best = h0 * g.ow + w0;
+            for r in h0..h1 {
+                for s in w0..w1 {
+                    if !(c[r * g.ow + s] <= c[best]) {
+                        best = r * g.ow + s;
+                    }
+                }
+            }
+            put(i * pw + j, best);
+        }
+    }
+}
+
+/// Images per GEMM: enough that the GEMM's N = G*L is at least 256 columns. The late layers
+/// have tiny planes (L = 16 for the last conv), where one image per GEMM would starve it.
+pub fn group_size(l: usize, n: usize) -> usize {
+    256usize.div_ceil(l).clamp(1, n.max(1))
+}
+
+/// col (K, G*L) for a group of images side by side: image i fills columns i*L .. (i+1)*L.
+fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T]) {
+    let (img, l) = (g.c * g.h * g.w, g.l());
+    let gs = xs.len() / img;
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        im2col(g, x, &mut col[i * l..], gs * l);
+    }
+}
+
+impl<T: Float> Layer<T> for ConvReluPool<T> {
+    fn describe(&self) -> String {
+        format!("{} + ReLU + {}", self.conv.describe(), <MaxPool2d as Layer<T>>::describe(&self.pool))
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        let g = self.conv.geometry(input);
+        let (ph, pw) = self.pooled(&g);
+        vec![input[0], self.conv.out_channels, ph, pw]
+    }
+
+    fn flops(&self, input: &[usize]) -> u64 {
+        self.conv.flops(input)
+    }
+
+    fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
+        let (n, c, h, w) = nchw("ConvReluPool", x);
+        let g = self.conv.geometry(x.shape());
+        let (oc, k, l, (ph, pw)) = (self.conv.out_channels, g.k(), g.l(), self.pooled(&g));
+        let gsize = group_size(l, n);
+        let mut y = zeros(&[n, oc, ph, pw]);
+        let mut argmax = std::mem::take(&mut self.argmax);
+        argmax.resize(n * oc * ph * pw, 0);
+        let (wt, b, pool) = (slice(&self.conv.weight.value), slice(&self.conv.bias.value), &self.pool);
+        let out = oc * ph * pw;
+        // One group of images per task: conv (OC, G*L) = W col + b, then ReLU + pool per plane.
+        slice_mut(&mut y)
+            .par_chunks_mut(gsize * out)
+            .zip(argmax.par_chunks_mut(gsize * out))
+            .zip(slice(x).par_chunks(gsize * c * h * w))
+            .for_each_init(
+                || (vec![T::zero(); k * gsize * l], vec![T::zero(); oc * gsize * l]),
+                |(col, conv), ((yg, ag), xg)| {
+                    let gs = xg.len() / (c * h * w);
+                    im2col_group(&g, xg, col);
+                    gemm(false, false, oc, gs * l, k, T::one(), wt, col, T::zero(), conv);
+                    for (o, row) in conv[..oc * gs * l].chunks_exact_mut(gs * l).enumerate() {
+                        row.iter_mut().for_each(|v| *v += b[o]);
+                    }
+                    for i in 0..gs {
+                        for o in 0..oc {
+                            let plane = &conv[o * gs * l + i * l..][..l];
+                            let at = i * out + o * ph * pw;
+                            relu_pool_plane(pool, &g, plane, &mut yg[at..at + ph * pw], &mut ag[at..at + ph * pw]);
+                        }
+                    }
+                },
+            );
+        self.argmax = argmax;
+        self.x = Some(x.clone());
+        y
+    }
+
+    fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T> {
+        let x = self.x.as_ref().expect("ConvReluPool::backward called before forward");
+        let (n, c, h, w) = nchw("ConvReluPool", x);
+        let g = self.conv.geometry(x.shape());
+        let (oc, k, l) = (self.conv.out_channels, g.k(), g.l());
+        let (ph, pw) = self.pooled(&g);
+        assert_eq!(dy.shape(), &[n, oc, ph, pw], "ConvReluPool: dy shape");
+        let wt = slice(&self.conv.weight.value);
+        let input_grad = self.input_grad;
+        let img = c * h * w;
+        let mut dx = zeros(&[if input_grad { n } else { 0 }, c, h, w]);
+        let gsize = group_size(l, n);
+
+        // Fixed ranges of images, one per thread, each summing its own dW and db; the ranges'
+        // sums are added in order afterwards (deterministic for a given thread count).
+        let ranges = batch_ranges(n, rayon::current_num_threads());
+        let mut dx_parts: Vec<&mut [T]> = Vec::with_capacity(ranges.len());
+        let mut rest = slice_mut(&mut dx);
+        for r in &ranges {
+            let (head, tail) = rest.split_at_mut(if input_grad { r.len() * img } else { 0 });
+            dx_parts.push(head);
+            rest = tail;
+        }
+        let (xs, dys, args) = (slice(x), slice(dy), &self.argmax);
+        let out = oc * ph * pw;
+        let partials: Vec<(Vec<T>, Vec<T>)> = ranges
+            .par_iter()
+            .zip(dx_parts)
+            .map(|(r, dx_part)| {
+                let mut dw = vec![T::zero(); oc * k];
+                let mut db = vec![T::zero(); oc];
+                let mut col = vec![T::zero(); k * gsize * l];
+                let mut dcol = vec![T::zero(); if input_grad { k * gsize * l } else { 0 }];
+                let mut dc = vec![T::zero(); oc * gsize * l];
+                let mut first = r.start;
+                while first < r.end {
+                    let gs = gsize.min(r.end - first);
+                    let ld = gs * l;
+                    // dc (OC, G*L): each pooled gradient goes to its window's positive winner.
+                    dc[..oc * ld].fill(T::zero());
+                    for i in 0..gs {
+                        let (dyi, ai) = (&dys[(first + i) * out..][..out], &args[(first + i) * out..][..out]);
+                        for (o, (&d, &a)) in dyi.iter().zip(ai).enumerate() {
+                            if a != DEAD {
+                                dc[(o / (ph * pw)) * ld + i * l + a as usize] += d;
+                            }
+                        }
+                    }
+                    im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col);
+                    gemm(false, true, oc, k, ld, T::one(), &dc, &col, T::one(), &mut dw); // dW += dc col^T
+                    for (d, row) in db.iter_mut().zip(dc.chunks_exact(ld)) {
+                        *d += row.iter().fold(T::zero(), |s, &v| s + v); // db += sum dc
+                    }
+                    if input_grad {
+                        gemm(true, false, k, ld, oc, T::one(), wt, &dc, T::zero(), &mut dcol); // dcol = W^T dc
+                        for i in 0..gs {
+                            let at = (first - r.start + i) * img;
+                            col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld);
+                        }
+                    }
+                    first += gs;
+                }
+                (dw, db)
+            })
+            .collect();
+        let gw = slice_mut(&mut self.conv.weight.grad);
+        let gb = slice_mut(&mut self.conv.bias.grad);
+        for (dw, db) in partials {
+            gw.iter_mut().zip(&dw).for_each(|(g, d)| *g += *d);
+            gb.iter_mut().zip(&db).for_each(|(g, d)| *g += *d);
+        }
+        dx
+    }
+
+    fn params(&self) -> Vec<&Param<T>> {
+        self.conv.params()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<T>> {
+        self.conv.params_mut()
+    }
+}
