@@ -16,3 +16,6 @@ pub mod optim;
 pub mod report;
 pub mod tensor;
 pub mod train;
+pub mod bench;
+pub mod explain; pub mod inspect;
+pub mod serve;

@@ -56,6 +56,30 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Per-layer forward/backward timings, training and inference throughput.
+    Bench {
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        batch_size: u64,
+        /// Timed training steps (after one warm-up).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Where to draw the per-layer chart.
+        #[arg(long, default_value = "outputs/bench.png")]
+        plot: PathBuf,
+    },
+    /// Saliency and Grad-CAM pictures of what the model looks at in each image.
+    Explain(medcnn::explain::ExplainArgs),
+    /// The first layer's filters, feature maps and the test images the model gets wrong.
+    Inspect(medcnn::inspect::InspectArgs),
+    /// A web page and JSON API: upload an image, see the class, the probabilities and Grad-CAM.
+    Serve(medcnn::serve::ServeArgs),
     /// Get the MedNIST archive into data/.
     Data {
         #[command(subcommand)]
@@ -84,9 +108,10 @@ struct TrainArgs {
     data: Option<PathBuf>,
     #[arg(long, default_value = "outputs")]
     out: PathBuf,
-    #[arg(long, default_value_t = 20)]
+    // Negative numbers are taken as values, so `--epochs -3` is refused naming --epochs.
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     epochs: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     batch_size: usize,
     #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     lr: f64,
@@ -105,7 +130,7 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// At most N images per class (quick runs).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     limit: Option<usize>,
     /// Random horizontal flips of training images.
     #[arg(long)]
@@ -187,6 +212,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             train::predict_command(&model, &images, device, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench { device, batch_size, steps, threads, json, plot } => {
+            set_threads(threads)?;
+            let r = medcnn::bench::run(device, batch_size as usize, steps as usize)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", medcnn::bench::table(&r));
+            }
+            if !r.layers.is_empty() {
+                let bars: Vec<_> = r
+                    .layers
+                    .iter()
+                    .filter(|l| l.forward_ms + l.backward_ms > 0.0)
+                    .map(|l| medcnn::report::BenchBar { label: l.name.clone(), forward_ms: l.forward_ms, backward_ms: l.backward_ms })
+                    .collect();
+                let title = format!("{} - batch {} - {:.0} img/s training", r.device, r.batch_size, r.train_images_per_sec);
+                medcnn::report::plot_bench(&title, &bars, &plot)?;
+                if !json {
+                    println!("chart: {}", plot.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain(a) => medcnn::explain::run(&a).map(|_| ExitCode::SUCCESS),
+        Command::Inspect(a) => medcnn::inspect::run(&a).map(|_| ExitCode::SUCCESS),
+        Command::Serve(a) => medcnn::serve::run(&a).map(|_| ExitCode::SUCCESS),
         Command::Data { command: DataCommand::Fetch { from, dir, url } } => {
             let path = match from {
                 Some(src) => medcnn::data::import_archive(&src, &dir)?,

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""The reference model in PyTorch, benchmarked the way `medcnn bench` benchmarks ours.
+
+Same layers, same batch, same thread count: per-layer forward and backward times at the model's
+real shapes, then whole training steps (Adam, cross-entropy) and inference, in images/s.
+
+    python3 -m venv ~/torchenv && ~/torchenv/bin/pip install torch
+    ~/torchenv/bin/python benches/pytorch_reference.py --threads 2 --batch-size 64
+    ~/torchenv/bin/python benches/pytorch_reference.py --device cuda
+
+It measures; it does not train on data. `pytorch_load_model.py` beside it loads a medcnn
+model.safetensors into this module.
+"""
+import argparse
+import json
+import platform
+import time
+
+import torch
+from torch import nn
+
+
+class MedNISTNet(nn.Module):
+    """Layer for layer the model medcnn trains (421,510 parameters for 6 classes)."""
+
+    def __init__(self, num_classes=6, dropout=0.4):
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(128, 256, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Sequential(nn.Linear(256, 128), nn.Dropout(dropout), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.conv_block(x), 1))
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def timed(fn, reps, sync):
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def flops(layer, x):
+    if isinstance(layer, nn.Conv2d):
+        n, _, h, w = x.shape
+        kh, kw = layer.kernel_size
+        oh, ow = h - kh + 1, w - kw + 1
+        return 2 * n * layer.out_channels * layer.in_channels * kh * kw * oh * ow
+    if isinstance(layer, nn.Linear):
+        return 2 * x.shape[0] * layer.in_features * layer.out_features
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = MedNISTNet().to(dev)
+    n = a.batch_size
+    x = (torch.rand(n, 1, 64, 64, device=dev) * 2 - 1)
+    y = torch.arange(n, device=dev) % 6
+
+    layers = []
+    h = x
+    named = [(f"conv_block.{i}", m) for i, m in enumerate(model.conv_block)]
+    named += [("flatten", nn.Flatten())] + [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)]
+    model.train()
+    for name, layer in named:
+        inp = h.detach().requires_grad_(True)
+        out = layer(inp)
+        g = torch.randn_like(out)
+        params = [p for p in layer.parameters()]
+        fwd = timed(lambda: layer(inp), 5, sync)
+
+        def bwd():
+            o = layer(inp)
+            torch.autograd.grad(o, [inp] + params, g)
+
+        both = timed(bwd, 5, sync)
+        f = flops(layer, inp)
+        layers.append({
+            "name": name, "layer": layer.__class__.__name__, "input": list(inp.shape),
+            "forward_ms": fwd, "backward_ms": max(both - fwd, 0.0),
+            "forward_gflops": f / (fwd * 1e6) if f else 0.0,
+            "backward_gflops": 2 * f / (max(both - fwd, 1e-9) * 1e6) if f else 0.0,
+        })
+        h = out.detach()
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sync()
+    step_ms = (time.perf_counter() - t) * 1e3 / a.steps
+
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        sync()
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            model(x)
+        sync()
+        infer_ms = (time.perf_counter() - t) * 1e3 / a.steps
+
+    fwd_flops = sum(flops(l, torch.empty(1, *s["input"][1:])) for (_, l), s in zip(named, layers))
+    report = {
+        "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads() if a.device == "cpu" else None,
+                    "threads": torch.get_num_threads()},
+        "device": f"pytorch {torch.__version__} {a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""),
+        "batch_size": n,
+        "layers": layers,
+        "train_step_ms": step_ms,
+        "train_images_per_sec": n / (step_ms / 1e3),
+        "train_gflops": 3 * fwd_flops * n / (step_ms * 1e6),
+        "infer_images_per_sec": n / (infer_ms / 1e3),
+        "flops_per_image_forward": fwd_flops,
+    }
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['threads']} threads; device: {report['device']}; batch {n}\n")
+    print(f"{'layer':<14} {'':<18} {'input':<18} {'fwd ms':>10} {'GFLOP/s':>9} {'bwd ms':>10} {'GFLOP/s':>9}")
+    for l in layers:
+        g = lambda v: f"{v:.1f}" if v > 0 else "-"
+        print(f"{l['name']:<14} {l['layer']:<18} {str(l['input']):<18} {l['forward_ms']:>10.3f} {g(l['forward_gflops']):>9} "
+              f"{l['backward_ms']:>10.3f} {g(l['backward_gflops']):>9}")
+    print(f"{'sum':<14} {'':<18} {'':<18} {sum(l['forward_ms'] for l in layers):>10.3f} {'':>9} "
+          f"{sum(l['backward_ms'] for l in layers):>10.3f}\n")
+    print(f"training step: {step_ms:.2f} ms = {report['train_images_per_sec']:.0f} images/s "
+          f"({report['train_gflops']:.1f} GFLOP/s, {fwd_flops / 1e6:.1f} MFLOP per image forward)")
+    print(f"inference: {report['infer_images_per_sec']:.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()

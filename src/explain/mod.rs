@@ -1,0 +1,524 @@
+//! What the network looks at: gradient saliency and Grad-CAM for one image, the composite
+//! picture of both, and the `medcnn explain` command.
+//!
+//! The math, for one image x and a target class t, with z = logits(x) in evaluation mode
+//! (dropout off) and the score z_t taken before the softmax:
+//! - saliency: |dz_t / dx| per pixel. One forward, then backward from dy = one-hot(t) on the
+//!   logits; the first layer's dx is the gradient.
+//! - Grad-CAM (Selvaraju et al. 2017): A = the activations after the last conv layer's ReLU
+//!   (`conv_block.10`, 256 x 4 x 4 for a 64x64 input) and dA = dz_t / dA, read off the same
+//!   backward pass where it crosses that layer. alpha_k = mean over space of dA_k, and
+//!   cam = ReLU(sum_k alpha_k A_k): the places whose features push the score of t up.
+//!   The 4x4 map is upsampled bilinearly to the image and scaled to [0, 1] by its minimum and
+//!   maximum (as pytorch-grad-cam does), so it shows where the evidence is relatively strongest.
+//!
+//! What it is not: it trains nothing and needs the layer-by-layer model (`reference_model`
+//! without fused conv blocks, as [`cpu_model`] builds it), since it reads the activations and
+//! gradients between the conv, the ReLU and the pool. Parameter gradients are cleared after use.
+
+pub mod render;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::backend::NamedTensor;
+use crate::data::{IMAGE_PIXELS, IMAGE_SIZE};
+use crate::layers::Ctx;
+use crate::model::{reference_model, ModelConfig, Sequential};
+use crate::tensor::{from_vec, slice, slice_mut, Float, Tensor};
+use crate::train::SavedModel;
+use render::{colorize, gray_rgb, inferno, jet, overlay, Align, Canvas, DARK_RGB, GRAY_RGB, WHITE_RGB};
+
+/// How much of the jet colour a Grad-CAM overlay mixes over the gray image.
+pub const OVERLAY_ALPHA: f32 = 0.45;
+/// Saliency is divided by this quantile of |gradient| (then clipped at 1), so that one extreme
+/// pixel does not leave the rest of the map black.
+pub const SALIENCY_QUANTILE: f64 = 0.995;
+
+/// Saliency and Grad-CAM of one image, for the class `target`.
+#[derive(Clone, Debug)]
+pub struct Explanation {
+    /// The logits (pre-softmax scores), one per class.
+    pub logits: Vec<f64>,
+    /// Softmax of the logits.
+    pub probs: Vec<f64>,
+    /// The predicted class (argmax).
+    pub class: usize,
+    /// The class explained: the one asked for, else the predicted one.
+    pub target: usize,
+    /// Side of the (square) image; the maps below are `side * side`, row-major.
+    pub side: usize,
+    /// |dz_target / dx| divided by its 99.5th percentile and clipped to [0, 1].
+    pub saliency: Vec<f32>,
+    /// Grad-CAM upsampled (bilinear) to the image, scaled to [0, 1] by its minimum and maximum.
+    /// All zero when the map is flat (e.g. no feature speaks for the target).
+    pub gradcam: Vec<f32>,
+    /// Grad-CAM at the conv layer's resolution, before upsampling and normalising (>= 0).
+    pub gradcam_raw: Vec<f32>,
+    /// (height, width) of `gradcam_raw`.
+    pub gradcam_shape: (usize, usize),
+    /// The layer Grad-CAM reads, e.g. `conv_block.10`.
+    pub gradcam_layer: String,
+}
+
+/// One forward and one backward pass of a single image for the score of one class.
+pub struct Backprop<T: Float> {
+    /// The logits (1, classes) flattened.
+    pub logits: Vec<T>,
+    /// The class whose logit was differentiated.
+    pub target: usize,
+    /// dz_target / dx, one value per input pixel.
+    pub input_grad: Vec<T>,
+    /// Index into `model.layers` of the layer Grad-CAM reads (the ReLU after the last conv).
+    pub cam_layer: usize,
+    /// That layer's output A (1, C, h, w) and dz_target / dA, same shape.
+    pub activations: Tensor<T>,
+    pub activation_grad: Tensor<T>,
+}
+
+/// The index of the layer Grad-CAM reads: the ReLU right after the last `Conv2d`.
+/// Errors for a model without one (e.g. one built with fused conv blocks).
+pub fn gradcam_layer<T: Float>(model: &Sequential<T>) -> Result<usize> {
+    let last_conv = model.layers.iter().rposition(|l| l.layer.describe().starts_with("Conv2d("));
+    match last_conv {
+        Some(i) if model.layers.get(i + 1).is_some_and(|l| l.layer.describe() == "ReLU") => Ok(i + 1),
+        _ => bail!(
+            "Grad-CAM needs a model whose last conv layer is followed by a separate ReLU layer (the layer-by-layer reference model, not the fused one)"
+        ),
+    }
+}
+
+/// The side of the model's square input: `len` must be 64 x 64 (what the model was built for;
+/// any other size would not fit its conv and pooling layers).
+fn square_side(len: usize) -> Result<usize> {
+    ensure!(len == IMAGE_PIXELS, "the input has {len} values, expected {IMAGE_SIZE} x {IMAGE_SIZE} = {IMAGE_PIXELS}");
+    Ok(IMAGE_SIZE)
+}
+
+/// Runs `x` (one 64x64 gray image, normalised as for training) forward in evaluation mode
+/// and back from the logit of `target` (default: the predicted class).
+pub fn backprop_target<T: Float>(model: &mut Sequential<T>, x: &[T], target: Option<usize>) -> Result<Backprop<T>> {
+    let side = square_side(x.len())?;
+    let cam_layer = gradcam_layer(model)?;
+    let n = model.layers.len();
+    let input = from_vec(&[1, 1, side, side], x.to_vec());
+    let activations = model.forward_range(&input, 0..cam_layer + 1, Ctx::eval());
+    let logits_t = model.forward_range(&activations, cam_layer + 1..n, Ctx::eval());
+    let logits = slice(&logits_t).to_vec();
+    ensure!(
+        !logits.is_empty() && logits_t.len() == logits_t.shape()[logits_t.ndim() - 1],
+        "the model does not end in one row of logits"
+    );
+    let predicted = argmax(&logits);
+    let target = target.unwrap_or(predicted);
+    ensure!(target < logits.len(), "class {target} out of range for {} classes", logits.len());
+
+    let mut dy = Tensor::<T>::zeros(logits_t.raw_dim());
+    slice_mut(&mut dy)[target] = T::one();
+    let activation_grad = model.backward_range(&dy, cam_layer + 1..n);
+    let dx = model.backward_range(&activation_grad, 0..cam_layer + 1);
+    model.zero_grad();
+    Ok(Backprop { logits, target, input_grad: slice(&dx).to_vec(), cam_layer, activations, activation_grad })
+}
+
+/// Grad-CAM at the layer's resolution: ReLU(sum_k alpha_k A_k) with alpha_k the spatial mean
+/// of dA_k. `a` and `da` are (1, C, h, w). Returns h * w values, row-major.
+pub fn gradcam_map<T: Float>(a: &Tensor<T>, da: &Tensor<T>) -> Vec<f32> {
+    let s = a.shape();
+    assert_eq!(s, da.shape(), "gradcam_map: activations and gradients differ in shape");
+    assert!(s.len() == 4 && s[0] == 1, "gradcam_map: expected (1, C, h, w), got {s:?}");
+    let hw = s[2] * s[3];
+    let mut cam = vec![0.0f64; hw];
+    for (ak, dk) in slice(a).chunks_exact(hw).zip(slice(da).chunks_exact(hw)) {
+        let alpha = dk.iter().map(|v| v.as_f64()).sum::<f64>() / hw as f64;
+        for (c, v) in cam.iter_mut().zip(ak) {
+            *c += alpha * v.as_f64();
+        }
+    }
+    cam.into_iter().map(|v| v.max(0.0) as f32).collect()
+}
+
+/// Bilinear resize of an `h` x `w` map to `oh` x `ow`, sampling at pixel centres
+/// (PyTorch's `interpolate(mode="bilinear", align_corners=False)`).
+pub fn upsample_bilinear(map: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    assert_eq!(map.len(), h * w, "upsample_bilinear: map has {} values for {h}x{w}", map.len());
+    let coord = |o: usize, n_in: usize, n_out: usize| -> (usize, usize, f32) {
+        let src = ((o as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).clamp(0.0, (n_in - 1) as f32);
+        let i0 = src.floor() as usize;
+        (i0, (i0 + 1).min(n_in - 1), src - i0 as f32)
+    };
+    let mut out = vec![0.0; oh * ow];
+    for y in 0..oh {
+        let (y0, y1, fy) = coord(y, h, oh);
+        for x in 0..ow {
+            let (x0, x1, fx) = coord(x, w, ow);
+            let top = map[y0 * w + x0] * (1.0 - fx) + map[y0 * w + x1] * fx;
+            let bottom = map[y1 * w + x0] * (1.0 - fx) + map[y1 * w + x1] * fx;
+            out[y * ow + x] = top * (1.0 - fy) + bottom * fy;
+        }
+    }
+    out
+}
+
+/// Divides by the `q` quantile of the values (or their maximum if that is 0) and clips to
+/// [0, 1]; all zeros stay zeros.
+pub fn normalise_quantile(values: &[f32], q: f64) -> Vec<f32> {
+    let mut sorted: Vec<f32> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f32::total_cmp);
+    let Some(&max) = sorted.last() else { return vec![0.0; values.len()] };
+    let k = ((sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    let scale = if sorted[k] > 0.0 { sorted[k] } else { max };
+    values.iter().map(|&v| if v.is_finite() && scale > 0.0 { (v / scale).clamp(0.0, 1.0) } else { 0.0 }).collect()
+}
+
+/// (v - min) / (max - min) over the finite values; a flat map (or a map of NaN) becomes zeros.
+pub fn normalise_min_max(values: &[f32]) -> Vec<f32> {
+    let finite = values.iter().copied().filter(|v| v.is_finite());
+    let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let span = hi - lo;
+    // A span within rounding of the values is flat: its "pattern" would be noise.
+    if span.is_nan() || span <= 1e-6 * hi.abs().max(lo.abs()) {
+        return vec![0.0; values.len()];
+    }
+    values.iter().map(|&v| if v.is_finite() { ((v - lo) / span).clamp(0.0, 1.0) } else { 0.0 }).collect()
+}
+
+fn argmax<T: Float>(v: &[T]) -> usize {
+    (0..v.len()).fold(0, |b, j| if v[j] > v[b] { j } else { b })
+}
+
+/// Softmax in f64.
+pub fn softmax64(z: &[f64]) -> Vec<f64> {
+    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = z.iter().map(|&v| (v - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// Saliency and Grad-CAM of one image `x` (a square gray image normalised as for training,
+/// 4096 values for MedNIST) for class `target`, or the predicted class when `None`.
+pub fn explain<T: Float>(model: &mut Sequential<T>, x: &[f32], target: Option<usize>) -> Result<Explanation> {
+    let side = square_side(x.len())?;
+    let xt: Vec<T> = x.iter().map(|&v| T::f(v as f64)).collect();
+    let b = backprop_target(model, &xt, target)?;
+    let logits: Vec<f64> = b.logits.iter().map(|v| v.as_f64()).collect();
+    let saliency: Vec<f32> = b.input_grad.iter().map(|g| g.as_f64().abs() as f32).collect();
+    let s = b.activations.shape();
+    let (h, w) = (s[2], s[3]);
+    let raw = gradcam_map(&b.activations, &b.activation_grad);
+    Ok(Explanation {
+        probs: softmax64(&logits),
+        class: argmax(&b.logits),
+        target: b.target,
+        side,
+        saliency: normalise_quantile(&saliency, SALIENCY_QUANTILE),
+        gradcam: normalise_min_max(&upsample_bilinear(&raw, h, w, side, side)),
+        gradcam_raw: raw,
+        gradcam_shape: (h, w),
+        gradcam_layer: model.layers[b.cam_layer].name.clone(),
+        logits,
+    })
+}
+
+/// The layer-by-layer CPU model (the reference, unfused) holding a saved model's weights.
+pub fn cpu_model(saved: &SavedModel) -> Result<Sequential<f32>> {
+    model_from_weights(&saved.config, &saved.weights)
+}
+
+/// `reference_model(cfg)` with `weights` (named and ordered as `named_params`) copied in;
+/// checks that Grad-CAM can read it.
+pub fn model_from_weights<T: Float>(cfg: &ModelConfig, weights: &[NamedTensor]) -> Result<Sequential<T>> {
+    let mut model = reference_model::<T>(cfg, 0);
+    let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
+    crate::backend::check_names(&names, weights)?;
+    for (p, w) in model.params_mut().into_iter().zip(weights) {
+        ensure!(
+            p.value.shape() == w.shape.as_slice(),
+            "weight {} has shape {:?}, the model expects {:?}",
+            w.name,
+            w.shape,
+            p.value.shape()
+        );
+        for (v, &x) in slice_mut(&mut p.value).iter_mut().zip(&w.data) {
+            *v = T::f(x as f64);
+        }
+    }
+    gradcam_layer(&model)?;
+    Ok(model)
+}
+
+/// A class given by name (exact, then case-insensitive) or by index.
+pub fn parse_class(s: &str, classes: &[String]) -> Result<usize> {
+    if let Some(i) = classes.iter().position(|c| c == s) {
+        return Ok(i);
+    }
+    if let Some(i) = classes.iter().position(|c| c.eq_ignore_ascii_case(s)) {
+        return Ok(i);
+    }
+    match s.parse::<usize>() {
+        Ok(i) if i < classes.len() => Ok(i),
+        _ => bail!("unknown class {s:?}: use one of {} (or an index 0..{})", classes.join(", "), classes.len()),
+    }
+}
+
+fn check_pixels(pixels: &[u8], e: &Explanation, scale: usize) -> Result<()> {
+    ensure!(
+        pixels.len() == e.side * e.side && e.saliency.len() == pixels.len() && e.gradcam.len() == pixels.len(),
+        "the image has {} pixels, the maps {} and {} ({}x{} expected)",
+        pixels.len(),
+        e.saliency.len(),
+        e.gradcam.len(),
+        e.side,
+        e.side
+    );
+    ensure!((1..=32).contains(&scale), "scale must be 1 to 32, got {scale}");
+    Ok(())
+}
+
+/// The Grad-CAM map `cam` (values in [0, 1]) in jet colours over the gray image `pixels`
+/// (same square size), `scale` times larger, as PNG bytes.
+pub fn heatmap_overlay_png(pixels: &[u8], cam: &[f32], scale: usize) -> Result<Vec<u8>> {
+    let side = square_side(pixels.len())?;
+    ensure!(cam.len() == pixels.len(), "the map has {} values for {} pixels", cam.len(), pixels.len());
+    ensure!((1..=32).contains(&scale), "scale must be 1 to 32, got {scale}");
+    let mut c = Canvas::new(side * scale, side * scale, WHITE_RGB)?;
+    c.blit(0, 0, &overlay(pixels, cam, jet, OVERLAY_ALPHA), side, side, scale);
+    c.png()
+}
+
+/// A probability as a percentage that never rounds to 0% or 100% unless it is exactly that:
+/// "97.3%", "99.97%", ">99.99%", "<0.1%".
+pub fn percent(p: f64) -> String {
+    match p {
+        _ if p <= 0.0 || p >= 1.0 || (0.001..=0.999).contains(&p) => format!("{:.1}%", 100.0 * p),
+        _ if p < 0.001 => "<0.1%".into(),
+        _ if p < 0.9999 => format!("{:.2}%", 100.0 * p),
+        _ => ">99.99%".into(),
+    }
+}
+
+/// The composite picture: the image, the saliency map and the Grad-CAM overlay side by side,
+/// each `scale` times larger, with the prediction (and the explained class, if different)
+/// written above. Returns PNG bytes.
+pub fn render_explanation_png(pixels: &[u8], e: &Explanation, classes: &[String], scale: usize) -> Result<Vec<u8>> {
+    render_explanation(pixels, e, classes, scale, None)?.png()
+}
+
+/// [`render_explanation_png`] as a canvas, with an optional first title line (e.g. the file).
+pub fn render_explanation(
+    pixels: &[u8],
+    e: &Explanation,
+    classes: &[String],
+    scale: usize,
+    heading: Option<&str>,
+) -> Result<Canvas> {
+    check_pixels(pixels, e, scale)?;
+    let name = |k: usize| classes.get(k).cloned().unwrap_or_else(|| format!("class {k}"));
+    let panel = e.side * scale;
+    let (gap, margin) = (12, 14);
+    let head_h = if heading.is_some() { 22 } else { 0 };
+    let top = margin + head_h + 52;
+    let caption_h = 40;
+    let width = 3 * panel + 2 * gap + 2 * margin;
+    let height = top + panel + caption_h;
+    let mut c = Canvas::new(width.max(360), height, WHITE_RGB)?;
+    let mid = c.width as i32 / 2;
+    if let Some(h) = heading {
+        let h = render::fit_text(h, 14.0, c.width as u32 - 8);
+        c.text(&h, mid, margin as i32, 14.0, GRAY_RGB, Align::Center)?;
+    }
+    let y = (margin + head_h) as i32;
+    let title = format!("predicted: {} ({})", name(e.class), percent(e.probs[e.class]));
+    c.text(&title, mid, y, 20.0, DARK_RGB, Align::Center)?;
+    let sub = if e.target == e.class {
+        let mut order: Vec<usize> = (0..e.probs.len()).collect();
+        order.sort_by(|&a, &b| e.probs[b].total_cmp(&e.probs[a]));
+        let rest: Vec<String> =
+            order[1..order.len().min(3)].iter().map(|&k| format!("{} {}", name(k), percent(e.probs[k]))).collect();
+        if rest.is_empty() {
+            "maps explain the predicted class".to_string()
+        } else {
+            format!("next: {}", rest.join(", "))
+        }
+    } else {
+        format!("maps explain {} ({})", name(e.target), percent(e.probs[e.target]))
+    };
+    let sub = render::fit_text(&sub, 14.0, c.width as u32 - 8);
+    c.text(&sub, mid, y + 28, 14.0, GRAY_RGB, Align::Center)?;
+
+    let x0 = (c.width - (3 * panel + 2 * gap)) / 2;
+    let s = e.side;
+    let panels = [
+        (gray_rgb(pixels), "image".to_string()),
+        (colorize(&e.saliency, inferno), "saliency |d score / d pixel|".to_string()),
+        (overlay(pixels, &e.gradcam, jet, OVERLAY_ALPHA), format!("Grad-CAM ({})", e.gradcam_layer)),
+    ];
+    for (i, (px, label)) in panels.iter().enumerate() {
+        let x = x0 + i * (panel + gap);
+        c.blit(x, top, px, s, s, scale);
+        let label = render::fit_text(label, 13.0, (panel + gap) as u32);
+        c.text(&label, (x + panel / 2) as i32, (top + panel + 6) as i32, 13.0, DARK_RGB, Align::Center)?;
+    }
+    // A small colour key under the Grad-CAM panel: low .. high.
+    let kx = x0 + 2 * (panel + gap) + panel / 4;
+    let kw = panel / 2;
+    let ramp: Vec<render::Rgb> = (0..kw).map(|i| jet(i as f32 / (kw.max(2) - 1) as f32)).collect();
+    for dy in 0..5 {
+        c.blit(kx, top + panel + 24 + dy, &ramp, kw, 1, 1);
+    }
+    c.text("low", kx as i32 - 14, (top + panel + 21) as i32, 10.0, GRAY_RGB, Align::Center)?;
+    c.text("high", (kx + kw) as i32 + 16, (top + panel + 21) as i32, 10.0, GRAY_RGB, Align::Center)?;
+    Ok(c)
+}
+
+/// `medcnn explain`: a picture per image with its prediction, saliency and Grad-CAM.
+#[derive(clap::Args, Debug)]
+pub struct ExplainArgs {
+    /// A trained model (model.safetensors from `medcnn train`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image files (JPEG or PNG; converted to 64x64 gray as for training).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Explain this class (name or index) instead of the predicted one.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Where to write the pictures.
+    #[arg(long, default_value = "outputs/explain")]
+    pub out: PathBuf,
+    /// Each 64x64 panel is drawn this many times larger.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub scale: u64,
+}
+
+/// A file name for an image's picture: `<parent>_<stem>.png` (MedNIST files are numbered
+/// within each class folder, so the stem alone repeats), made unique within `taken`.
+fn output_name(image: &Path, taken: &mut std::collections::HashSet<String>) -> String {
+    let clean = |s: &str| -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
+    };
+    let stem = image.file_stem().map(|s| clean(&s.to_string_lossy())).unwrap_or_else(|| "image".into());
+    let parent = image.parent().and_then(|p| p.file_name()).map(|s| clean(&s.to_string_lossy()));
+    let base = match parent {
+        Some(p) if !p.is_empty() => format!("{p}_{stem}"),
+        _ => stem,
+    };
+    let mut name = format!("{base}.png");
+    let mut k = 2;
+    while !taken.insert(name.clone()) {
+        name = format!("{base}_{k}.png");
+        k += 1;
+    }
+    name
+}
+
+/// The last two components of a path (`Hand/000001.jpeg`): enough to name a MedNIST image.
+fn short_name(path: &Path) -> String {
+    let parts: Vec<String> = path.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    parts[parts.len().saturating_sub(2)..].join("/")
+}
+
+/// Image file bytes (JPEG or PNG) as the model sees them: the 64x64 gray pixels (for the
+/// pictures) and the normalised input (for [`explain`]). `name` is for error messages.
+pub fn decode_for_model(bytes: &[u8], name: &str) -> Result<(Vec<u8>, Vec<f32>)> {
+    let (pixels, _) = crate::data::decode_image(bytes, name)?;
+    let mut x = vec![0.0; pixels.len()];
+    crate::data::normalize_into(&pixels, &mut x);
+    Ok((pixels, x))
+}
+
+/// Reads an image file as the model sees it: the 64x64 gray pixels and the normalised input.
+pub fn read_image(path: &Path) -> Result<(Vec<u8>, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    decode_for_model(&bytes, &path.display().to_string())
+}
+
+/// Runs `medcnn explain`.
+pub fn run(args: &ExplainArgs) -> Result<()> {
+    let saved = SavedModel::load(&args.model)?;
+    let mut model = cpu_model(&saved)?;
+    let target = args.target.as_deref().map(|t| parse_class(t, &saved.classes)).transpose()?;
+    crate::train::check_output_dir(&args.out)?;
+    let mut taken = std::collections::HashSet::new();
+    for path in &args.images {
+        let (pixels, x) = read_image(path)?;
+        let e = explain(&mut model, &x, target)?;
+        let picture = render_explanation(&pixels, &e, &saved.classes, args.scale as usize, Some(&short_name(path)))?;
+        let out = args.out.join(output_name(path, &mut taken));
+        picture.save(&out)?;
+        let explained =
+            if e.target == e.class { String::new() } else { format!(", explaining {}", saved.classes[e.target]) };
+        println!(
+            "{}: {} ({}){explained} -> {}",
+            path.display(),
+            saved.classes[e.class],
+            percent(e.probs[e.class]),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsampling_a_constant_is_constant_and_corners_are_kept() {
+        let up = upsample_bilinear(&[2.0; 16], 4, 4, 64, 64);
+        assert!(up.iter().all(|&v| (v - 2.0).abs() < 1e-6));
+        let map = [1.0, 0.0, 0.0, 0.0];
+        let up = upsample_bilinear(&map, 2, 2, 8, 8);
+        assert_eq!(up[0], 1.0);
+        assert_eq!(up[63], 0.0);
+        // Pixel (2, 2) samples the 2x2 map at (0.125, 0.125): (1 - 0.125)^2 of the corner.
+        assert_eq!(up[9], 1.0);
+        assert!((up[18] - 0.875 * 0.875).abs() < 1e-6);
+        assert!(up[27] < up[18]);
+    }
+
+    #[test]
+    fn min_max_normalisation() {
+        assert_eq!(normalise_min_max(&[2.0, 4.0, 3.0, f32::NAN]), vec![0.0, 1.0, 0.5, 0.0]);
+        assert_eq!(normalise_min_max(&[0.0, 0.0]), vec![0.0, 0.0]);
+        assert_eq!(normalise_min_max(&[5.0, 5.0]), vec![0.0, 0.0]);
+        assert_eq!(normalise_min_max(&[]), Vec::<f32>::new());
+    }
+
+    #[test]
+    fn gradcam_map_weights_channels_by_mean_gradient() {
+        // Two channels of 1x2: alpha = (1, -1) -> cam = ReLU(A0 - A1).
+        let a = from_vec(&[1, 2, 1, 2], vec![3.0f64, 1.0, 1.0, 2.0]);
+        let da = from_vec(&[1, 2, 1, 2], vec![0.5f64, 1.5, -1.0, -1.0]);
+        assert_eq!(gradcam_map(&a, &da), vec![2.0, 0.0]);
+    }
+
+    #[test]
+    fn classes_by_name_or_index() {
+        let classes: Vec<String> = ["AbdomenCT", "Hand"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(parse_class("Hand", &classes).unwrap(), 1);
+        assert_eq!(parse_class("hand", &classes).unwrap(), 1);
+        assert_eq!(parse_class("0", &classes).unwrap(), 0);
+        assert!(parse_class("2", &classes).is_err());
+        assert!(parse_class("Foot", &classes).unwrap_err().to_string().contains("AbdomenCT, Hand"));
+    }
+
+    #[test]
+    fn percentages_never_round_to_certainty() {
+        assert_eq!(percent(0.973), "97.3%");
+        assert_eq!(percent(0.99971), "99.97%");
+        assert_eq!(percent(0.999999), ">99.99%");
+        assert_eq!(percent(0.00001), "<0.1%");
+        assert_eq!(percent(1.0), "100.0%");
+        assert_eq!(percent(0.0), "0.0%");
+    }
+
+    #[test]
+    fn output_names_are_unique() {
+        let mut taken = std::collections::HashSet::new();
+        assert_eq!(output_name(Path::new("MedNIST/Hand/000001.jpeg"), &mut taken), "Hand_000001.png");
+        assert_eq!(output_name(Path::new("x/Hand/000001.jpeg"), &mut taken), "Hand_000001_2.png");
+        assert_eq!(output_name(Path::new("a b.png"), &mut taken), "a_b.png");
+    }
+}

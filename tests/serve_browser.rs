@@ -1,0 +1,346 @@
+//! The page of `medcnn serve` in headless Chromium, end to end: open it, choose an image with the
+//! file input, wait for the result card, and read the predicted class off the page; it must be
+//! the class `/api/predict` gives for the same file. The bars and the Grad-CAM image must be
+//! there too, and a screenshot is saved.
+//!
+//! Chromium is driven through chromedriver's WebDriver HTTP API (plain JSON over HTTP, with
+//! ureq). Without `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian's `chromium` and
+//! `chromium-driver` packages; `MEDCNN_CHROMIUM` and `MEDCNN_CHROMEDRIVER` override the paths)
+//! the test prints SKIP and passes, unless `MEDCNN_REQUIRE_CHROMIUM=1`, as in CI.
+//!
+//! The README's screenshot is made by the ignored test `readme_screenshot`:
+//! `MEDCNN_SCREENSHOT_MODEL=model.safetensors MEDCNN_SCREENSHOT_IMAGES=a.jpeg,b.jpeg
+//!  MEDCNN_SCREENSHOT_OUT=outputs/serve.png cargo test --release --test serve_browser -- --ignored`
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use medcnn::backend::{Device, NamedTensor};
+use medcnn::model::{reference_model, ModelConfig};
+use medcnn::serve::ServerHandle;
+use medcnn::tensor::slice;
+use serde_json::{json, Value};
+
+const CLASSES: [&str; 6] = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"];
+
+/// A fresh folder for this process under target/tmp; those of runs over an hour old are removed.
+fn tmp_dir(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("serve-browser-{name}-");
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if e.file_name().to_string_lossy().starts_with(&prefix) && old.is_some_and(|a| a > Duration::from_secs(3600)) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let d = root.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A model file with random weights in `dir`.
+fn random_model(dir: &Path) -> PathBuf {
+    let path = dir.join("model.safetensors");
+    let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false };
+    let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 3)
+        .named_params()
+        .into_iter()
+        .map(|(name, p)| NamedTensor { name, shape: p.value.shape().to_vec(), data: slice(&p.value).to_vec() })
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("classes".to_string(), serde_json::to_string(&CLASSES).unwrap());
+    meta.insert("dropout".to_string(), "0.4".to_string());
+    medcnn::checkpoint::save(&path, medcnn::checkpoint::MODEL_FORMAT, &weights, &meta).unwrap();
+    path
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// Chromium and chromedriver, or `None` (after printing SKIP) when they are not installed.
+fn browser_tools() -> Option<(PathBuf, PathBuf)> {
+    let path = |var: &str, default: &str| PathBuf::from(std::env::var(var).unwrap_or_else(|_| default.to_string()));
+    let chromium = path("MEDCNN_CHROMIUM", "/usr/bin/chromium");
+    let driver = path("MEDCNN_CHROMEDRIVER", "/usr/bin/chromedriver");
+    let missing: Vec<String> =
+        [&chromium, &driver].iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect();
+    if missing.is_empty() {
+        return Some((chromium, driver));
+    }
+    if std::env::var("MEDCNN_REQUIRE_CHROMIUM").as_deref() == Ok("1") {
+        panic!(
+            "MEDCNN_REQUIRE_CHROMIUM=1 but {} missing (apt-get install -y chromium chromium-driver)",
+            missing.join(" and ")
+        );
+    }
+    println!("SKIP: {} not installed (apt-get install -y chromium chromium-driver)", missing.join(" and "));
+    None
+}
+
+/// A chromedriver process and one browser session in it; both end on drop.
+struct Browser {
+    base: String,
+    session: String,
+    agent: ureq::Agent,
+    driver: Child,
+}
+
+impl Browser {
+    fn start(chromium: &Path, chromedriver: &Path, profile: &Path, window: (u32, u32)) -> Browser {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::fs::File::create(profile.with_extension("chromedriver.log")).unwrap();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
+        let base = format!("http://127.0.0.1:{port}");
+        let agent = agent();
+        let mut browser = Browser { base, session: String::new(), agent, driver };
+        // Ready within a bound.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = browser.agent.get(format!("{}/status", browser.base)).call().ok().and_then(|r| {
+                let v: Value = serde_json::from_slice(&r.into_body().read_to_vec().ok()?).ok()?;
+                v["value"]["ready"].as_bool()
+            });
+            if ready == Some(true) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not become ready within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium.to_str().unwrap(),
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1",
+                    format!("--window-size={},{}", window.0, window.1),
+                    format!("--user-data-dir={}", profile.display()),
+                ]
+            }
+        }}});
+        let v = browser.call("POST", "/session", Some(caps));
+        browser.session = v["sessionId"].as_str().expect("no session id").to_string();
+        browser
+    }
+
+    /// One WebDriver command; returns its `value`, panicking with the driver's message on error.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = if path == "/session" {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/session/{}{path}", self.base, self.session)
+        };
+        let r = match method {
+            "GET" => self.agent.get(&url).call(),
+            "DELETE" => self.agent.delete(&url).call(),
+            _ => self
+                .agent
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .send(serde_json::to_vec(&body.unwrap_or(json!({}))).unwrap()),
+        }
+        .unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"));
+        let status = r.status().as_u16();
+        let v: Value =
+            serde_json::from_slice(&r.into_body().with_config().limit(64 << 20).read_to_vec().unwrap()).unwrap();
+        assert_eq!(status, 200, "WebDriver {method} {path}: {}", v["value"]);
+        v["value"].clone()
+    }
+
+    fn find(&self, css: &str) -> Option<String> {
+        let url = format!("{}/session/{}/element", self.base, self.session);
+        let r = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(serde_json::to_vec(&json!({ "using": "css selector", "value": css })).unwrap())
+            .ok()?;
+        if r.status().as_u16() != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&r.into_body().read_to_vec().ok()?).ok()?;
+        // The element reference is the object's only value (its key is a fixed W3C string).
+        v["value"].as_object()?.values().next()?.as_str().map(str::to_string)
+    }
+
+    fn wait_for(&self, css: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(e) = self.find(css) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "{css} did not appear within {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn text(&self, element: &str) -> String {
+        self.call("GET", &format!("/element/{element}/text"), None).as_str().unwrap_or_default().to_string()
+    }
+
+    fn script(&self, js: &str) -> Value {
+        self.call("POST", "/execute/sync", Some(json!({ "script": js, "args": [] })))
+    }
+
+    /// Chooses files with the page's file input (several paths: one per line).
+    fn choose_files(&self, files: &[PathBuf]) {
+        let input = self.wait_for("#file-input", Duration::from_secs(10));
+        let text = files.iter().map(|f| f.canonicalize().unwrap().display().to_string()).collect::<Vec<_>>().join("\n");
+        self.call("POST", &format!("/element/{input}/value"), Some(json!({ "text": text })));
+    }
+
+    fn screenshot(&self, path: &Path) {
+        let b64 = self.call("GET", "/screenshot", None);
+        let png = base64_decode(b64.as_str().expect("no screenshot data"));
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "the screenshot is not a PNG");
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self.agent.delete(format!("{}/session/{}", self.base, self.session)).call();
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// The class `/api/predict` gives for a file.
+fn api_class(srv: &ServerHandle, file: &Path) -> String {
+    let bytes = std::fs::read(file).unwrap();
+    let r = agent().post(format!("{}/api/predict", srv.url())).send(&bytes[..]).unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let j: Value = serde_json::from_slice(&r.into_body().read_to_vec().unwrap()).unwrap();
+    j["class"].as_str().unwrap().to_string()
+}
+
+/// Waits until result card `n` is finished, failing on an error card; returns its class text.
+fn finished_class(b: &Browser, n: usize) -> String {
+    b.wait_for(
+        &format!("#result-{n}[data-state=\"done\"], #result-{n}[data-state=\"error\"]"),
+        Duration::from_secs(60),
+    );
+    if let Some(e) = b.find(&format!("#result-{n} .error")) {
+        panic!("result {n} shows an error: {}", b.text(&e));
+    }
+    let class = b.wait_for(&format!("#result-{n} .pred-class"), Duration::from_secs(5));
+    b.text(&class)
+}
+
+#[test]
+fn the_page_shows_the_prediction_of_an_uploaded_image() {
+    let Some((chromium, chromedriver)) = browser_tools() else { return };
+    let t0 = Instant::now();
+    let dir = tmp_dir("e2e");
+    let model = random_model(&dir);
+    let srv = medcnn::serve::start(&model, "127.0.0.1:0".parse().unwrap(), Device::Cpu).unwrap();
+    let image_path = dir.join("scan.png");
+    image::GrayImage::from_fn(64, 64, |x, y| image::Luma([((x * 3 + y * 2) % 256) as u8])).save(&image_path).unwrap();
+    let expected = api_class(&srv, &image_path);
+
+    let browser = Browser::start(&chromium, &chromedriver, &dir.join("profile"), (1200, 900));
+    browser.call("POST", "/url", Some(json!({ "url": format!("{}/", srv.url()) })));
+    // The page asked /health and shows the model's identity.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !browser.text(&browser.wait_for("#model-info", Duration::from_secs(10))).contains(srv.model_id()) {
+        assert!(Instant::now() < deadline, "the page does not show the model id {}", srv.model_id());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    browser.choose_files(std::slice::from_ref(&image_path));
+    let shown = finished_class(&browser, 0);
+    assert_eq!(shown, expected, "the page shows {shown:?}, /api/predict says {expected:?}");
+
+    let bars = browser.script("return document.querySelectorAll('#result-0 .bar').length");
+    assert_eq!(bars.as_u64(), Some(CLASSES.len() as u64));
+    let heatmap =
+        browser.script("const i = document.querySelector('#result-0 img.heatmap'); return i ? i.naturalWidth : 0");
+    assert_eq!(heatmap.as_u64(), Some(256), "the Grad-CAM image did not load");
+    let name = browser.text(&browser.wait_for("#result-0 .file", Duration::from_secs(5)));
+    assert_eq!(name, "scan.png");
+
+    // A file that is not an image gets an error card, listed above the first result.
+    let text_path = dir.join("notes.png");
+    std::fs::write(&text_path, "not an image\n").unwrap();
+    browser.choose_files(&[text_path]);
+    browser.wait_for("#result-1[data-state=\"error\"]", Duration::from_secs(30));
+    let err = browser.text(&browser.wait_for("#result-1 .error", Duration::from_secs(5)));
+    assert!(err.contains("cannot decode image"), "error card says {err:?}");
+    let order = browser.script("return Array.from(document.querySelectorAll('#results .result')).map(e => e.id)");
+    assert_eq!(order, json!(["result-1", "result-0"]), "newest first");
+
+    let shot = dir.join("page.png");
+    browser.screenshot(&shot);
+    println!("page shows {shown} like the API; screenshot {} ; {:.1} s", shot.display(), t0.elapsed().as_secs_f64());
+}
+
+/// The README's screenshot: a real model and real images (paths from the environment).
+#[test]
+#[ignore = "makes the README screenshot; needs MEDCNN_SCREENSHOT_{MODEL,IMAGES,OUT}"]
+fn readme_screenshot() {
+    let Some((chromium, chromedriver)) = browser_tools() else { return };
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("set {k}"));
+    let model = PathBuf::from(var("MEDCNN_SCREENSHOT_MODEL"));
+    let images: Vec<PathBuf> = var("MEDCNN_SCREENSHOT_IMAGES").split(',').map(PathBuf::from).collect();
+    let out = PathBuf::from(var("MEDCNN_SCREENSHOT_OUT"));
+    let (w, h) = std::env::var("MEDCNN_SCREENSHOT_SIZE")
+        .ok()
+        .and_then(|s| s.split_once('x').map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())))
+        .unwrap_or((1100, 1000));
+    let dir = tmp_dir("readme");
+    let srv = medcnn::serve::start(&model, "127.0.0.1:0".parse().unwrap(), Device::Cpu).unwrap();
+    let browser = Browser::start(&chromium, &chromedriver, &dir.join("profile"), (w, h));
+    browser.call("POST", "/url", Some(json!({ "url": format!("{}/", srv.url()) })));
+    browser.wait_for("#model-info code", Duration::from_secs(20));
+    for (n, img) in images.iter().enumerate() {
+        browser.choose_files(std::slice::from_ref(img));
+        let shown = finished_class(&browser, n);
+        println!("{}: {shown} (API: {})", img.display(), api_class(&srv, img));
+    }
+    std::thread::sleep(Duration::from_millis(600)); // the bars' transition
+    browser.screenshot(&out);
+    println!("wrote {}", out.display());
+}
