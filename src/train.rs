@@ -92,7 +92,37 @@ impl TrainConfig {
         if self.limit == Some(0) {
             bail!("--limit must be at least 1 image per class");
         }
-        Ok(())
+        // The checkpoint records both paths as text, so that `--resume` finds them again.
+        for (flag, path) in [("--data", self.data.as_deref()), ("--out", Some(self.out.as_path()))] {
+            if let Some(p) = path.filter(|p| p.to_str().is_none()) {
+                bail!("{flag}: the path {} is not valid UTF-8; rename it or use a link with a UTF-8 name", p.display());
+            }
+        }
+        check_device(self.device)
+    }
+}
+
+/// Fails at once, before any data is read, when `device` cannot work here: a build without the
+/// `cuda` feature, or (with it) a machine without the driver, NVRTC or a GPU. Opening the GPU
+/// and compiling the kernels is left to the backend.
+pub fn check_device(device: Device) -> Result<()> {
+    if device != Device::Cuda {
+        return Ok(());
+    }
+    #[cfg(not(feature = "cuda"))]
+    bail!("--device cuda: this medcnn was built without CUDA support; rebuild with `cargo build --release --features cuda`");
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("--device cuda: {}", crate::cuda::device::DRIVER_HELP);
+        }
+        crate::cuda::nvrtc::check_available().context("--device cuda")?;
+        match cudarc::driver::CudaContext::device_count() {
+            Ok(n) if n > 0 => Ok(()),
+            Ok(_) => bail!("--device cuda: the CUDA driver sees no GPU (is one visible to nvidia-smi?)"),
+            Err(e) => bail!("--device cuda: the CUDA driver failed to start ({e:?}); is a GPU visible (nvidia-smi)?"),
+        }
     }
 }
 
@@ -260,7 +290,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
         bail!("the split left no training or no validation images; use more images per class");
     }
 
-    let model_cfg = ModelConfig { num_classes: ds.classes.len(), dropout: cfg.dropout };
+    let model_cfg = ModelConfig { num_classes: ds.classes.len(), dropout: cfg.dropout, fused: false };
     let adam = AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay };
     let mut backend = make_backend(cfg.device, &model_cfg, cfg.seed, adam)?;
     let mut progress = Progress::default();
@@ -281,7 +311,13 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
 
     let bs = cfg.batch_size;
     let n_batches = split.train.len().div_ceil(bs);
+    let fault_step = fault_nan_at_step()?;
     let (mut x, mut y) = (Vec::with_capacity(bs * IMAGE_PIXELS), Vec::with_capacity(bs));
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // Ctrl-C while the data was loading: nothing was trained, so nothing is saved.
+        println!("interrupted before the first step; nothing to save");
+        return Ok(Outcome::Interrupted { checkpoint: ckpt_path });
+    }
     while progress.epoch < cfg.epochs {
         let epoch = progress.epoch;
         let lr = cfg.schedule.lr(cfg.lr, epoch);
@@ -298,11 +334,14 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
             let flip = if flips.is_empty() { &[][..] } else { &flips[range] };
             data::fill_batch(&ds, &idx, flip, &mut x, &mut y);
             backend.train_step(&x, &y, lr, progress.step)?;
+            if fault_step == Some(progress.step) {
+                poison_weights(backend.as_mut())?;
+            }
             progress.step += 1;
             progress.batch += 1;
             let interrupted = INTERRUPTED.load(Ordering::SeqCst);
             if progress.batch % 20 == 0 || progress.batch == n_batches || interrupted {
-                absorb(&mut progress, backend.take_train_stats()?, epoch)?;
+                absorb(&mut progress, backend.take_train_stats()?, epoch, &ckpt_path)?;
                 let secs = seconds_before + t0.elapsed().as_secs_f64();
                 bar.set_position(progress.batch as u64);
                 bar.set_message(format!(
@@ -350,10 +389,10 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
         );
         if !row.val_loss.is_finite() {
             bail!(
-                "training diverged: validation loss is {} after epoch {}; the last good checkpoint is kept at {}",
+                "training diverged: the validation loss is {} after epoch {}; {}",
                 row.val_loss,
                 epoch + 1,
-                ckpt_path.display()
+                last_good(&ckpt_path)
             );
         }
         progress.history.push(row);
@@ -361,7 +400,9 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
             progress.best_val_acc = val_acc;
             progress.best_epoch = epoch + 1;
             let meta = model_metadata(&ds, &split, &cfg, epoch, val_acc)?;
-            checkpoint::save(&model_path(&cfg.out), MODEL_FORMAT, &backend.export_weights()?, &meta)?;
+            let weights = backend.export_weights()?;
+            check_finite(&weights, &progress, &ckpt_path)?;
+            checkpoint::save(&model_path(&cfg.out), MODEL_FORMAT, &weights, &meta)?;
         }
         write_metrics_csv(&cfg.out.join("metrics.csv"), &progress.history)?;
         report::plot_loss(&progress.history, &cfg.out.join("loss.png"))?;
@@ -373,6 +414,11 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
         progress.batch = 0;
         (progress.loss_sum, progress.correct, progress.images, progress.seconds) = (0.0, 0, 0, 0.0);
         save_checkpoint(&ckpt_path, backend.as_mut(), &cfg, &split, &fingerprint, &progress)?;
+        // A Ctrl-C during validation or saving stops here, with the epoch's checkpoint saved.
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            println!("interrupted: checkpoint saved to {} (continue with --resume)", ckpt_path.display());
+            return Ok(Outcome::Interrupted { checkpoint: ckpt_path });
+        }
     }
 
     // The test set, once, with the best validation epoch's weights.
@@ -419,13 +465,14 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
 }
 
 /// Adds a backend's training sums to the epoch's, refusing a diverged loss.
-fn absorb(progress: &mut Progress, s: TrainStats, epoch: usize) -> Result<()> {
+fn absorb(progress: &mut Progress, s: TrainStats, epoch: usize, ckpt_path: &Path) -> Result<()> {
     if !s.loss_sum.is_finite() {
         bail!(
-            "training diverged: the loss became {} in epoch {} (step {}); the last good checkpoint is kept",
+            "training diverged: the training loss became {} in epoch {} (by step {}); {}",
             s.loss_sum,
             epoch + 1,
-            progress.step
+            progress.step,
+            last_good(ckpt_path)
         );
     }
     progress.loss_sum += s.loss_sum;
@@ -488,11 +535,74 @@ pub fn softmax(z: &[f32]) -> Vec<f64> {
 
 /// The parameter names of the reference model, in order.
 pub fn weight_names(cfg: &ModelConfig) -> Vec<String> {
-    reference_model::<f32>(cfg, 0).named_params().into_iter().map(|(n, _)| n).collect()
+    weight_shapes(cfg).into_iter().map(|(n, _)| n).collect()
+}
+
+/// The parameter names and shapes of the reference model, in order.
+pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    reference_model::<f32>(cfg, 0).named_params().into_iter().map(|(n, p)| (n, p.value.shape().to_vec())).collect()
+}
+
+/// Checks that each tensor read from `path` has the shape the model needs (names and order were
+/// checked by `checkpoint::load`), naming the file and the tensor when one does not.
+fn check_shapes(path: &Path, expected: &[(String, Vec<usize>)], tensors: &[NamedTensor]) -> Result<()> {
+    for ((name, shape), t) in expected.iter().zip(tensors) {
+        if &t.shape != shape {
+            bail!(
+                "{}: tensor {name} has shape {:?}, the model needs {shape:?} (another architecture or class count?)",
+                path.display(),
+                t.shape
+            );
+        }
+    }
+    Ok(())
 }
 
 fn optimizer_names(cfg: &ModelConfig) -> Vec<String> {
     weight_names(cfg).iter().flat_map(|n| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")]).collect()
+}
+
+/// What is left after a divergence: the checkpoint of the last completed epoch, if any.
+fn last_good(ckpt_path: &Path) -> String {
+    if ckpt_path.exists() {
+        format!("nothing was saved from it; the last good checkpoint is kept at {}", ckpt_path.display())
+    } else {
+        format!("nothing was saved from it (there is no earlier checkpoint at {})", ckpt_path.display())
+    }
+}
+
+/// Refuses to save weights (or optimizer moments) holding NaN or infinity: a diverged model
+/// must never replace the last good one.
+fn check_finite(tensors: &[NamedTensor], progress: &Progress, ckpt_path: &Path) -> Result<()> {
+    if let Some(t) = tensors.iter().find(|t| t.data.iter().any(|v| !v.is_finite())) {
+        bail!(
+            "training diverged: {} holds NaN or infinite values after {} steps; {}",
+            t.name,
+            progress.step,
+            last_good(ckpt_path)
+        );
+    }
+    Ok(())
+}
+
+/// A test hook, for the divergence tests only: `MEDCNN_FAULT_NAN_AT_STEP=N` makes optimizer step
+/// N (0-based, counted over the whole run) write a NaN into the first weight, as a diverging
+/// update would. Unset (always, outside tests), it does nothing.
+pub const FAULT_NAN_AT_STEP_ENV: &str = "MEDCNN_FAULT_NAN_AT_STEP";
+
+fn fault_nan_at_step() -> Result<Option<u64>> {
+    match std::env::var(FAULT_NAN_AT_STEP_ENV) {
+        Ok(v) => {
+            v.trim().parse().map(Some).with_context(|| format!("{FAULT_NAN_AT_STEP_ENV}={v} is not a step number"))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+fn poison_weights(backend: &mut dyn Backend) -> Result<()> {
+    let mut weights = backend.export_weights()?;
+    weights[0].data[0] = f32::NAN;
+    backend.import_weights(&weights)
 }
 
 fn save_checkpoint(
@@ -506,6 +616,7 @@ fn save_checkpoint(
     let mut tensors: Vec<NamedTensor> = backend.export_weights()?;
     let opt = backend.export_optimizer()?;
     tensors.extend(opt.moments.into_iter().map(|t| NamedTensor { name: format!("optimizer.{}", t.name), ..t }));
+    check_finite(&tensors, progress, path)?;
     let mut meta = BTreeMap::new();
     meta.insert("config".into(), serde_json::to_string(cfg)?);
     meta.insert("split".into(), serde_json::to_string(split)?);
@@ -529,24 +640,26 @@ pub fn read_checkpoint(path: &Path) -> Result<Resumed> {
     if !path.exists() {
         bail!("--resume: no checkpoint at {} (train without --resume first)", path.display());
     }
-    // The class count decides the names; read it from the metadata before the tensors.
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable checkpoint (truncated or corrupt?): {e}", path.display()))?;
-    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
-    let split: Split = meta_json(&meta, "split", path)?;
-    let config: TrainConfig = meta_json(&meta, "config", path)?;
-    let classes = header.tensors().get("classifier.2.bias").map(|t| t.shape.first().copied().unwrap_or(0)).unwrap_or(0);
-    let model_cfg = ModelConfig { num_classes: classes, dropout: config.dropout };
-    let wn = weight_names(&model_cfg);
-    let on = optimizer_names(&model_cfg);
+    // The names do not depend on the class count, so `load` checks the format, version, names
+    // and checksum before any metadata is trusted; the shapes are checked after.
+    let names_cfg = ModelConfig::default();
+    let wn = weight_names(&names_cfg);
+    let on = optimizer_names(&names_cfg);
     let names: Vec<String> = wn.iter().cloned().chain(on.iter().map(|n| format!("optimizer.{n}"))).collect();
     let (mut tensors, meta) = checkpoint::load(path, CHECKPOINT_FORMAT, &names)?;
     let moments = tensors.split_off(wn.len());
+    let classes = classes_of(path, &tensors)?;
+    let shapes = weight_shapes(&ModelConfig { num_classes: classes, ..names_cfg });
+    check_shapes(path, &shapes, &tensors)?;
+    let moment_shapes: Vec<(String, Vec<usize>)> = shapes
+        .iter()
+        .flat_map(|(n, s)| [(format!("{n}.exp_avg"), s.clone()), (format!("{n}.exp_avg_sq"), s.clone())])
+        .collect();
+    check_shapes(path, &moment_shapes, &moments)?;
     let t: u64 = meta.get("adam_t").and_then(|v| v.parse().ok()).unwrap_or(0);
     Ok(Resumed {
-        config,
-        split,
+        config: meta_json(&meta, "config", path)?,
+        split: meta_json(&meta, "split", path)?,
         fingerprint: meta.get("data_fingerprint").cloned().unwrap_or_default(),
         progress: meta_json(&meta, "progress", path)?,
         weights: tensors,
@@ -555,6 +668,15 @@ pub fn read_checkpoint(path: &Path) -> Result<Resumed> {
             moments: moments.into_iter().zip(on).map(|(t, name)| NamedTensor { name, ..t }).collect(),
         },
     })
+}
+
+/// The class count of weights read from `path`: the length of the last layer's bias.
+fn classes_of(path: &Path, weights: &[NamedTensor]) -> Result<usize> {
+    let bias = weights.last().map(|t| t.shape.as_slice()).unwrap_or_default();
+    match bias {
+        [k] if *k >= 2 => Ok(*k),
+        _ => bail!("{}: the last layer has shape {bias:?}; a model has at least two classes", path.display()),
+    }
 }
 
 /// A trained model file, read back: weights and what they need to be used.
@@ -567,19 +689,20 @@ pub struct SavedModel {
 }
 
 impl SavedModel {
+    /// Reads and checks a model file: format, version, checksum, then that the weights have the
+    /// shapes the listed classes need. Every error names the file.
     pub fn load(path: &Path) -> Result<SavedModel> {
         if !path.exists() {
             bail!("model file {} does not exist", path.display());
         }
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-            anyhow::anyhow!("{}: not a readable model file (truncated or corrupt?): {e}", path.display())
-        })?;
-        let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let (weights, meta) = checkpoint::load(path, MODEL_FORMAT, &weight_names(&ModelConfig::default()))?;
         let classes: Vec<String> = meta_json(&meta, "classes", path)?;
+        if classes.len() < 2 {
+            bail!("{}: the metadata lists {} classes; a model has at least two", path.display(), classes.len());
+        }
         let dropout = meta.get("dropout").and_then(|v| v.parse().ok()).unwrap_or(0.4);
-        let config = ModelConfig { num_classes: classes.len(), dropout };
-        let (weights, meta) = checkpoint::load(path, MODEL_FORMAT, &weight_names(&config))?;
+        let config = ModelConfig { num_classes: classes.len(), dropout, fused: false };
+        check_shapes(path, &weight_shapes(&config), &weights)?;
         Ok(SavedModel { path: path.to_path_buf(), classes, config, weights, meta })
     }
 
@@ -599,6 +722,10 @@ pub fn eval_command(
     device: Device,
     batch: usize,
 ) -> Result<()> {
+    if !["train", "val", "test", "all"].contains(&split_name) {
+        bail!("--split must be train, val, test or all, got {split_name}");
+    }
+    check_device(device)?;
     let saved = SavedModel::load(model)?;
     let limit: Option<usize> = saved.meta.get("limit").and_then(|v| serde_json::from_str(v).ok()).flatten();
     let ds = load_data(data_path, if split_name == "all" { None } else { limit }, false)?;
@@ -646,6 +773,7 @@ pub fn read_image_input(path: &Path) -> Result<Vec<f32>> {
 
 /// `medcnn predict`: the class and the probabilities for each image.
 pub fn predict_command(model: &Path, images: &[PathBuf], device: Device, json: bool) -> Result<()> {
+    check_device(device)?;
     let saved = SavedModel::load(model)?;
     let mut backend = saved.backend(device)?;
     let mut out = Vec::new();

@@ -10,7 +10,7 @@
 
 use std::io::Cursor;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, GrayImage, ImageFormat, ImageReader, Limits};
 
@@ -41,7 +41,11 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<(Vec<u8>, DecodeNote)> {
     if bytes.is_empty() {
         bail!("{name}: file is empty (0 bytes), not an image");
     }
-    let image = decode_catching_panics(bytes).with_context(|| describe_undecodable(bytes, name))?;
+    let image = match decode_catching_panics(bytes) {
+        Ok(image) => image,
+        Err(e) if e.is::<TooLarge>() => bail!("{name}: {e}"),
+        Err(e) => return Err(e.context(describe_undecodable(bytes, name))),
+    };
     let (gray, converted_to_gray) = to_gray(image);
     let (gray, resized) = to_standard_size(gray);
     let note = DecodeNote { converted_to_gray, resized };
@@ -65,7 +69,38 @@ fn decode_with_limits(bytes: &[u8]) -> Result<DynamicImage> {
         check_jpeg_complete(bytes)?;
     }
     reader.limits(decode_limits());
-    Ok(reader.decode()?)
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => anyhow::Error::new(TooLarge { dimensions: claimed_dimensions(bytes) }),
+        other => other.into(),
+    })
+}
+
+/// A file over the decoder's limits: most likely a decompression bomb (a few bytes that claim
+/// billions of pixels). Nothing was allocated for its pixels.
+#[derive(Debug)]
+struct TooLarge {
+    dimensions: Option<(u32, u32)>,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("image is too large to decode")?;
+        if let Some((w, h)) = self.dimensions {
+            write!(f, " ({w} x {h} pixels)")?;
+        }
+        write!(
+            f,
+            "; the limit is {MAX_DIMENSION} x {MAX_DIMENSION} pixels and {} MiB (a decompression bomb?)",
+            MAX_ALLOC_BYTES >> 20
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// The width and height the file's header claims (read without decoding any pixels).
+fn claimed_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
 }
 
 /// The JPEG decoder is lenient: a file cut short decodes "successfully", with the missing

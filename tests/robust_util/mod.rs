@@ -1,0 +1,202 @@
+//! Helpers shared by `cli_errors.rs` and `interrupt_resume.rs`: temp folders under
+//! `CARGO_TARGET_TMPDIR`, tiny image datasets made with the `image` crate, tiny `.tar.gz`
+//! archives, and running the real `medcnn` binary.
+
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use image::{DynamicImage, GrayImage, ImageFormat};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_medcnn");
+
+/// `CARGO_TARGET_TMPDIR/medcnn-robust/<pid>-<name>`, made empty. The first call of a test
+/// process also removes what earlier, finished test processes left there (the folders of
+/// failed tests are kept until then, to be looked at).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("medcnn-robust");
+    CLEANED.call_once(|| {
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+    let dir = root.join(format!("{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A fresh, empty folder under `CARGO_TARGET_TMPDIR`, removed when dropped (unless the test
+/// panicked, so that a failure can be looked at).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        TempDir(scratch_dir(&format!("{tag}-{n}")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    image.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+/// A 64x64 gray image that depends on its class (so a model can learn something) and on its
+/// index (so no two files are byte-identical duplicates).
+pub fn class_image(class: usize, i: usize) -> DynamicImage {
+    DynamicImage::ImageLuma8(GrayImage::from_fn(64, 64, |x, y| {
+        let base = match class % 3 {
+            0 => x * 4,
+            1 => y * 4,
+            _ => (x + y) * 2,
+        };
+        let noise = (x * 31 + y * 17 + i as u32 * 97 + class as u32 * 13) % 23;
+        image::Luma([(base + noise).min(255) as u8])
+    }))
+}
+
+pub fn class_png(class: usize, i: usize) -> Vec<u8> {
+    encode(class_image(class, i), ImageFormat::Png)
+}
+
+pub fn class_jpeg(class: usize, i: usize) -> Vec<u8> {
+    encode(class_image(class, i), ImageFormat::Jpeg)
+}
+
+/// `root/<Class>/img_NNN.png` for `classes` classes of `per_class` images each; returns `root`.
+pub fn make_dataset(root: &Path, classes: usize, per_class: usize) -> PathBuf {
+    for c in 0..classes {
+        let dir = root.join(class_name(c));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            std::fs::write(dir.join(format!("img_{i:03}.png")), class_png(c, i)).unwrap();
+        }
+    }
+    root.to_path_buf()
+}
+
+pub fn class_name(c: usize) -> String {
+    ["Alpha", "Beta", "Gamma", "Delta", "Epsilon"][c].to_string()
+}
+
+/// A `.tar.gz` holding `entries` (path, bytes), written at `path`.
+pub fn make_archive(path: &Path, entries: &[(&str, Vec<u8>)]) {
+    let file = std::fs::File::create(path).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, bytes) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        // `set_path` refuses `..` and absolute paths, so write the name field by hand: that is
+        // exactly what a hostile archive does.
+        let field = &mut header.as_old_mut().name;
+        field.fill(0);
+        field[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_cksum();
+        tar.append(&header, bytes.as_slice()).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+}
+
+/// The entries of a valid MedNIST-style archive: `MedNIST/<Class>/img_NNN.png`.
+pub fn dataset_entries(classes: usize, per_class: usize) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for c in 0..classes {
+        for i in 0..per_class {
+            out.push((format!("MedNIST/{}/img_{i:03}.png", class_name(c)), class_png(c, i)));
+        }
+    }
+    out
+}
+
+/// Runs `medcnn ARGS` to completion.
+pub fn medcnn(args: &[&str]) -> Output {
+    medcnn_in(args, None)
+}
+
+/// Runs `medcnn ARGS` in the working directory `cwd` (when given).
+pub fn medcnn_in(args: &[&str], cwd: Option<&Path>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("RUST_BACKTRACE", "1").env_remove("MEDCNN_FAULT_NAN_AT_STEP");
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.output().expect("running medcnn")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts a clean failure: a non-zero exit (not a signal), an `error:` line in stderr that
+/// holds every one of `needles`, and no panic or backtrace. Returns stderr.
+#[track_caller]
+pub fn assert_fails(out: &Output, needles: &[&str]) -> String {
+    let stderr = text(&out.stderr);
+    let stdout = text(&out.stdout);
+    let ctx = format!("\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+    assert!(!out.status.success(), "expected a failure, got success{ctx}");
+    let code = out.status.code().unwrap_or_else(|| panic!("killed by a signal, not a clean exit{ctx}"));
+    assert_ne!(code, 101, "exit code 101 is a Rust panic{ctx}");
+    for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(!stderr.contains(bad) && !stdout.contains(bad), "output contains {bad:?}{ctx}");
+    }
+    let msg = stderr.lines().find(|l| l.starts_with("error")).unwrap_or_else(|| panic!("no error line{ctx}"));
+    let rest = stderr.split_once(msg).map(|(_, r)| r).unwrap_or("");
+    let full = format!("{msg}{rest}");
+    for needle in needles {
+        assert!(full.contains(needle), "the error does not mention {needle:?}{ctx}");
+    }
+    stderr
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+pub fn assert_ok(out: &Output) -> String {
+    let stderr = text(&out.stderr);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "expected success, got {:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
+    for bad in ["panicked", "stack backtrace"] {
+        assert!(!stderr.contains(bad), "stderr contains {bad:?}:\n{stderr}");
+    }
+    stdout
+}
+
+/// The common flags of a quick training run (add `--epochs`).
+pub fn quick_train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec!["train", "--data", data, "--out", out, "--batch-size", "8", "--threads", "2"]
+}
