@@ -135,7 +135,7 @@ impl Backend for CpuBackend {
         if let Some(&bad) = y.iter().find(|&&t| t >= self.num_classes) {
             bail!("label {bad} out of range for {} classes", self.num_classes);
         }
-        let logits = self.model.forward(&x, Ctx::train(step));
+        let logits = self.model.forward_owned(x, Ctx::train(step));
         let loss = self.loss.forward(&logits, y);
         self.model.zero_grad();
         self.model.backward(&self.loss.backward());

@@ -6,16 +6,17 @@
 //! `backend` is the seam between the CPU path (the reference) and the CUDA path (`cuda`).
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;
+pub mod explain;
+pub mod inspect;
 pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod serve;
 pub mod tensor;
 pub mod train;
-pub mod bench;
-pub mod explain; pub mod inspect;
-pub mod serve;

@@ -225,9 +225,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .layers
                     .iter()
                     .filter(|l| l.forward_ms + l.backward_ms > 0.0)
-                    .map(|l| medcnn::report::BenchBar { label: l.name.clone(), forward_ms: l.forward_ms, backward_ms: l.backward_ms })
+                    .map(|l| medcnn::report::BenchBar {
+                        label: l.name.clone(),
+                        forward_ms: l.forward_ms,
+                        backward_ms: l.backward_ms,
+                    })
                     .collect();
-                let title = format!("{} - batch {} - {:.0} img/s training", r.device, r.batch_size, r.train_images_per_sec);
+                let title =
+                    format!("{} - batch {} - {:.0} img/s training", r.device, r.batch_size, r.train_images_per_sec);
                 medcnn::report::plot_bench(&title, &bars, &plot)?;
                 if !json {
                     println!("chart: {}", plot.display());

@@ -35,11 +35,23 @@ impl<T: Float> Sequential<T> {
         self.forward_range(x, 0..self.layers.len(), ctx)
     }
 
+    /// `forward` on an input the caller gives away: no layer needs to copy what it keeps.
+    pub fn forward_owned(&mut self, x: Tensor<T>, ctx: Ctx) -> Tensor<T> {
+        let mut h = x;
+        for l in &mut self.layers {
+            h = l.layer.forward_owned(h, ctx);
+        }
+        h
+    }
+
     /// Runs layers `range` only (Grad-CAM stops at the last conv layer, for example).
     pub fn forward_range(&mut self, x: &Tensor<T>, range: std::ops::Range<usize>, ctx: Ctx) -> Tensor<T> {
-        let mut h = x.clone();
-        for l in &mut self.layers[range] {
-            h = l.layer.forward(&h, ctx);
+        let mut layers = self.layers[range].iter_mut();
+        let Some(first) = layers.next() else { return x.clone() };
+        // The first layer borrows x; each later one owns its input, as it is nobody else's.
+        let mut h = first.layer.forward(x, ctx);
+        for l in layers {
+            h = l.layer.forward_owned(h, ctx);
         }
         h
     }

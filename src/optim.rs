@@ -53,13 +53,15 @@ impl<T: Float> Adam<T> {
         let bc2_sqrt = T::f((1.0 - self.beta2.powi(t)).sqrt());
         let (eps, wd) = (T::f(self.eps), T::f(self.weight_decay));
         for ((p, m), v) in params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
-            let grad = slice(&p.grad).to_vec();
-            let value = slice_mut(&mut p.value);
-            for i in 0..value.len() {
-                let g = grad[i] + wd * value[i];
-                m[i] = b1 * m[i] + one_minus_b1 * g;
-                v[i] = b2 * v[i] + one_minus_b2 * g * g;
-                value[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+            // Value and gradient are separate fields: borrow both, no copy of the gradient.
+            let (value, grad) = (slice_mut(&mut p.value), slice(&p.grad));
+            assert!(m.len() == value.len() && v.len() == value.len(), "Adam: moment and parameter sizes differ");
+            let moments = m.iter_mut().zip(v.iter_mut());
+            for ((value, &grad), (m, v)) in value.iter_mut().zip(grad).zip(moments) {
+                let g = grad + wd * *value;
+                *m = b1 * *m + one_minus_b1 * g;
+                *v = b2 * *v + one_minus_b2 * g * g;
+                *value -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
             }
         }
     }

@@ -312,6 +312,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
     let bs = cfg.batch_size;
     let n_batches = split.train.len().div_ceil(bs);
     let fault_step = fault_nan_at_step()?;
+    let step_delay = test_step_delay()?;
     let (mut x, mut y) = (Vec::with_capacity(bs * IMAGE_PIXELS), Vec::with_capacity(bs));
     if INTERRUPTED.load(Ordering::SeqCst) {
         // Ctrl-C while the data was loading: nothing was trained, so nothing is saved.
@@ -336,6 +337,9 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
             backend.train_step(&x, &y, lr, progress.step)?;
             if fault_step == Some(progress.step) {
                 poison_weights(backend.as_mut())?;
+            }
+            if let Some(d) = step_delay {
+                std::thread::sleep(d);
             }
             progress.step += 1;
             progress.batch += 1;
@@ -589,6 +593,22 @@ fn check_finite(tensors: &[NamedTensor], progress: &Progress, ckpt_path: &Path) 
 /// N (0-based, counted over the whole run) write a NaN into the first weight, as a diverging
 /// update would. Unset (always, outside tests), it does nothing.
 pub const FAULT_NAN_AT_STEP_ENV: &str = "MEDCNN_FAULT_NAN_AT_STEP";
+
+/// A test hook, for the interruption tests only: `MEDCNN_TEST_STEP_DELAY_MS=N` sleeps N ms
+/// after every step, so a tiny run lasts long enough for a Ctrl-C to land mid-epoch however fast
+/// the machine is. It changes no number. Unset (always, outside tests), it does nothing.
+pub const TEST_STEP_DELAY_ENV: &str = "MEDCNN_TEST_STEP_DELAY_MS";
+
+fn test_step_delay() -> Result<Option<std::time::Duration>> {
+    match std::env::var(TEST_STEP_DELAY_ENV) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(|ms| Some(std::time::Duration::from_millis(ms)))
+            .with_context(|| format!("{TEST_STEP_DELAY_ENV}={v} is not a number of milliseconds")),
+        Err(_) => Ok(None),
+    }
+}
 
 fn fault_nan_at_step() -> Result<Option<u64>> {
     match std::env::var(FAULT_NAN_AT_STEP_ENV) {

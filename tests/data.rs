@@ -16,8 +16,8 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
 use medcnn::data::{
-    decode_image, epoch_order, fill_batch, flip_mask, load_dataset, normalize_into, split_dataset,
-    Dataset, LoadOptions, LoadReport, IMAGE_PIXELS,
+    decode_image, epoch_order, fill_batch, flip_mask, load_dataset, normalize_into, split_dataset, Dataset,
+    LoadOptions, LoadReport, IMAGE_PIXELS,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -31,8 +31,7 @@ impl TempDir {
     fn new(tag: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("medcnn-data-test-{}-{tag}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("medcnn-data-test-{}-{tag}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -61,9 +60,7 @@ fn pattern(seed: u8, x: u32, y: u32) -> u8 {
 }
 
 fn gray(w: u32, h: u32, seed: u8) -> DynamicImage {
-    DynamicImage::ImageLuma8(GrayImage::from_fn(w, h, |x, y| {
-        image::Luma([pattern(seed, x, y)])
-    }))
+    DynamicImage::ImageLuma8(GrayImage::from_fn(w, h, |x, y| image::Luma([pattern(seed, x, y)])))
 }
 
 fn gray_png(seed: u8) -> Vec<u8> {
@@ -75,17 +72,11 @@ fn gray_jpeg(seed: u8) -> Vec<u8> {
 }
 
 fn uniform_rgb_png(rgb: [u8; 3]) -> Vec<u8> {
-    encode(
-        DynamicImage::ImageRgb8(RgbImage::from_pixel(64, 64, image::Rgb(rgb))),
-        ImageFormat::Png,
-    )
+    encode(DynamicImage::ImageRgb8(RgbImage::from_pixel(64, 64, image::Rgb(rgb))), ImageFormat::Png)
 }
 
 fn uniform_gray_png(w: u32, h: u32, value: u8) -> Vec<u8> {
-    encode(
-        DynamicImage::ImageLuma8(GrayImage::from_pixel(w, h, image::Luma([value]))),
-        ImageFormat::Png,
-    )
+    encode(DynamicImage::ImageLuma8(GrayImage::from_pixel(w, h, image::Luma([value]))), ImageFormat::Png)
 }
 
 /// The standard tiny dataset: three classes of three images, in paths relative to the
@@ -119,10 +110,8 @@ fn write_files(root: &Path, files: &[(String, Vec<u8>)]) {
 /// A `.tar.gz` with every file under `prefix` (e.g. `"MedNIST/"`), folders included.
 fn tar_gz(files: &[(String, Vec<u8>)], prefix: &str) -> Vec<u8> {
     let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
-    let mut dirs: Vec<String> = files
-        .iter()
-        .filter_map(|(rel, _)| rel.rsplit_once('/').map(|(d, _)| format!("{prefix}{d}/")))
-        .collect();
+    let mut dirs: Vec<String> =
+        files.iter().filter_map(|(rel, _)| rel.rsplit_once('/').map(|(d, _)| format!("{prefix}{d}/"))).collect();
     dirs.sort();
     dirs.dedup();
     for dir in dirs {
@@ -136,9 +125,7 @@ fn tar_gz(files: &[(String, Vec<u8>)], prefix: &str) -> Vec<u8> {
         let mut h = tar::Header::new_gnu();
         h.set_mode(0o644);
         h.set_size(bytes.len() as u64);
-        builder
-            .append_data(&mut h, format!("{prefix}{rel}"), bytes.as_slice())
-            .unwrap();
+        builder.append_data(&mut h, format!("{prefix}{rel}"), bytes.as_slice()).unwrap();
     }
     builder.into_inner().unwrap().finish().unwrap()
 }
@@ -151,9 +138,7 @@ fn tar_gz_with_raw_name(files: &[(String, Vec<u8>)], raw_name: &[u8], bytes: &[u
         let mut h = tar::Header::new_gnu();
         h.set_mode(0o644);
         h.set_size(data.len() as u64);
-        builder
-            .append_data(&mut h, format!("MedNIST/{rel}"), data.as_slice())
-            .unwrap();
+        builder.append_data(&mut h, format!("MedNIST/{rel}"), data.as_slice()).unwrap();
     }
     let mut h = tar::Header::new_gnu();
     h.as_old_mut().name[..raw_name.len()].copy_from_slice(raw_name);
@@ -176,10 +161,7 @@ fn load(path: &Path) -> anyhow::Result<Dataset> {
 }
 
 fn skipping() -> LoadOptions {
-    LoadOptions {
-        limit_per_class: None,
-        skip_bad_images: true,
-    }
+    LoadOptions { limit_per_class: None, skip_bad_images: true }
 }
 
 fn load_err(path: &Path) -> String {
@@ -234,11 +216,7 @@ fn pixels_survive_decoding() {
     let png = ds.image(0);
     for y in 0..64 {
         for x in 0..64 {
-            assert_eq!(
-                png[y * 64 + x],
-                pattern(0, x as u32, y as u32),
-                "at ({x},{y})"
-            );
+            assert_eq!(png[y * 64 + x], pattern(0, x as u32, y as u32), "at ({x},{y})");
         }
     }
     // A JPEG is close.
@@ -250,11 +228,7 @@ fn pixels_survive_decoding() {
     assert!(worst <= 40, "JPEG differs by up to {worst}");
     // RGB (200,100,50) -> luma about 0.2126*200 + 0.7152*100 + 0.0722*50 = 117.7.
     let rgb = ds.image(4);
-    assert!(
-        rgb.iter().all(|&p| (116..=119).contains(&p)),
-        "luma {}",
-        rgb[0]
-    );
+    assert!(rgb.iter().all(|&p| (116..=119).contains(&p)), "luma {}", rgb[0]);
     // A uniform 100x80 image stays uniform after resizing.
     assert!(ds.image(7).iter().all(|&p| p == 77));
 }
@@ -269,11 +243,7 @@ fn decode_image_reports_what_it_did() {
     assert!(px.iter().all(|&p| p == 10));
     let (_, note) = decode_image(&uniform_gray_png(30, 200, 5), "c.png").unwrap();
     assert!(!note.converted_to_gray && note.resized);
-    let sixteen = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
-        64,
-        64,
-        image::Luma([65535u16]),
-    ));
+    let sixteen = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(64, 64, image::Luma([65535u16])));
     let (px, note) = decode_image(&encode(sixteen, ImageFormat::Png), "d.png").unwrap();
     assert!(note.converted_to_gray);
     assert!(px.iter().all(|&p| p == 255));
@@ -282,10 +252,7 @@ fn decode_image_reports_what_it_did() {
 #[test]
 fn decode_image_refuses_a_decompression_bomb() {
     // A valid PNG header claiming 100000 x 100000 pixels: must be an error, not an OOM.
-    let bomb = encode(
-        DynamicImage::ImageLuma8(GrayImage::new(1, 1)),
-        ImageFormat::Png,
-    );
+    let bomb = encode(DynamicImage::ImageLuma8(GrayImage::new(1, 1)), ImageFormat::Png);
     let mut bomb = bomb;
     // IHDR width/height live at bytes 16..24; patch them and fix the chunk CRC.
     bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
@@ -308,18 +275,12 @@ fn a_wrapper_folder_is_stepped_into() {
 #[test]
 fn limit_per_class_keeps_the_first_files_by_name() {
     let dir = tiny_folder("limit");
-    let opts = LoadOptions {
-        limit_per_class: Some(2),
-        skip_bad_images: false,
-    };
+    let opts = LoadOptions { limit_per_class: Some(2), skip_bad_images: false };
     let ds = load_dataset(dir.path(), &opts).unwrap();
     assert_eq!(ds.class_counts(), [2, 2, 2]);
     assert_eq!(ds.names[..2], ["AbdomenCT/000.png", "AbdomenCT/001.jpeg"]);
     assert_eq!(ds.names[4..], ["ChestCT/000.jpeg", "ChestCT/001.png"]);
-    let zero = LoadOptions {
-        limit_per_class: Some(0),
-        skip_bad_images: false,
-    };
+    let zero = LoadOptions { limit_per_class: Some(0), skip_bad_images: false };
     assert!(load_dataset(dir.path(), &zero).is_err());
 }
 
@@ -331,13 +292,7 @@ fn non_utf8_file_names_load_without_panic() {
     std::fs::write(dir.path().join("CXR").join(name), gray_png(5)).unwrap();
     let ds = load(dir.path()).unwrap();
     assert_eq!(ds.class_counts(), [3, 4, 3]);
-    assert!(
-        ds.names
-            .iter()
-            .any(|n| n.starts_with("CXR/bad\u{FFFD}name")),
-        "{:?}",
-        ds.names
-    );
+    assert!(ds.names.iter().any(|n| n.starts_with("CXR/bad\u{FFFD}name")), "{:?}", ds.names);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -367,11 +322,7 @@ fn archive_with_classes_at_top_level_and_dot_prefix() {
         let archive = dir.path().join("x.tar.gz");
         std::fs::write(&archive, tar_gz(&tiny_files(), prefix)).unwrap();
         let ds = load(&archive).unwrap();
-        assert_eq!(
-            ds.classes,
-            ["AbdomenCT", "CXR", "ChestCT"],
-            "prefix {prefix:?}"
-        );
+        assert_eq!(ds.classes, ["AbdomenCT", "CXR", "ChestCT"], "prefix {prefix:?}");
         assert_eq!(ds.len(), 9);
     }
 }
@@ -379,28 +330,16 @@ fn archive_with_classes_at_top_level_and_dot_prefix() {
 #[test]
 fn archive_entry_with_dotdot_or_absolute_path_is_an_error() {
     let dir = TempDir::new("evil");
-    let cases: [&[u8]; 3] = [
-        b"../evil.jpeg",
-        b"MedNIST/Hand/../../evil.jpeg",
-        b"/abs/evil.jpeg",
-    ];
+    let cases: [&[u8]; 3] = [b"../evil.jpeg", b"MedNIST/Hand/../../evil.jpeg", b"/abs/evil.jpeg"];
     for raw in cases {
         let archive = dir.path().join("evil.tar.gz");
-        std::fs::write(
-            &archive,
-            tar_gz_with_raw_name(&tiny_files(), raw, &gray_jpeg(1)),
-        )
-        .unwrap();
+        std::fs::write(&archive, tar_gz_with_raw_name(&tiny_files(), raw, &gray_jpeg(1))).unwrap();
         let err = load_err(&archive);
         assert!(err.contains(std::str::from_utf8(raw).unwrap()), "{err}");
         // Also when the entry is not even an image.
     }
     let archive = dir.path().join("evil2.tar.gz");
-    std::fs::write(
-        &archive,
-        tar_gz_with_raw_name(&tiny_files(), b"../README.md", b"hi"),
-    )
-    .unwrap();
+    std::fs::write(&archive, tar_gz_with_raw_name(&tiny_files(), b"../README.md", b"hi")).unwrap();
     assert!(load_err(&archive).contains("../README.md"));
 }
 
@@ -422,10 +361,7 @@ fn non_gzip_archive_is_an_error() {
     let archive = dir.path().join("MedNIST.tar.gz");
     std::fs::write(&archive, b"this is not a gzip file at all").unwrap();
     let err = load_err(&archive);
-    assert!(
-        err.contains("MedNIST.tar.gz") && err.contains("gzip"),
-        "{err}"
-    );
+    assert!(err.contains("MedNIST.tar.gz") && err.contains("gzip"), "{err}");
     // A gzip'd file that is not a tar.
     let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
     gz.write_all(&[7u8; 3000]).unwrap();
@@ -455,10 +391,7 @@ fn missing_folder_is_an_error() {
     let dir = TempDir::new("missing");
     let missing = dir.path().join("nope");
     let err = load_err(&missing);
-    assert!(
-        err.contains("does not exist") && err.contains("nope"),
-        "{err}"
-    );
+    assert!(err.contains("does not exist") && err.contains("nope"), "{err}");
 }
 
 #[test]
@@ -507,32 +440,17 @@ fn bad_files_are_named_or_skipped() {
     }
     // All three at once.
     let dir = tiny_folder("bad-all");
-    write_files(
-        dir.path(),
-        &cases
-            .iter()
-            .map(|(r, b)| (r.to_string(), b.clone()))
-            .collect::<Vec<_>>(),
-    );
+    write_files(dir.path(), &cases.iter().map(|(r, b)| (r.to_string(), b.clone())).collect::<Vec<_>>());
     let ds = load_dataset(dir.path(), &skipping()).unwrap();
     let skipped: Vec<&str> = ds.report.skipped.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(
-        skipped,
-        ["CXR/text.jpeg", "CXR/truncated.jpeg", "CXR/zero.jpeg"]
-    );
+    assert_eq!(skipped, ["CXR/text.jpeg", "CXR/truncated.jpeg", "CXR/zero.jpeg"]);
     assert_eq!(ds.class_counts(), [3, 3, 3]);
 }
 
 #[test]
 fn class_left_empty_after_skipping_is_an_error() {
     let dir = TempDir::new("allbad");
-    write_files(
-        dir.path(),
-        &[
-            ("A/0.png".into(), gray_png(0)),
-            ("B/0.png".into(), b"junk".to_vec()),
-        ],
-    );
+    write_files(dir.path(), &[("A/0.png".into(), gray_png(0)), ("B/0.png".into(), b"junk".to_vec())]);
     let err = load_dataset(dir.path(), &skipping()).unwrap_err();
     assert!(format!("{err:#}").contains('B'));
 }
@@ -578,17 +496,9 @@ fn synthetic(counts: &[usize], same_hash: &[(usize, usize)]) -> Dataset {
 }
 
 fn assert_partition(ds: &Dataset, split: &medcnn::data::Split) {
-    let mut all: Vec<usize> = [&split.train, &split.val, &split.test]
-        .into_iter()
-        .flatten()
-        .copied()
-        .collect();
+    let mut all: Vec<usize> = [&split.train, &split.val, &split.test].into_iter().flatten().copied().collect();
     all.sort_unstable();
-    assert_eq!(
-        all,
-        (0..ds.len()).collect::<Vec<_>>(),
-        "every index exactly once"
-    );
+    assert_eq!(all, (0..ds.len()).collect::<Vec<_>>(), "every index exactly once");
 }
 
 #[test]
@@ -603,10 +513,7 @@ fn split_is_reproducible_and_seed_dependent() {
     assert_partition(&ds, &a);
     assert_partition(&ds, &c);
     let json = serde_json::to_string(&a).unwrap();
-    assert_eq!(
-        serde_json::from_str::<medcnn::data::Split>(&json).unwrap(),
-        a
-    );
+    assert_eq!(serde_json::from_str::<medcnn::data::Split>(&json).unwrap(), a);
 }
 
 #[test]
@@ -617,25 +524,16 @@ fn split_is_stratified_within_one_per_class() {
     let split = split_dataset(&ds, 1, fractions);
     assert_partition(&ds, &split);
     for (c, &n) in counts.iter().enumerate() {
-        for (part, f) in [&split.train, &split.val, &split.test]
-            .iter()
-            .zip(fractions)
-        {
+        for (part, f) in [&split.train, &split.val, &split.test].iter().zip(fractions) {
             let got = part.iter().filter(|&&i| ds.labels[i] as usize == c).count();
             let want = n as f64 * f;
-            assert!(
-                (got as f64 - want).abs() < 1.0 + 1e-9,
-                "class {c}: {got} vs {want}"
-            );
+            assert!((got as f64 - want).abs() < 1.0 + 1e-9, "class {c}: {got} vs {want}");
         }
     }
     // The real dataset's class sizes give the documented totals.
     let real = synthetic(&[10000, 8954, 10000, 10000, 10000, 10000], &[]);
     let s = split_dataset(&real, 0, fractions);
-    assert_eq!(
-        (s.train.len(), s.val.len(), s.test.len()),
-        (41267, 11791, 5896)
-    );
+    assert_eq!((s.train.len(), s.val.len(), s.test.len()), (41267, 11791, 5896));
 }
 
 #[test]
@@ -654,12 +552,7 @@ fn duplicate_groups_stay_in_one_split() {
     for seed in 0..20 {
         let split = split_dataset(&ds, seed, [0.7, 0.2, 0.1]);
         assert_partition(&ds, &split);
-        let which = |i: usize| {
-            [&split.train, &split.val, &split.test]
-                .iter()
-                .position(|p| p.contains(&i))
-                .unwrap()
-        };
+        let which = |i: usize| [&split.train, &split.val, &split.test].iter().position(|p| p.contains(&i)).unwrap();
         for &(copy, of) in &dups {
             assert_eq!(which(copy), which(of), "seed {seed}: {copy} and {of} apart");
         }
@@ -675,10 +568,7 @@ fn duplicate_files_on_disk_are_found_and_kept_together() {
     let mut files = Vec::new();
     for class in ["A", "B"] {
         for i in 0..20u8 {
-            files.push((
-                format!("{class}/{i:03}.png"),
-                gray_png(i + if class == "A" { 0 } else { 100 }),
-            ));
+            files.push((format!("{class}/{i:03}.png"), gray_png(i + if class == "A" { 0 } else { 100 })));
         }
     }
     let copy = gray_png(200);
@@ -689,17 +579,11 @@ fn duplicate_files_on_disk_are_found_and_kept_together() {
     let ds = load(dir.path()).unwrap();
     let split = split_dataset(&ds, 3, [0.7, 0.2, 0.1]);
     assert_eq!((split.duplicate_groups, split.duplicate_files), (1, 3));
-    let dup_idx: Vec<usize> = (0..ds.len())
-        .filter(|&i| ds.names[i].contains("dup"))
-        .collect();
+    let dup_idx: Vec<usize> = (0..ds.len()).filter(|&i| ds.names[i].contains("dup")).collect();
     assert_eq!(dup_idx.len(), 3);
     let all_in = |p: &Vec<usize>| dup_idx.iter().all(|i| p.contains(i));
     assert!(all_in(&split.train) || all_in(&split.val) || all_in(&split.test));
-    assert!(
-        split.summary().contains("1 duplicate groups (3 files)"),
-        "{}",
-        split.summary()
-    );
+    assert!(split.summary().contains("1 duplicate groups (3 files)"), "{}", split.summary());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -776,26 +660,16 @@ fn real_mednist_archive() {
     let ds = load(&path).unwrap();
     let load_s = start.elapsed().as_secs_f64();
     assert_eq!(ds.len(), 58954);
-    assert_eq!(
-        ds.classes,
-        ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
-    );
+    assert_eq!(ds.classes, ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]);
     assert_eq!(ds.class_counts(), [10000, 8954, 10000, 10000, 10000, 10000]);
     let split = split_dataset(&ds, 0, [0.7, 0.2, 0.1]);
     assert_eq!((split.duplicate_groups, split.duplicate_files), (348, 788));
-    assert_eq!(
-        split.train.len() + split.val.len() + split.test.len(),
-        58954
-    );
+    assert_eq!(split.train.len() + split.val.len() + split.test.len(), 58954);
     assert_partition(&ds, &split);
     eprintln!(
         "real MedNIST: {} images loaded in {load_s:.2} s; report {:?}; {}",
         ds.len(),
-        (
-            ds.report.converted_to_gray,
-            ds.report.resized,
-            ds.report.skipped.len()
-        ),
+        (ds.report.converted_to_gray, ds.report.resized, ds.report.skipped.len()),
         split.summary()
     );
 }

@@ -31,10 +31,7 @@ impl TempDir {
     fn new(tag: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!(
-            "medcnn-fetch-test-{}-{tag}-{n}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("medcnn-fetch-test-{}-{tag}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -75,19 +72,12 @@ fn archive(classes: &[&str], images_per_class: u8) -> Vec<u8> {
 }
 
 fn md5_hex(bytes: &[u8]) -> String {
-    Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     names.sort();
     names
@@ -117,11 +107,7 @@ impl TestServer {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || serve(listener, good, stop_flag));
-        TestServer {
-            base,
-            stop,
-            thread: Some(thread),
-        }
+        TestServer { base, stop, thread: Some(thread) }
     }
 
     fn url(&self, route: &str) -> String {
@@ -193,11 +179,7 @@ fn read_request_path(stream: &TcpStream) -> std::io::Result<String> {
             break;
         }
     }
-    Ok(request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .to_string())
+    Ok(request_line.split_whitespace().nth(1).unwrap_or("/").to_string())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -245,11 +227,7 @@ fn corrupted_download_is_an_md5_error_and_leaves_nothing() {
     let mid = bad.len() / 2;
     bad[mid] ^= 0xFF;
     assert!(msg.contains(&md5_hex(&bad)), "actual md5 in {msg}");
-    assert!(
-        files_in(dest.path()).is_empty(),
-        "{:?}",
-        files_in(dest.path())
-    );
+    assert!(files_in(dest.path()).is_empty(), "{:?}", files_in(dest.path()));
 }
 
 #[test]
@@ -261,10 +239,7 @@ fn a_failed_download_keeps_the_previous_archive() {
     fetch(&server.url("/good"), Some(&expected), dest.path(), false).unwrap();
     assert!(fetch(&server.url("/corrupt"), Some(&expected), dest.path(), false).is_err());
     assert_eq!(files_in(dest.path()), ["MedNIST.tar.gz"]);
-    assert_eq!(
-        std::fs::read(dest.path().join("MedNIST.tar.gz")).unwrap(),
-        good
-    );
+    assert_eq!(std::fs::read(dest.path().join("MedNIST.tar.gz")).unwrap(), good);
 }
 
 #[test]
@@ -294,11 +269,7 @@ fn without_md5_the_download_must_still_be_an_archive() {
 #[test]
 fn connection_refused_names_the_url() {
     // Bind and drop a listener to get a loopback port that nobody is listening on.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}/MedNIST.tar.gz");
     let dest = TempDir::new("refused");
     let err = fetch(&url, None, dest.path(), false).unwrap_err();
@@ -336,18 +307,11 @@ fn import_refuses_bad_archives_and_leaves_nothing() {
     let bytes = archive(&["A", "B"], 3);
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let missing = src.path().join("missing.tar.gz");
-    for (path, needle) in [
-        (&not_gz, "gzip"),
-        (&one_class, "two"),
-        (&truncated, "cut.tar.gz"),
-        (&missing, "missing.tar.gz"),
-    ] {
+    for (path, needle) in
+        [(&not_gz, "gzip"), (&one_class, "two"), (&truncated, "cut.tar.gz"), (&missing, "missing.tar.gz")]
+    {
         let err = import_archive(path, dest.path()).unwrap_err();
-        assert!(
-            format!("{err:#}").contains(needle),
-            "{}: {err:#}",
-            path.display()
-        );
+        assert!(format!("{err:#}").contains(needle), "{}: {err:#}", path.display());
         assert!(files_in(dest.path()).is_empty());
     }
 }

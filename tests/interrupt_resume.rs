@@ -166,8 +166,14 @@ fn sigint_saves_a_checkpoint_and_resume_matches() {
     let out = t.join("out");
     reference();
 
+    // Each step sleeps 40 ms (a test hook that changes no number), so the run lasts about a
+    // second and the Ctrl-Cs below land mid-run however fast the machine is.
+    let slow = |mut c: Command| {
+        c.env("MEDCNN_TEST_STEP_DELAY_MS", "40");
+        c
+    };
     // 1: during the first epoch, before any checkpoint exists.
-    let mut run = Run::start(train_command(&out, EPOCHS, false));
+    let mut run = Run::start(slow(train_command(&out, EPOCHS, false)));
     run.wait_for("training on");
     std::thread::sleep(Duration::from_millis(150));
     sigint(&run.child);
@@ -184,7 +190,7 @@ fn sigint_saves_a_checkpoint_and_resume_matches() {
     );
 
     // 2: resumed, then interrupted again a moment later.
-    let mut run = Run::start(train_command(&out, EPOCHS, true));
+    let mut run = Run::start(slow(train_command(&out, EPOCHS, true)));
     run.wait_for("resuming from");
     std::thread::sleep(Duration::from_millis(400));
     sigint(&run.child);

@@ -12,7 +12,11 @@ fn archive() -> Option<PathBuf> {
     if p.exists() {
         return Some(p);
     }
-    assert!(std::env::var("MEDCNN_REQUIRE_DATA").as_deref() != Ok("1"), "MEDCNN_REQUIRE_DATA=1 but {} is missing", p.display());
+    assert!(
+        std::env::var("MEDCNN_REQUIRE_DATA").as_deref() != Ok("1"),
+        "MEDCNN_REQUIRE_DATA=1 but {} is missing",
+        p.display()
+    );
     eprintln!("SKIP: {} not found", p.display());
     None
 }
@@ -40,7 +44,8 @@ fn short_real_training_passes_90_percent_and_eval_agrees() {
     let test = summary["test_accuracy"].as_f64().unwrap();
     assert!(val > 0.90, "validation accuracy {val} after 3 epochs on 1800 real images");
     assert_eq!(summary["split"]["test"].as_u64(), Some(180));
-    for f in ["metrics.csv", "loss.png", "accuracy.png", "confusion.png", "model.safetensors", "checkpoint.safetensors"] {
+    for f in ["metrics.csv", "loss.png", "accuracy.png", "confusion.png", "model.safetensors", "checkpoint.safetensors"]
+    {
         assert!(out.join(f).exists(), "{f} missing from the output folder");
     }
 

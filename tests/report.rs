@@ -6,8 +6,7 @@ use std::path::PathBuf;
 
 use medcnn::metrics::{read_metrics_csv, write_metrics_csv, ConfusionMatrix, EpochMetrics};
 use medcnn::report::{
-    plot_accuracy, plot_bench, plot_confusion, plot_loss, register_font, save_gray_grid, BenchBar,
-    PLOT_SIZE,
+    plot_accuracy, plot_bench, plot_confusion, plot_loss, register_font, save_gray_grid, BenchBar, PLOT_SIZE,
 };
 
 /// A fresh, empty directory for one test's files, under Cargo's per-target scratch
@@ -43,18 +42,12 @@ fn check_png(path: &std::path::Path, size: Option<(u32, u32)>) -> image::RgbImag
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     assert!(!PathBuf::from(tmp).exists(), "temporary file left behind");
-    let img = image::open(path)
-        .unwrap_or_else(|e| panic!("{} does not open: {e}", path.display()))
-        .to_rgb8();
+    let img = image::open(path).unwrap_or_else(|e| panic!("{} does not open: {e}", path.display())).to_rgb8();
     if let Some((w, h)) = size {
         assert_eq!(img.dimensions(), (w, h), "{}", path.display());
     }
     let first = *img.get_pixel(0, 0);
-    assert!(
-        img.pixels().any(|p| *p != first),
-        "{} is a single colour",
-        path.display()
-    );
+    assert!(img.pixels().any(|p| *p != first), "{} is a single colour", path.display());
     img
 }
 
@@ -78,10 +71,7 @@ fn csv_round_trip() {
     rows[2].lr = 1.0e-7 / 3.0;
     write_metrics_csv(&path, &rows).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(
-        text.lines().next().unwrap(),
-        "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds,images_per_sec"
-    );
+    assert_eq!(text.lines().next().unwrap(), "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds,images_per_sec");
     assert_eq!(text.lines().count(), 4);
 
     let back = read_metrics_csv(&path).unwrap();
@@ -99,10 +89,7 @@ fn csv_round_trip() {
         ];
         for (x, y) in pairs {
             // Bit-exact, NaN included.
-            assert!(
-                x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
-                "{x} != {y}"
-            );
+            assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{x} != {y}");
         }
     }
 
@@ -145,18 +132,7 @@ fn confusion_matrix_numbers() {
     // macro: precision (3/4+2/3+1/3)/3 = 7/12, recall (3/4+1/2+1/2)/3 = 7/12,
     //        F1 (3/4+4/7+2/5)/3 = (105+80+56)/140/3 = 241/420
     let mut cm = ConfusionMatrix::new(vec!["A".into(), "B".into(), "C".into()]);
-    let pairs = [
-        (0, 0),
-        (0, 0),
-        (0, 0),
-        (0, 1),
-        (1, 1),
-        (1, 1),
-        (1, 2),
-        (1, 2),
-        (2, 0),
-        (2, 2),
-    ];
+    let pairs = [(0, 0), (0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 2), (1, 2), (2, 0), (2, 2)];
     for (t, p) in pairs {
         cm.add(t, p);
     }
@@ -167,11 +143,7 @@ fn confusion_matrix_numbers() {
     let s = cm.per_class();
     assert_eq!(s.len(), 3);
     assert_eq!(s[1].class, "B");
-    let expect = [
-        (0.75, 0.75, 0.75, 4),
-        (2.0 / 3.0, 0.5, 4.0 / 7.0, 4),
-        (1.0 / 3.0, 0.5, 2.0 / 5.0, 2),
-    ];
+    let expect = [(0.75, 0.75, 0.75, 4), (2.0 / 3.0, 0.5, 4.0 / 7.0, 4), (1.0 / 3.0, 0.5, 2.0 / 5.0, 2)];
     for (got, (p, r, f, sup)) in s.iter().zip(expect) {
         assert!(close(got.precision, p), "{got:?}");
         assert!(close(got.recall, r), "{got:?}");
@@ -185,10 +157,7 @@ fn confusion_matrix_numbers() {
     let table = cm.table();
     assert!(table.contains("accuracy 60.00%"), "{table}");
     assert!(table.contains("macro avg"), "{table}");
-    assert!(
-        table.contains("0.5714"),
-        "B's F1 4/7 should be in the table:\n{table}"
-    );
+    assert!(table.contains("0.5714"), "B's F1 4/7 should be in the table:\n{table}");
 
     // JSON round trip (the run directory stores it).
     let json = serde_json::to_string(&cm).unwrap();
@@ -204,21 +173,12 @@ fn confusion_matrix_zero_denominators() {
     let mut cm = ConfusionMatrix::new(vec!["A".into(), "B".into(), "C".into()]);
     cm.add_batch(&[0, 0, 2], &[0, 0, 0]);
     for s in cm.per_class() {
-        assert!(
-            !s.precision.is_nan() && !s.recall.is_nan() && !s.f1.is_nan(),
-            "{s:?}"
-        );
+        assert!(!s.precision.is_nan() && !s.recall.is_nan() && !s.f1.is_nan(), "{s:?}");
     }
     let s = cm.per_class();
     assert!(close(s[0].precision, 2.0 / 3.0) && close(s[0].recall, 1.0));
-    assert_eq!(
-        (s[1].precision, s[1].recall, s[1].f1, s[1].support),
-        (0.0, 0.0, 0.0, 0)
-    );
-    assert_eq!(
-        (s[2].precision, s[2].recall, s[2].f1, s[2].support),
-        (0.0, 0.0, 0.0, 1)
-    );
+    assert_eq!((s[1].precision, s[1].recall, s[1].f1, s[1].support), (0.0, 0.0, 0.0, 0));
+    assert_eq!((s[2].precision, s[2].recall, s[2].f1, s[2].support), (0.0, 0.0, 0.0, 1));
 
     let empty = ConfusionMatrix::new(vec!["A".into(), "B".into()]);
     assert_eq!(empty.accuracy(), 0.0);
@@ -238,11 +198,7 @@ fn curve_plots_write_pngs() {
         for p in [&loss, &acc] {
             let img = check_png(p, Some(PLOT_SIZE));
             // The title is text: dark pixels in the top band prove the font renders.
-            assert!(
-                dark_pixels(&img, 0, 50) > 50,
-                "no title text in {}",
-                p.display()
-            );
+            assert!(dark_pixels(&img, 0, 50) > 50, "no title text in {}", p.display());
         }
     }
 }
@@ -281,24 +237,16 @@ fn empty_inputs_are_errors() {
     assert!(plot_bench("t", &[], &p).is_err());
     assert!(plot_confusion(&ConfusionMatrix::new(vec![]), &p).is_err());
     assert!(save_gray_grid(&[], 3, 3, 4, 2, &p).is_err());
-    assert!(
-        save_gray_grid(&[vec![0.0; 8]], 3, 3, 4, 2, &p).is_err(),
-        "wrong length"
-    );
-    assert!(
-        save_gray_grid(&[vec![0.0; 9]], 3, 3, 0, 2, &p).is_err(),
-        "zero cols"
-    );
+    assert!(save_gray_grid(&[vec![0.0; 8]], 3, 3, 4, 2, &p).is_err(), "wrong length");
+    assert!(save_gray_grid(&[vec![0.0; 9]], 3, 3, 0, 2, &p).is_err(), "zero cols");
     assert!(!p.exists());
 }
 
 #[test]
 fn confusion_plot_writes_png() {
     let dir = out_dir("confusion");
-    let classes: Vec<String> = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let classes: Vec<String> =
+        ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"].iter().map(|s| s.to_string()).collect();
     let mut cm = ConfusionMatrix::new(classes);
     for t in 0..6 {
         for p in 0..6 {
@@ -311,23 +259,13 @@ fn confusion_plot_writes_png() {
     let path = dir.join("confusion.png");
     plot_confusion(&cm, &path).unwrap();
     let img = check_png(&path, None);
-    assert!(
-        img.width() >= 600 && img.height() >= 600,
-        "{:?}",
-        img.dimensions()
-    );
+    assert!(img.width() >= 600 && img.height() >= 600, "{:?}", img.dimensions());
     assert!(dark_pixels(&img, 0, 45) > 50, "no title text");
 
     // An empty matrix and a one-class matrix draw too, and many long names fit.
-    plot_confusion(
-        &ConfusionMatrix::new(vec!["only".into()]),
-        &dir.join("one.png"),
-    )
-    .unwrap();
+    plot_confusion(&ConfusionMatrix::new(vec!["only".into()]), &dir.join("one.png")).unwrap();
     check_png(&dir.join("one.png"), None);
-    let many: Vec<String> = (0..20)
-        .map(|i| format!("a rather long class {i}"))
-        .collect();
+    let many: Vec<String> = (0..20).map(|i| format!("a rather long class {i}")).collect();
     let mut cm = ConfusionMatrix::new(many);
     cm.add(3, 4);
     plot_confusion(&cm, &dir.join("many.png")).unwrap();
@@ -338,31 +276,11 @@ fn confusion_plot_writes_png() {
 fn bench_plot_writes_png() {
     let dir = out_dir("bench");
     let rows = vec![
-        BenchBar {
-            label: "conv1 3x3 1->16".into(),
-            forward_ms: 1.25,
-            backward_ms: 2.5,
-        },
-        BenchBar {
-            label: "relu1".into(),
-            forward_ms: 0.08,
-            backward_ms: 0.1,
-        },
-        BenchBar {
-            label: "maxpool1".into(),
-            forward_ms: 0.3,
-            backward_ms: f64::NAN,
-        },
-        BenchBar {
-            label: "conv2 3x3 16->32".into(),
-            forward_ms: 4.0,
-            backward_ms: 7.75,
-        },
-        BenchBar {
-            label: "linear 1568->6".into(),
-            forward_ms: 0.2,
-            backward_ms: 0.4,
-        },
+        BenchBar { label: "conv1 3x3 1->16".into(), forward_ms: 1.25, backward_ms: 2.5 },
+        BenchBar { label: "relu1".into(), forward_ms: 0.08, backward_ms: 0.1 },
+        BenchBar { label: "maxpool1".into(), forward_ms: 0.3, backward_ms: f64::NAN },
+        BenchBar { label: "conv2 3x3 16->32".into(), forward_ms: 4.0, backward_ms: 7.75 },
+        BenchBar { label: "linear 1568->6".into(), forward_ms: 0.2, backward_ms: 0.4 },
     ];
     let path = dir.join("bench.png");
     plot_bench("Per-layer time, batch 64 (CPU)", &rows, &path).unwrap();
@@ -370,11 +288,7 @@ fn bench_plot_writes_png() {
     assert!(dark_pixels(&img, 0, 50) > 50, "no title text");
 
     // One row, all zero: no division by zero.
-    let one = [BenchBar {
-        label: "x".into(),
-        forward_ms: 0.0,
-        backward_ms: 0.0,
-    }];
+    let one = [BenchBar { label: "x".into(), forward_ms: 0.0, backward_ms: 0.0 }];
     plot_bench("zero", &one, &dir.join("one.png")).unwrap();
     check_png(&dir.join("one.png"), Some((900, 600)));
 }
@@ -383,9 +297,7 @@ fn bench_plot_writes_png() {
 fn gray_grid_layout() {
     let dir = out_dir("grid");
     // 5 maps of 3x2, 4 per row, scale 3: 4*9 + 5*2 = 46 wide, 2*6 + 3*2 = 18 high.
-    let mut images: Vec<Vec<f32>> = (0..5)
-        .map(|k| (0..6).map(|i| (i * (k + 1)) as f32).collect())
-        .collect();
+    let mut images: Vec<Vec<f32>> = (0..5).map(|k| (0..6).map(|i| (i * (k + 1)) as f32).collect()).collect();
     images[3] = vec![7.0; 6]; // constant -> mid-gray, no division by zero
     images[4][2] = f32::NAN;
     let path = dir.join("grid.png");
@@ -406,11 +318,7 @@ fn gray_grid_layout() {
 
     // A conv1-like bank: 16 filters of 5x5, 8 per row, scale 8 -> 8*40 + 9*2 by 2*40 + 3*2.
     let filters: Vec<Vec<f32>> = (0..16)
-        .map(|k| {
-            (0..25)
-                .map(|i| ((i % 5) as f32 - 2.0) * (k as f32 - 7.5) + ((i / 5) as f32).sin())
-                .collect()
-        })
+        .map(|k| (0..25).map(|i| ((i % 5) as f32 - 2.0) * (k as f32 - 7.5) + ((i / 5) as f32).sin()).collect())
         .collect();
     save_gray_grid(&filters, 5, 5, 8, 8, &dir.join("filters.png")).unwrap();
     check_png(&dir.join("filters.png"), Some((338, 86)));

@@ -119,8 +119,13 @@ pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T], ld: usize) {
                     let dxrow = &mut dx[(c * g.h + ih) * g.w..][..g.w];
                     let first = ow_lo * g.stride + j - g.pad;
                     let d = &row[oh * g.ow + ow_lo..oh * g.ow + ow_hi];
-                    for (x, v) in dxrow[first..].iter_mut().step_by(g.stride).zip(d) {
-                        *x += *v;
+                    if g.stride == 1 {
+                        // Contiguous: a plain slice add, which the compiler vectorises.
+                        dxrow[first..first + d.len()].iter_mut().zip(d).for_each(|(x, v)| *x += *v);
+                    } else {
+                        for (x, v) in dxrow[first..].iter_mut().step_by(g.stride).zip(d) {
+                            *x += *v;
+                        }
                     }
                 }
             }

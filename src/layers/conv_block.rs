@@ -43,85 +43,9 @@ impl<T: Float> ConvReluPool<T> {
     fn pooled(&self, g: &ConvGeometry) -> (usize, usize) {
         (self.pool.out_len(g.oh), self.pool.out_len(g.ow))
     }
-}
 
-/// ReLU + max-pool of one conv output plane c (OH, OW) into y (PH, PW) and the winners.
-fn relu_pool_plane<T: Float>(p: &MaxPool2d, g: &ConvGeometry, c: &[T], y: &mut [T], arg: &mut [u32]) {
-    let (ph, pw) = (p.out_len(g.oh), p.out_len(g.ow));
-    // `m <= 0` is false for NaN, which then propagates (a diverged run must show it).
-    let mut put = |at: usize, best: usize| {
-        let m = c[best];
-        let dead = m <= T::zero();
-        y[at] = if dead { T::zero() } else { m };
-        arg[at] = if dead { DEAD } else { best as u32 };
-    };
-    if p.kernel == 2 && p.stride == 2 {
-        // The model's case: 2x2 windows that never leave the plane (floor mode).
-        for i in 0..ph {
-            let r0 = 2 * i * g.ow;
-            let r1 = r0 + g.ow;
-            for j in 0..pw {
-                let mut best = r0 + 2 * j;
-                for cand in [r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1] {
-                    if !(c[cand] <= c[best]) {
-                        best = cand;
-                    }
-                }
-                put(i * pw + j, best);
-            }
-        }
-        return;
-    }
-    for i in 0..ph {
-        let h0 = i * p.stride;
-        let h1 = (h0 + p.kernel).min(g.oh);
-        for j in 0..pw {
-            let w0 = j * p.stride;
-            let w1 = (w0 + p.kernel).min(g.ow);
-            let mut best = h0 * g.ow + w0;
-            for r in h0..h1 {
-                for s in w0..w1 {
-                    if !(c[r * g.ow + s] <= c[best]) {
-                        best = r * g.ow + s;
-                    }
-                }
-            }
-            put(i * pw + j, best);
-        }
-    }
-}
-
-/// Images per GEMM: enough that the GEMM's N = G*L is at least 256 columns. The late layers
-/// have tiny planes (L = 16 for the last conv), where one image per GEMM would starve it.
-pub fn group_size(l: usize, n: usize) -> usize {
-    256usize.div_ceil(l).clamp(1, n.max(1))
-}
-
-/// col (K, G*L) for a group of images side by side: image i fills columns i*L .. (i+1)*L.
-fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T]) {
-    let (img, l) = (g.c * g.h * g.w, g.l());
-    let gs = xs.len() / img;
-    for (i, x) in xs.chunks_exact(img).enumerate() {
-        im2col(g, x, &mut col[i * l..], gs * l);
-    }
-}
-
-impl<T: Float> Layer<T> for ConvReluPool<T> {
-    fn describe(&self) -> String {
-        format!("{} + ReLU + {}", self.conv.describe(), <MaxPool2d as Layer<T>>::describe(&self.pool))
-    }
-
-    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
-        let g = self.conv.geometry(input);
-        let (ph, pw) = self.pooled(&g);
-        vec![input[0], self.conv.out_channels, ph, pw]
-    }
-
-    fn flops(&self, input: &[usize]) -> u64 {
-        self.conv.flops(input)
-    }
-
-    fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
+    /// The forward pass proper: y and the winners (kept in `self.argmax`), not the input.
+    fn conv_relu_pool(&mut self, x: &Tensor<T>) -> Tensor<T> {
         let (n, c, h, w) = nchw("ConvReluPool", x);
         let g = self.conv.geometry(x.shape());
         let (oc, k, l, (ph, pw)) = (self.conv.out_channels, g.k(), g.l(), self.pooled(&g));
@@ -155,7 +79,120 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 },
             );
         self.argmax = argmax;
+        y
+    }
+}
+
+/// ReLU + max-pool of one conv output plane c (OH, OW) into y (PH, PW) and the winners.
+fn relu_pool_plane<T: Float>(p: &MaxPool2d, g: &ConvGeometry, c: &[T], y: &mut [T], arg: &mut [u32]) {
+    let (ph, pw) = (p.out_len(g.oh), p.out_len(g.ow));
+    // `best <= 0` is false for NaN, which then propagates (a diverged run must show it).
+    if p.kernel == 2 && p.stride == 2 {
+        // The model's case: 2x2 windows that never leave the plane (floor mode). Written without
+        // branches (selects only), since which candidate wins is data-dependent and unpredictable.
+        for i in 0..ph {
+            let top = 2 * i * g.ow;
+            let rows = (&c[top..][..2 * pw], &c[top + g.ow..][..2 * pw]);
+            let outs = (&mut y[i * pw..][..pw], &mut arg[i * pw..][..pw]);
+            for (j, ((r0, r1), (yv, av))) in
+                rows.0.chunks_exact(2).zip(rows.1.chunks_exact(2)).zip(outs.0.iter_mut().zip(outs.1)).enumerate()
+            {
+                // Candidates in row-major window order; a later one wins only if `!(v <= best)`.
+                let at0 = top + 2 * j;
+                let (mut best, mut at) = (r0[0], at0);
+                for (v, a) in [(r0[1], at0 + 1), (r1[0], at0 + g.ow), (r1[1], at0 + g.ow + 1)] {
+                    let take = !(v <= best);
+                    best = if take { v } else { best };
+                    at = if take { a } else { at };
+                }
+                let dead = best <= T::zero();
+                *yv = if dead { T::zero() } else { best };
+                *av = if dead { DEAD } else { at as u32 };
+            }
+        }
+        return;
+    }
+    // `m <= 0` is false for NaN, which then propagates (a diverged run must show it).
+    let mut put = |at: usize, best: usize| {
+        let m = c[best];
+        let dead = m <= T::zero();
+        y[at] = if dead { T::zero() } else { m };
+        arg[at] = if dead { DEAD } else { best as u32 };
+    };
+    for i in 0..ph {
+        let h0 = i * p.stride;
+        let h1 = (h0 + p.kernel).min(g.oh);
+        for j in 0..pw {
+            let w0 = j * p.stride;
+            let w1 = (w0 + p.kernel).min(g.ow);
+            let mut best = h0 * g.ow + w0;
+            for r in h0..h1 {
+                for s in w0..w1 {
+                    if !(c[r * g.ow + s] <= c[best]) {
+                        best = r * g.ow + s;
+                    }
+                }
+            }
+            put(i * pw + j, best);
+        }
+    }
+}
+
+/// The sum of the pooled gradients `dy` whose window is alive (winner not `DEAD`), in eight
+/// interleaved partial sums (a fixed order, so still deterministic) that the compiler can keep
+/// in vector registers instead of one long chain of dependent adds.
+fn sum_live<T: Float>(dy: &[T], arg: &[u32]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (dy8, arg8) = (dy.chunks_exact(8), arg.chunks_exact(8));
+    let tail = dy8.remainder().iter().zip(arg8.remainder());
+    for (d, a) in dy8.zip(arg8) {
+        for lane in 0..8 {
+            acc[lane] += if a[lane] != DEAD { d[lane] } else { T::zero() };
+        }
+    }
+    let tail = tail.fold(T::zero(), |s, (&d, &a)| s + if a != DEAD { d } else { T::zero() });
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
+/// Images per GEMM: enough that the GEMM's N = G*L is at least 256 columns. The late layers
+/// have tiny planes (L = 16 for the last conv), where one image per GEMM would starve it.
+pub fn group_size(l: usize, n: usize) -> usize {
+    256usize.div_ceil(l).clamp(1, n.max(1))
+}
+
+/// col (K, G*L) for a group of images side by side: image i fills columns i*L .. (i+1)*L.
+fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T]) {
+    let (img, l) = (g.c * g.h * g.w, g.l());
+    let gs = xs.len() / img;
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        im2col(g, x, &mut col[i * l..], gs * l);
+    }
+}
+
+impl<T: Float> Layer<T> for ConvReluPool<T> {
+    fn describe(&self) -> String {
+        format!("{} + ReLU + {}", self.conv.describe(), <MaxPool2d as Layer<T>>::describe(&self.pool))
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        let g = self.conv.geometry(input);
+        let (ph, pw) = self.pooled(&g);
+        vec![input[0], self.conv.out_channels, ph, pw]
+    }
+
+    fn flops(&self, input: &[usize]) -> u64 {
+        self.conv.flops(input)
+    }
+
+    fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
+        let y = self.conv_relu_pool(x);
         self.x = Some(x.clone());
+        y
+    }
+
+    fn forward_owned(&mut self, x: Tensor<T>, _ctx: Ctx) -> Tensor<T> {
+        let y = self.conv_relu_pool(&x);
+        self.x = Some(x); // kept for backward without a copy
         y
     }
 
@@ -192,26 +229,30 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 let mut db = vec![T::zero(); oc];
                 let mut col = vec![T::zero(); k * gsize * l];
                 let mut dcol = vec![T::zero(); if input_grad { k * gsize * l } else { 0 }];
-                let mut dc = vec![T::zero(); oc * gsize * l];
+                let mut dc = vec![T::zero(); oc * gsize * l + 1];
                 let mut first = r.start;
                 while first < r.end {
                     let gs = gsize.min(r.end - first);
                     let ld = gs * l;
                     // dc (OC, G*L): each pooled gradient goes to its window's positive winner.
-                    dc[..oc * ld].fill(T::zero());
+                    // A dead window's gradient goes to the spare slot dc[OC*G*L] instead, so the
+                    // scatter has no data-dependent branch. db += sum dc is the sum of the live
+                    // pooled gradients, a quarter of dc's entries.
+                    dc[..oc * ld + 1].fill(T::zero());
+                    let spare = oc * ld;
                     for i in 0..gs {
                         let (dyi, ai) = (&dys[(first + i) * out..][..out], &args[(first + i) * out..][..out]);
-                        for (o, (&d, &a)) in dyi.iter().zip(ai).enumerate() {
-                            if a != DEAD {
-                                dc[(o / (ph * pw)) * ld + i * l + a as usize] += d;
+                        let planes = dyi.chunks_exact(ph * pw).zip(ai.chunks_exact(ph * pw));
+                        for (o, ((dyp, ap), db_o)) in planes.zip(db.iter_mut()).enumerate() {
+                            let base = o * ld + i * l;
+                            for (&d, &a) in dyp.iter().zip(ap) {
+                                dc[if a != DEAD { base + a as usize } else { spare }] += d;
                             }
+                            *db_o += sum_live(dyp, ap);
                         }
                     }
                     im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col);
                     gemm(false, true, oc, k, ld, T::one(), &dc, &col, T::one(), &mut dw); // dW += dc col^T
-                    for (d, row) in db.iter_mut().zip(dc.chunks_exact(ld)) {
-                        *d += row.iter().fold(T::zero(), |s, &v| s + v); // db += sum dc
-                    }
                     if input_grad {
                         gemm(true, false, k, ld, oc, T::one(), wt, &dc, T::zero(), &mut dcol); // dcol = W^T dc
                         for i in 0..gs {

@@ -71,6 +71,11 @@ pub trait Layer<T: Float>: Send {
     fn describe(&self) -> String;
     /// y = f(x). Keeps what backward needs.
     fn forward(&mut self, x: &Tensor<T>, ctx: Ctx) -> Tensor<T>;
+    /// `forward` taking the input by value: a layer that keeps its input for backward can keep
+    /// this one instead of a copy. The default borrows it and drops it.
+    fn forward_owned(&mut self, x: Tensor<T>, ctx: Ctx) -> Tensor<T> {
+        self.forward(&x, ctx)
+    }
     /// dx from dy; accumulates parameter gradients. Must follow a forward call.
     fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T>;
     /// The output shape for an input shape (no computation).
