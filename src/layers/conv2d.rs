@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use super::{batch_ranges, nchw, out_len, Ctx, Layer, Param};
+use super::{batch_ranges, nchw, out_len, split_by_ranges, Ctx, Layer, Param};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
 /// The sizes of one convolution, shared by im2col, col2im and the layer.
@@ -225,13 +225,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         // Fixed ranges of images, one per thread; each range sums its own dW and db.
         let ranges = batch_ranges(n, rayon::current_num_threads());
         let (xs, dys) = (slice(x), slice(dy));
-        let mut dx_parts: Vec<&mut [T]> = Vec::with_capacity(ranges.len());
-        let mut rest = slice_mut(&mut dx);
-        for r in &ranges {
-            let (head, tail) = rest.split_at_mut(r.len() * c * h * w);
-            dx_parts.push(head);
-            rest = tail;
-        }
+        let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, c * h * w);
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
             .zip(dx_parts)

@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 use super::conv2d::{col2im, im2col, ConvGeometry};
-use super::{batch_ranges, nchw, Conv2d, Ctx, Layer, MaxPool2d, Param};
+use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Layer, MaxPool2d, Param};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
 /// Marks a window whose maximum was not positive: no gradient flows back through it.
@@ -212,13 +212,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         // Fixed ranges of images, one per thread, each summing its own dW and db; the ranges'
         // sums are added in order afterwards (deterministic for a given thread count).
         let ranges = batch_ranges(n, rayon::current_num_threads());
-        let mut dx_parts: Vec<&mut [T]> = Vec::with_capacity(ranges.len());
-        let mut rest = slice_mut(&mut dx);
-        for r in &ranges {
-            let (head, tail) = rest.split_at_mut(if input_grad { r.len() * img } else { 0 });
-            dx_parts.push(head);
-            rest = tail;
-        }
+        let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
         let (xs, dys, args) = (slice(x), slice(dy), &self.argmax);
         let out = oc * ph * pw;
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges

@@ -113,6 +113,19 @@ pub fn batch_ranges(n: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Splits `buf` into one slice per range, `per_item` elements per item of the range (the dx of
+/// each range's images, for the task that computes them). `per_item` may be 0 (no dx wanted).
+pub fn split_by_ranges<'a, T>(buf: &'a mut [T], ranges: &[Range<usize>], per_item: usize) -> Vec<&'a mut [T]> {
+    let mut parts = Vec::with_capacity(ranges.len());
+    let mut rest = buf;
+    for r in ranges {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * per_item);
+        parts.push(head);
+        rest = tail;
+    }
+    parts
+}
+
 /// Panics with a readable message if `x` does not have `rank` dimensions.
 pub(crate) fn expect_rank<T: Float>(layer: &str, x: &Tensor<T>, rank: usize) {
     assert_eq!(x.ndim(), rank, "{layer}: expected a rank-{rank} input, got shape {:?}", x.shape());
