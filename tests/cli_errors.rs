@@ -375,8 +375,11 @@ fn damaged(t: &TempDir, file: &str, name: &str, edit: impl FnOnce(&mut Vec<u8>))
     path
 }
 
+/// A tensor as plain values: name, shape, bytes.
+type RawTensor = (String, Vec<usize>, Vec<u8>);
+
 /// The tensors and metadata of a safetensors file, as plain values.
-fn read_st(path: &Path) -> (Vec<(String, Vec<usize>, Vec<u8>)>, BTreeMap<String, String>) {
+fn read_st(path: &Path) -> (Vec<RawTensor>, BTreeMap<String, String>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

@@ -213,7 +213,8 @@ fn every_layer_matches_finite_differences() {
         }
     }
 
-    let cases: Vec<(&str, Box<dyn Layer<f64>>, Tensor<f64>)> = vec![
+    type Case = (&'static str, Box<dyn Layer<f64>>, Tensor<f64>);
+    let cases: Vec<Case> = vec![
         ("Conv2d 3->4 k3 s1 p0", Box::new(conv_s1), rng.tensor(&[2, 3, 7, 6])),
         ("Conv2d 2->3 k3x2 s2 p1", Box::new(conv_s2), rng.tensor(&[3, 2, 7, 5])),
         ("Conv2d 3->2 k1 s1 p0", Box::new(conv_1x1), rng.tensor(&[2, 3, 3, 5])),

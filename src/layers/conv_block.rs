@@ -84,6 +84,8 @@ impl<T: Float> ConvReluPool<T> {
 }
 
 /// ReLU + max-pool of one conv output plane c (OH, OW) into y (PH, PW) and the winners.
+// `!(v <= best)` rather than `v > best`: the two differ for NaN, which must win (and spread).
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn relu_pool_plane<T: Float>(p: &MaxPool2d, g: &ConvGeometry, c: &[T], y: &mut [T], arg: &mut [u32]) {
     let (ph, pw) = (p.out_len(g.oh), p.out_len(g.ow));
     // `best <= 0` is false for NaN, which then propagates (a diverged run must show it).

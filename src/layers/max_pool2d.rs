@@ -63,6 +63,8 @@ impl MaxPool2d {
 }
 
 /// Forward of one (H, W) plane: writes y (OH, OW) and the argmax of every window.
+// `!(v <= best)` rather than `v > best`: the two differ for NaN, which must win (as in PyTorch).
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn max_pool_plane<T: Float>(p: &MaxPool2d, x: &[T], h: usize, w: usize, y: &mut [T], arg: &mut [u32]) {
     let (oh, ow) = (p.out_len(h), p.out_len(w));
     for i in 0..oh {
