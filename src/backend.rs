@@ -8,20 +8,13 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{cross_entropy::argmax_rows, Ctx, SoftmaxCrossEntropy};
+pub use crate::model::{check_names, NamedTensor};
 use crate::model::{reference_model, ModelConfig, Sequential};
 use crate::optim::Adam;
-use crate::tensor::{from_vec, slice, slice_mut, Tensor};
+use crate::tensor::{from_vec, slice, Tensor};
 
 /// Side length of the (square, single-channel) images the model takes.
 pub const IMAGE_SIDE: usize = 64;
-
-/// A named f32 tensor as it travels between backends, checkpoints and safetensors files.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NamedTensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
 
 /// Adam's state: the step count and both moments, one tensor per parameter, named
 /// `<param>.exp_avg` and `<param>.exp_avg_sq` as in PyTorch.
@@ -158,24 +151,11 @@ impl Backend for CpuBackend {
     }
 
     fn export_weights(&mut self) -> Result<Vec<NamedTensor>> {
-        Ok(self
-            .model
-            .named_params()
-            .into_iter()
-            .map(|(name, p)| NamedTensor { name, shape: p.value.shape().to_vec(), data: slice(&p.value).to_vec() })
-            .collect())
+        Ok(self.model.export_weights())
     }
 
     fn import_weights(&mut self, weights: &[NamedTensor]) -> Result<()> {
-        let names: Vec<String> = self.model.named_params().into_iter().map(|(n, _)| n).collect();
-        check_names(&names, weights)?;
-        for (p, w) in self.model.params_mut().into_iter().zip(weights) {
-            if p.value.shape() != w.shape.as_slice() {
-                bail!("weight {} has shape {:?}, the model expects {:?}", w.name, w.shape, p.value.shape());
-            }
-            slice_mut(&mut p.value).copy_from_slice(&w.data);
-        }
-        Ok(())
+        self.model.import_weights(weights)
     }
 
     fn export_optimizer(&mut self) -> Result<OptimizerState> {
@@ -209,23 +189,4 @@ impl Backend for CpuBackend {
         self.adam.v = state.moments.iter().skip(1).step_by(2).map(|t| t.data.clone()).collect();
         Ok(())
     }
-}
-
-/// Checks that `tensors` are exactly `names`, in order, with a message naming the first mismatch.
-pub fn check_names(names: &[String], tensors: &[NamedTensor]) -> Result<()> {
-    for (i, want) in names.iter().enumerate() {
-        match tensors.get(i) {
-            Some(t) if &t.name == want => {
-                if t.data.len() != t.shape.iter().product::<usize>() {
-                    bail!("tensor {} has {} values for shape {:?}", t.name, t.data.len(), t.shape);
-                }
-            }
-            Some(t) => bail!("expected tensor {want} at position {i}, found {}", t.name),
-            None => bail!("tensor {want} is missing"),
-        }
-    }
-    if tensors.len() > names.len() {
-        bail!("unexpected extra tensor {}", tensors[names.len()].name);
-    }
-    Ok(())
 }

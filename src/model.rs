@@ -4,12 +4,14 @@
 //! Layer names follow the reference PyTorch module, so parameter names match its `state_dict`
 //! (`conv_block.0.weight`, ..., `classifier.2.bias`) and weights can be exchanged with it.
 
+use anyhow::{bail, Result};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 use crate::layers::{
     Conv2d, ConvReluPool, Ctx, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d, Param, Relu,
 };
-use crate::tensor::{slice_mut, Float, Tensor};
+use crate::tensor::{slice, slice_mut, Float, Tensor};
 
 /// A layer and the name its parameters are saved under.
 pub struct NamedLayer<T: Float> {
@@ -94,6 +96,34 @@ impl<T: Float> Sequential<T> {
         out
     }
 
+    /// The parameters as f32 tensors named as the PyTorch `state_dict`, in order.
+    pub fn export_weights(&self) -> Vec<NamedTensor> {
+        self.named_params()
+            .into_iter()
+            .map(|(name, p)| NamedTensor {
+                name,
+                shape: p.value.shape().to_vec(),
+                data: slice(&p.value).iter().map(|v| v.as_f64() as f32).collect(),
+            })
+            .collect()
+    }
+
+    /// Sets every parameter from `weights`, which must be exactly `export_weights`' names and
+    /// shapes in order (an error names the first tensor that is not).
+    pub fn import_weights(&mut self, weights: &[NamedTensor]) -> Result<()> {
+        let names: Vec<String> = self.named_params().into_iter().map(|(n, _)| n).collect();
+        check_names(&names, weights)?;
+        for (p, w) in self.params_mut().into_iter().zip(weights) {
+            if p.value.shape() != w.shape.as_slice() {
+                bail!("weight {} has shape {:?}, the model expects {:?}", w.name, w.shape, p.value.shape());
+            }
+            for (v, &x) in slice_mut(&mut p.value).iter_mut().zip(&w.data) {
+                *v = T::f(x as f64);
+            }
+        }
+        Ok(())
+    }
+
     pub fn param_count(&self) -> usize {
         self.named_params().iter().map(|(_, p)| p.value.len()).sum()
     }
@@ -125,6 +155,33 @@ impl<T: Float> Default for Sequential<T> {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A named f32 tensor as it travels between backends, checkpoints and safetensors files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Checks that `tensors` are exactly `names`, in order, with a message naming the first mismatch.
+pub fn check_names(names: &[String], tensors: &[NamedTensor]) -> Result<()> {
+    for (i, want) in names.iter().enumerate() {
+        match tensors.get(i) {
+            Some(t) if &t.name == want => {
+                if t.data.len() != t.shape.iter().product::<usize>() {
+                    bail!("tensor {} has {} values for shape {:?}", t.name, t.data.len(), t.shape);
+                }
+            }
+            Some(t) => bail!("expected tensor {want} at position {i}, found {}", t.name),
+            None => bail!("tensor {want} is missing"),
+        }
+    }
+    if tensors.len() > names.len() {
+        bail!("unexpected extra tensor {}", tensors[names.len()].name);
+    }
+    Ok(())
 }
 
 /// The settings of the reference architecture that a user can change.

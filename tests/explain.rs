@@ -105,15 +105,7 @@ fn saliency_gradient_matches_finite_differences() {
 
     // The f32 model that `medcnn explain` runs, with the same weights, gives the same gradient
     // (to f32 rounding), and the saliency map is that gradient's magnitude, normalised.
-    let weights: Vec<medcnn::backend::NamedTensor> = model
-        .named_params()
-        .into_iter()
-        .map(|(name, p)| medcnn::backend::NamedTensor {
-            name,
-            shape: p.value.shape().to_vec(),
-            data: slice(&p.value).iter().map(|&v| v as f32).collect(),
-        })
-        .collect();
+    let weights = model.export_weights();
     let mut m32: Sequential<f32> = model_from_weights(&cfg, &weights).unwrap();
     let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
     let x64: Vec<f64> = x32.iter().map(|&v| v as f64).collect();

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use medcnn::backend::{Device, NamedTensor};
 use medcnn::model::{reference_model, ModelConfig};
 use medcnn::serve::ServerHandle;
-use medcnn::tensor::slice;
 use serde_json::{json, Value};
 
 const CLASSES: [&str; 6] = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"];
@@ -46,11 +45,7 @@ fn tmp_dir(name: &str) -> PathBuf {
 fn random_model(dir: &Path) -> PathBuf {
     let path = dir.join("model.safetensors");
     let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false };
-    let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 3)
-        .named_params()
-        .into_iter()
-        .map(|(name, p)| NamedTensor { name, shape: p.value.shape().to_vec(), data: slice(&p.value).to_vec() })
-        .collect();
+    let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 3).export_weights();
     let mut meta = BTreeMap::new();
     meta.insert("classes".to_string(), serde_json::to_string(&CLASSES).unwrap());
     meta.insert("dropout".to_string(), "0.4".to_string());

@@ -230,20 +230,7 @@ pub fn cpu_model(saved: &SavedModel) -> Result<Sequential<f32>> {
 /// checks that Grad-CAM can read it.
 pub fn model_from_weights<T: Float>(cfg: &ModelConfig, weights: &[NamedTensor]) -> Result<Sequential<T>> {
     let mut model = reference_model::<T>(cfg, 0);
-    let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
-    crate::backend::check_names(&names, weights)?;
-    for (p, w) in model.params_mut().into_iter().zip(weights) {
-        ensure!(
-            p.value.shape() == w.shape.as_slice(),
-            "weight {} has shape {:?}, the model expects {:?}",
-            w.name,
-            w.shape,
-            p.value.shape()
-        );
-        for (v, &x) in slice_mut(&mut p.value).iter_mut().zip(&w.data) {
-            *v = T::f(x as f64);
-        }
-    }
+    model.import_weights(weights)?;
     gradcam_layer(&model)?;
     Ok(model)
 }
