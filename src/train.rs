@@ -243,8 +243,6 @@ fn model_metadata(
     val_acc: f64,
 ) -> Result<BTreeMap<String, String>> {
     let mut m = BTreeMap::new();
-    m.insert("classes".into(), serde_json::to_string(&ds.classes)?);
-    m.insert("dropout".into(), cfg.dropout.to_string());
     m.insert("split".into(), serde_json::to_string(split)?);
     m.insert("data_fingerprint".into(), data_fingerprint(ds));
     m.insert("limit".into(), serde_json::to_string(&cfg.limit)?);
@@ -406,7 +404,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
             let meta = model_metadata(&ds, &split, &cfg, epoch, val_acc)?;
             let weights = backend.export_weights()?;
             check_finite(&weights, &progress, &ckpt_path)?;
-            checkpoint::save(&model_path(&cfg.out), MODEL_FORMAT, &weights, &meta)?;
+            SavedModel::save(&model_path(&cfg.out), &ds.classes, cfg.dropout, &weights, meta)?;
         }
         write_metrics_csv(&cfg.out.join("metrics.csv"), &progress.history)?;
         report::plot_loss(&progress.history, &cfg.out.join("loss.png"))?;
@@ -709,6 +707,20 @@ pub struct SavedModel {
 }
 
 impl SavedModel {
+    /// Writes a model file: the weights, the class names and dropout that `load` reads back, and
+    /// `extra` metadata (a training run adds its split, data fingerprint, epoch, ...).
+    pub fn save(
+        path: &Path,
+        classes: &[String],
+        dropout: f64,
+        weights: &[NamedTensor],
+        mut extra: BTreeMap<String, String>,
+    ) -> Result<()> {
+        extra.insert("classes".into(), serde_json::to_string(classes)?);
+        extra.insert("dropout".into(), dropout.to_string());
+        checkpoint::save(path, MODEL_FORMAT, weights, &extra)
+    }
+
     /// Reads and checks a model file: format, version, checksum, then that the weights have the
     /// shapes the listed classes need. Every error names the file.
     pub fn load(path: &Path) -> Result<SavedModel> {

@@ -39,10 +39,8 @@ fn model() -> &'static (PathBuf, Vec<NamedTensor>) {
         let path = dir.join(format!("model-{}.safetensors", std::process::id()));
         let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false };
         let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 7).export_weights();
-        let mut meta = BTreeMap::new();
-        meta.insert("classes".to_string(), serde_json::to_string(&CLASSES).unwrap());
-        meta.insert("dropout".to_string(), "0.4".to_string());
-        medcnn::checkpoint::save(&path, medcnn::checkpoint::MODEL_FORMAT, &weights, &meta).unwrap();
+        let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
+        medcnn::train::SavedModel::save(&path, &classes, 0.4, &weights, BTreeMap::new()).unwrap();
         (path, weights)
     })
 }
