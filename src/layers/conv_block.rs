@@ -18,6 +18,7 @@
 use rayon::prelude::*;
 
 use super::conv2d::{col2im, im2col, ConvGeometry};
+use super::direct_conv;
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Layer, MaxPool2d, Param};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
@@ -29,6 +30,9 @@ pub struct ConvReluPool<T: Float> {
     pub pool: MaxPool2d,
     /// The first layer's input gradient is thrown away; skipping it saves a GEMM and col2im.
     pub input_grad: bool,
+    /// Run a one-channel input through `direct_conv.rs` instead of im2col + GEMM (the model's
+    /// first block). On by default; tests turn it off to compare the two paths.
+    pub direct: bool,
     x: Option<Tensor<T>>,
     /// Per pooled output: the index (oh * OW + ow) of its winner in the conv plane, or DEAD.
     argmax: Vec<u32>,
@@ -37,7 +41,11 @@ pub struct ConvReluPool<T: Float> {
 impl<T: Float> ConvReluPool<T> {
     pub fn new(conv: Conv2d<T>, pool: MaxPool2d) -> Self {
         assert_eq!(pool.padding, 0, "ConvReluPool: pooling with padding is not fused");
-        ConvReluPool { conv, pool, input_grad: true, x: None, argmax: Vec::new() }
+        ConvReluPool { conv, pool, input_grad: true, direct: true, x: None, argmax: Vec::new() }
+    }
+
+    fn use_direct(&self, input: &[usize]) -> bool {
+        self.direct && direct_conv::applies(&self.conv, &self.pool, input)
     }
 
     fn pooled(&self, g: &ConvGeometry) -> (usize, usize) {
@@ -55,6 +63,20 @@ impl<T: Float> ConvReluPool<T> {
         argmax.resize(n * oc * ph * pw, 0);
         let (wt, b, pool) = (slice(&self.conv.weight.value), slice(&self.conv.bias.value), &self.pool);
         let out = oc * ph * pw;
+        if self.use_direct(x.shape()) {
+            // One image per task, straight from the pixels (see `direct_conv.rs`).
+            let plan = direct_conv::Plan::new(&g);
+            slice_mut(&mut y)
+                .par_chunks_mut(out)
+                .zip(argmax.par_chunks_mut(out))
+                .zip(slice(x).par_chunks(c * h * w))
+                .for_each_init(
+                    || vec![T::zero(); plan.scratch()],
+                    |scratch, ((yi, ai), xi)| direct_conv::forward(&plan, xi, wt, b, yi, ai, scratch),
+                );
+            self.argmax = argmax;
+            return y;
+        }
         // One group of images per task: conv (OC, G*L) = W col + b, then ReLU + pool per plane.
         slice_mut(&mut y)
             .par_chunks_mut(gsize * out)
@@ -217,12 +239,27 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
         let (xs, dys, args) = (slice(x), slice(dy), &self.argmax);
         let out = oc * ph * pw;
+        let direct = !input_grad && self.use_direct(x.shape());
+        let plan = direct_conv::Plan::new(&g);
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
             .zip(dx_parts)
             .map(|(r, dx_part)| {
                 let mut dw = vec![T::zero(); oc * k];
                 let mut db = vec![T::zero(); oc];
+                if direct {
+                    // dW straight from the pixels (see `direct_conv.rs`); db as below.
+                    let mut scratch = vec![T::zero(); plan.scratch()];
+                    for i in r.clone() {
+                        let (xi, dyi, ai) = (&xs[i * img..][..img], &dys[i * out..][..out], &args[i * out..][..out]);
+                        direct_conv::backward(&plan, xi, dyi, ai, &mut dw, &mut scratch);
+                        let planes = dyi.chunks_exact(ph * pw).zip(ai.chunks_exact(ph * pw));
+                        for (db_o, (dyp, ap)) in db.iter_mut().zip(planes) {
+                            *db_o += sum_live(dyp, ap);
+                        }
+                    }
+                    return (dw, db);
+                }
                 let mut col = vec![T::zero(); k * gsize * l];
                 let mut dcol = vec![T::zero(); if input_grad { k * gsize * l } else { 0 }];
                 let mut dc = vec![T::zero(); oc * gsize * l + 1];

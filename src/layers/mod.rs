@@ -13,6 +13,7 @@ pub mod avg_pool2d;
 pub mod conv2d;
 pub mod conv_block;
 pub mod cross_entropy;
+pub mod direct_conv;
 pub mod dropout;
 pub mod flatten;
 pub mod linear;

@@ -1,0 +1,438 @@
+//! The fused block's direct path for a one-channel input: Conv2d(1 -> OC, 3x3, stride 1, no
+//! padding) + ReLU + MaxPool2d(2, 2), computed straight from the image, with no im2col and no
+//! GEMM. The model's first block is this case, and through im2col it is a poor GEMM: K = 9, so
+//! every product is written out to a (OC, 62*62) plane, read back for the bias, read again for
+//! the pool. Here the four conv values of each pooling window are formed in registers, pooled
+//! at once, and only the winner leaves. `conv_block.rs` calls this when its shapes allow; the
+//! results are the same math in a different order of sums (a test checks both paths agree).
+//!
+//! Shapes: x (H, W) one image -> conv c (OH, OW) = (H-2, W-2) -> y (PH, PW) = (OH/2, OW/2).
+//!
+//! The trick that makes it vectorise: split each input row into its even and odd columns,
+//!   ev[r][j] = x[r][2j],   od[r][j] = x[r][2j+1].
+//! Pooling window (i, j) holds the conv values at rows 2i+dr, columns 2j+dc (dr, dc in {0,1}),
+//!   c[2i+dr][2j+dc] = b + sum_{kh,kw} w[kh][kw] x[2i+dr+kh][2j+dc+kw],
+//! and column 2j+m of x is ev[j + m/2] for even m, od[j + (m-1)/2] for odd m. So for LANES
+//! neighbouring windows j..j+LANES every operand is a contiguous run of ev or od: no gathers,
+//! no shuffles, and every lane does the same work.
+//!
+//! Backward (dW only: the images' own gradient is never needed). The pooled gradient dy[i][j]
+//! flows to the window's winner (dr*, dc*) when it was positive, so
+//!   dW[kh][kw] = sum_{i,j} sum_{dr,dc} D_{dr,dc}[i][j] x[2i+dr+kh][2j+dc+kw],
+//! with D_{dr,dc}[i][j] = dy[i][j] if (dr, dc) won window (i, j) alive, else 0. Masking dy four
+//! ways costs four compares; the sum then runs over contiguous ev/od runs exactly as forward.
+//! db = sum of the live dy is computed by the caller.
+
+use super::conv2d::ConvGeometry;
+use super::{Conv2d, MaxPool2d};
+use crate::tensor::Float;
+
+/// Windows handled side by side: one 256-bit vector of f32 (the f64 checks use it too).
+const LANES: usize = 8;
+
+/// Marks a window whose maximum was not positive (the same marker as `conv_block.rs`).
+const DEAD: u32 = u32::MAX;
+
+/// Whether the direct path computes this block for input shape (N, C, H, W).
+pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
+    input.len() == 4
+        && input[1] == 1
+        && conv.in_channels == 1
+        && conv.kernel == (3, 3)
+        && conv.stride == 1
+        && conv.padding == 0
+        && (pool.kernel, pool.stride, pool.padding, pool.ceil_mode) == (2, 2, 0, false)
+        && input[2] >= 4
+        && input[3] >= 4
+}
+
+/// Sizes of one image on the direct path.
+#[derive(Clone, Copy)]
+pub struct Plan {
+    h: usize,
+    /// Conv output width (OW = W - 2): winners are stored as oh * OW + ow, like the GEMM path.
+    ow: usize,
+    ph: usize,
+    pw: usize,
+    /// Row length of ev and od: PW rounded up to LANES, plus LANES (room to read j + 1).
+    stride: usize,
+}
+
+impl Plan {
+    pub fn new(g: &ConvGeometry) -> Self {
+        let (ph, pw) = (g.oh / 2, g.ow / 2);
+        Plan { h: g.h, ow: g.ow, ph, pw, stride: pw.div_ceil(LANES) * LANES + LANES }
+    }
+    /// Floats of scratch one image needs (ev and od).
+    pub fn scratch(&self) -> usize {
+        2 * self.h * self.stride
+    }
+}
+
+/// ev and od (H, stride) each, from one image x (H, W); columns past the image are zero.
+#[inline(always)]
+fn deinterleave<T: Float>(p: &Plan, x: &[T], scratch: &mut [T]) {
+    let w = x.len() / p.h;
+    let (ev, od) = scratch.split_at_mut(p.h * p.stride);
+    ev.fill(T::zero());
+    od.fill(T::zero());
+    for (r, row) in x.chunks_exact(w).enumerate() {
+        for (j, pair) in row.chunks(2).enumerate() {
+            ev[r * p.stride + j] = pair[0];
+            if let Some(&v) = pair.get(1) {
+                od[r * p.stride + j] = v;
+            }
+        }
+    }
+}
+
+/// One run of LANES values of ev or od, starting at `at`.
+#[inline(always)]
+fn run<T: Float>(v: &[T], at: usize) -> &[T; LANES] {
+    v[at..at + LANES].try_into().unwrap()
+}
+
+/// Forward for one image: y (OC, PH, PW) and winners (OC, PH, PW), from x (H, W), weights
+/// (OC, 9) and bias (OC). `scratch` holds `plan.scratch()` floats.
+/// This is the portable version, the readable reference; `forward` picks the AVX2 one when it
+/// can, and a test checks the two agree bit for bit.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::neg_cmp_op_on_partial_ord)]
+pub fn forward_image<T: Float>(p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+    deinterleave(p, x, scratch);
+    let (ev, od) = scratch.split_at(p.h * p.stride);
+    let plane = p.ph * p.pw;
+    for (o, (yo, ao)) in y.chunks_exact_mut(plane).zip(arg.chunks_exact_mut(plane)).enumerate() {
+        let w: &[T; 9] = wt[o * 9..][..9].try_into().unwrap();
+        for i in 0..p.ph {
+            for jb in (0..p.pw).step_by(LANES) {
+                // c[2*dr + dc][l]: conv at (2i+dr, 2(jb+l)+dc), the window's candidates in
+                // row-major order, the order the reference pool compares them in.
+                let mut c = [[b[o]; LANES]; 4];
+                for dr in 0..2 {
+                    for kh in 0..3 {
+                        let at = (2 * i + dr + kh) * p.stride + jb;
+                        let (e0, o0, e1, o1) = (run(ev, at), run(od, at), run(ev, at + 1), run(od, at + 1));
+                        let (w0, w1, w2) = (w[3 * kh], w[3 * kh + 1], w[3 * kh + 2]);
+                        for l in 0..LANES {
+                            c[2 * dr][l] += w0 * e0[l] + w1 * o0[l] + w2 * e1[l]; // columns 2j, 2j+1, 2j+2
+                            c[2 * dr + 1][l] += w0 * o0[l] + w1 * e1[l] + w2 * o1[l];
+                            // columns 2j+1 .. 2j+3
+                        }
+                    }
+                }
+                // Pool + ReLU, branch-free as in `conv_block.rs`: a later candidate wins only
+                // if `!(v <= best)` (so NaN wins and spreads); the window is dead if best <= 0.
+                let (mut best, mut win) = (c[0], [0u32; LANES]);
+                for (s, cs) in c.iter().enumerate().skip(1) {
+                    for l in 0..LANES {
+                        let take = !(cs[l] <= best[l]);
+                        best[l] = if take { cs[l] } else { best[l] };
+                        win[l] = if take { s as u32 } else { win[l] };
+                    }
+                }
+                let (mut yv, mut av) = ([T::zero(); LANES], [DEAD; LANES]);
+                for l in 0..LANES {
+                    let (dr, dc) = (win[l] >> 1, win[l] & 1);
+                    let at = (2 * i as u32 + dr) * p.ow as u32 + 2 * (jb + l) as u32 + dc;
+                    let dead = best[l] <= T::zero();
+                    yv[l] = if dead { T::zero() } else { best[l] };
+                    av[l] = if dead { DEAD } else { at };
+                }
+                let live = LANES.min(p.pw - jb); // the last run of a row may hang over its end
+                yo[i * p.pw + jb..][..live].copy_from_slice(&yv[..live]);
+                ao[i * p.pw + jb..][..live].copy_from_slice(&av[..live]);
+            }
+        }
+    }
+}
+
+/// dW (OC, 9) += this image's share, from x (H, W), dy (OC, PH, PW) and the forward's winners.
+/// The portable version, as `forward_image`.
+#[inline(always)]
+pub fn backward_image<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], scratch: &mut [T]) {
+    deinterleave(p, x, scratch);
+    let (ev, od) = scratch.split_at(p.h * p.stride);
+    let plane = p.ph * p.pw;
+    for (o, (dyo, ao)) in dy.chunks_exact(plane).zip(arg.chunks_exact(plane)).enumerate() {
+        // acc[3*kh + kw][l]: lane l's running share of dW[o][kh][kw], summed at the end.
+        let mut acc = [[T::zero(); LANES]; 9];
+        for i in 0..p.ph {
+            for jb in (0..p.pw).step_by(LANES) {
+                // d[2*dr + dc][l] = dy of window (i, jb+l) if candidate (dr, dc) won it alive.
+                // Lanes past the row's end stay 0 (their windows do not exist).
+                let (mut dyv, mut av) = ([T::zero(); LANES], [DEAD; LANES]);
+                let live = LANES.min(p.pw - jb);
+                dyv[..live].copy_from_slice(&dyo[i * p.pw + jb..][..live]);
+                av[..live].copy_from_slice(&ao[i * p.pw + jb..][..live]);
+                let mut d = [[T::zero(); LANES]; 4];
+                for (s, off) in [0, 1, p.ow as u32, p.ow as u32 + 1].into_iter().enumerate() {
+                    for l in 0..LANES {
+                        let corner = (2 * i * p.ow + 2 * (jb + l)) as u32;
+                        d[s][l] = if av[l] == corner + off { dyv[l] } else { T::zero() };
+                    }
+                }
+                for dr in 0..2 {
+                    for kh in 0..3 {
+                        let at = (2 * i + dr + kh) * p.stride + jb;
+                        let (e0, o0, e1, o1) = (run(ev, at), run(od, at), run(ev, at + 1), run(od, at + 1));
+                        let (d0, d1) = (&d[2 * dr], &d[2 * dr + 1]);
+                        for l in 0..LANES {
+                            acc[3 * kh][l] += d0[l] * e0[l] + d1[l] * o0[l]; // kw = 0: columns 2j, 2j+1
+                            acc[3 * kh + 1][l] += d0[l] * o0[l] + d1[l] * e1[l]; // kw = 1: 2j+1, 2j+2
+                            acc[3 * kh + 2][l] += d0[l] * e1[l] + d1[l] * o1[l];
+                            // kw = 2: 2j+2, 2j+3
+                        }
+                    }
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            dw[o * 9 + t] += a.iter().fold(T::zero(), |s, &v| s + v);
+        }
+    }
+}
+
+/// The same two functions for f32 written with AVX2 intrinsics, one vector per run of LANES
+/// windows. Every operation is the portable one in the same order (a product, then the sums as
+/// written above; no FMA), so both paths give the same bits, which a test checks.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Plan, DEAD, LANES};
+    use std::arch::x86_64::*;
+
+    /// Window corners' column offsets 2l within a run, and the four candidates' offsets from
+    /// the corner in the conv plane, in the pool's comparison order.
+    const TWO_L: [i32; LANES] = [0, 2, 4, 6, 8, 10, 12, 14];
+
+    #[target_feature(enable = "avx2")]
+    fn loadu(v: &[f32], at: usize) -> __m256 {
+        let r: &[f32; LANES] = v[at..at + LANES].try_into().unwrap();
+        // SAFETY: `r` is LANES readable floats.
+        unsafe { _mm256_loadu_ps(r.as_ptr()) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub fn forward_image(p: &Plan, x: &[f32], wt: &[f32], b: &[f32], y: &mut [f32], arg: &mut [u32], s: &mut [f32]) {
+        super::deinterleave(p, x, s);
+        let (ev, od) = s.split_at(p.h * p.stride);
+        let plane = p.ph * p.pw;
+        let two_l = unsafe { _mm256_loadu_si256(TWO_L.as_ptr().cast()) };
+        let ow = p.ow as i32;
+        let offs = [0, 1, ow, ow + 1].map(|v| _mm256_set1_epi32(v));
+        for (o, (yo, ao)) in y.chunks_exact_mut(plane).zip(arg.chunks_exact_mut(plane)).enumerate() {
+            let w: [__m256; 9] = std::array::from_fn(|t| _mm256_set1_ps(wt[o * 9 + t]));
+            for i in 0..p.ph {
+                for jb in (0..p.pw).step_by(LANES) {
+                    let mut c = [_mm256_set1_ps(b[o]); 4];
+                    for dr in 0..2 {
+                        for kh in 0..3 {
+                            let at = (2 * i + dr + kh) * p.stride + jb;
+                            let (e0, o0, e1, o1) = (loadu(ev, at), loadu(od, at), loadu(ev, at + 1), loadu(od, at + 1));
+                            let (w0, w1, w2) = (w[3 * kh], w[3 * kh + 1], w[3 * kh + 2]);
+                            let t0 = _mm256_add_ps(
+                                _mm256_add_ps(_mm256_mul_ps(w0, e0), _mm256_mul_ps(w1, o0)),
+                                _mm256_mul_ps(w2, e1),
+                            );
+                            let t1 = _mm256_add_ps(
+                                _mm256_add_ps(_mm256_mul_ps(w0, o0), _mm256_mul_ps(w1, e1)),
+                                _mm256_mul_ps(w2, o1),
+                            );
+                            c[2 * dr] = _mm256_add_ps(c[2 * dr], t0);
+                            c[2 * dr + 1] = _mm256_add_ps(c[2 * dr + 1], t1);
+                        }
+                    }
+                    // !(v <= best) is "not less-or-equal, unordered": true for NaN too.
+                    let (mut best, mut off) = (c[0], offs[0]);
+                    for s in 1..4 {
+                        let take = _mm256_cmp_ps::<_CMP_NLE_UQ>(c[s], best);
+                        best = _mm256_blendv_ps(best, c[s], take);
+                        off = _mm256_castps_si256(_mm256_blendv_ps(
+                            _mm256_castsi256_ps(off),
+                            _mm256_castsi256_ps(offs[s]),
+                            take,
+                        ));
+                    }
+                    let corner = _mm256_add_epi32(_mm256_set1_epi32((2 * i * p.ow + 2 * jb) as i32), two_l);
+                    let dead = _mm256_cmp_ps::<_CMP_LE_OQ>(best, _mm256_setzero_ps()); // false for NaN
+                    let yv = _mm256_andnot_ps(dead, best);
+                    let at = _mm256_or_si256(_mm256_add_epi32(corner, off), _mm256_castps_si256(dead)); // dead: all ones
+                    let (yr, ar) = (&mut yo[i * p.pw + jb..], &mut ao[i * p.pw + jb..]);
+                    let live = LANES.min(p.pw - jb);
+                    if live == LANES {
+                        // SAFETY: both runs hold at least LANES elements.
+                        unsafe {
+                            _mm256_storeu_ps(yr.as_mut_ptr(), yv);
+                            _mm256_storeu_si256(ar.as_mut_ptr().cast(), at);
+                        }
+                    } else {
+                        // The last run of a row hangs over its end: store through a buffer.
+                        let (mut ys, mut ats) = ([0f32; LANES], [DEAD; LANES]);
+                        // SAFETY: both arrays hold LANES elements.
+                        unsafe {
+                            _mm256_storeu_ps(ys.as_mut_ptr(), yv);
+                            _mm256_storeu_si256(ats.as_mut_ptr().cast(), at);
+                        }
+                        for l in 0..live {
+                            (yr[l], ar[l]) = (ys[l], ats[l]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub fn backward_image(p: &Plan, x: &[f32], dy: &[f32], arg: &[u32], dw: &mut [f32], s: &mut [f32]) {
+        super::deinterleave(p, x, s);
+        let (ev, od) = s.split_at(p.h * p.stride);
+        let plane = p.ph * p.pw;
+        let two_l = unsafe { _mm256_loadu_si256(TWO_L.as_ptr().cast()) };
+        let ow = p.ow as i32;
+        let offs = [0, 1, ow, ow + 1].map(|v| _mm256_set1_epi32(v));
+        for (o, (dyo, ao)) in dy.chunks_exact(plane).zip(arg.chunks_exact(plane)).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 9];
+            for i in 0..p.ph {
+                for jb in (0..p.pw).step_by(LANES) {
+                    let (dyr, ar) = (&dyo[i * p.pw + jb..], &ao[i * p.pw + jb..]);
+                    let live = LANES.min(p.pw - jb);
+                    let (dyv, av) = if live == LANES {
+                        // SAFETY: both runs hold at least LANES elements.
+                        unsafe { (_mm256_loadu_ps(dyr.as_ptr()), _mm256_loadu_si256(ar.as_ptr().cast())) }
+                    } else {
+                        // The last run of a row: lanes past its end get dy = 0 and no winner.
+                        let (mut dys, mut ats) = ([0f32; LANES], [DEAD; LANES]);
+                        for l in 0..live {
+                            (dys[l], ats[l]) = (dyr[l], ar[l]);
+                        }
+                        // SAFETY: both arrays hold LANES elements.
+                        unsafe { (_mm256_loadu_ps(dys.as_ptr()), _mm256_loadu_si256(ats.as_ptr().cast())) }
+                    };
+                    let corner = _mm256_add_epi32(_mm256_set1_epi32((2 * i * p.ow + 2 * jb) as i32), two_l);
+                    let d: [__m256; 4] = std::array::from_fn(|s| {
+                        let won = _mm256_cmpeq_epi32(av, _mm256_add_epi32(corner, offs[s]));
+                        _mm256_and_ps(dyv, _mm256_castsi256_ps(won))
+                    });
+                    for dr in 0..2 {
+                        for kh in 0..3 {
+                            let at = (2 * i + dr + kh) * p.stride + jb;
+                            let (e0, o0, e1, o1) = (loadu(ev, at), loadu(od, at), loadu(ev, at + 1), loadu(od, at + 1));
+                            let (d0, d1) = (d[2 * dr], d[2 * dr + 1]);
+                            let mac = |a: __m256, x0: __m256, x1: __m256| {
+                                _mm256_add_ps(a, _mm256_add_ps(_mm256_mul_ps(d0, x0), _mm256_mul_ps(d1, x1)))
+                            };
+                            acc[3 * kh] = mac(acc[3 * kh], e0, o0);
+                            acc[3 * kh + 1] = mac(acc[3 * kh + 1], o0, e1);
+                            acc[3 * kh + 2] = mac(acc[3 * kh + 2], e1, o1);
+                        }
+                    }
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: `lanes` holds LANES floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                dw[o * 9 + t] += lanes.iter().fold(0.0, |s, &v| s + v);
+            }
+        }
+    }
+}
+
+/// `slice` as f32 when T is f32.
+fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 exactly when the TypeIds agree, so the cast is the identity.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) })
+}
+
+fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
+}
+
+/// Whether the AVX2 versions run: f32 on a CPU with AVX2 (detected once, then cached by std).
+fn fast<T: Float>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Forward for one image (see `forward_image`), on the fastest instruction set available.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Float>(p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if fast::<T>() {
+        let (x, wt, b) = (as_f32(x).unwrap(), as_f32(wt).unwrap(), as_f32(b).unwrap());
+        let (y, scratch) = (as_f32_mut(y).unwrap(), as_f32_mut(scratch).unwrap());
+        // SAFETY: `fast` checked that the CPU has AVX2.
+        return unsafe { avx2::forward_image(p, x, wt, b, y, arg, scratch) };
+    }
+    forward_image(p, x, wt, b, y, arg, scratch)
+}
+
+/// dW for one image (see `backward_image`), on the fastest instruction set available.
+pub fn backward<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], scratch: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if fast::<T>() {
+        let (x, dy) = (as_f32(x).unwrap(), as_f32(dy).unwrap());
+        let (dw, scratch) = (as_f32_mut(dw).unwrap(), as_f32_mut(scratch).unwrap());
+        // SAFETY: `fast` checked that the CPU has AVX2.
+        return unsafe { avx2::backward_image(p, x, dy, arg, dw, scratch) };
+    }
+    backward_image(p, x, dy, arg, dw, scratch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random fill in [-1, 1).
+    fn fill(n: usize, seed: u64) -> Vec<f32> {
+        let mut z = seed;
+        (0..n)
+            .map(|_| {
+                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The dispatching entry points (AVX2 on this CPU when it has it) give exactly the bits of the
+    /// portable reference, for even and odd sizes (odd ones leave a conv row/column unpooled and
+    /// a run hanging over the end of a pooled row), and with a NaN pixel.
+    #[test]
+    fn fast_path_matches_portable_bit_for_bit() {
+        for (h, w, oc) in [(64, 64, 32), (9, 12, 3), (11, 13, 5), (6, 21, 2)] {
+            let g = ConvGeometry::new(1, h, w, 3, 3, 1, 0);
+            let p = Plan::new(&g);
+            let mut x = fill(h * w, 1);
+            let (wt, b) = (fill(oc * 9, 2), fill(oc, 3));
+            let out = oc * (g.oh / 2) * (g.ow / 2);
+            for nan in [false, true] {
+                if nan {
+                    x[w + 3] = f32::NAN;
+                }
+                let mut s = vec![0.0; p.scratch()];
+                let (mut y1, mut a1) = (vec![0.0; out], vec![0; out]);
+                let (mut y2, mut a2) = (vec![0.0; out], vec![0; out]);
+                forward(&p, &x, &wt, &b, &mut y1, &mut a1, &mut s);
+                forward_image(&p, &x, &wt, &b, &mut y2, &mut a2, &mut s);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y1), bits(&y2), "forward y at {h}x{w}, nan={nan}");
+                assert_eq!(a1, a2, "forward winners at {h}x{w}, nan={nan}");
+                assert!(a1.contains(&DEAD) && a1.iter().any(|&a| a != DEAD), "both kinds of window occur");
+                let dy = fill(out, 4);
+                let (mut dw1, mut dw2) = (vec![0.5; oc * 9], vec![0.5; oc * 9]);
+                backward(&p, &x, &dy, &a1, &mut dw1, &mut s);
+                backward_image(&p, &x, &dy, &a1, &mut dw2, &mut s);
+                assert_eq!(bits(&dw1), bits(&dw2), "backward dW at {h}x{w}, nan={nan}");
+            }
+        }
+    }
+}
