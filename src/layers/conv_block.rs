@@ -45,7 +45,7 @@ impl<T: Float> ConvReluPool<T> {
     }
 
     fn use_direct(&self, input: &[usize]) -> bool {
-        self.direct && direct_conv::applies(&self.conv, &self.pool, input)
+        self.direct && direct_conv::worthwhile::<T>() && direct_conv::applies(&self.conv, &self.pool, input)
     }
 
     fn pooled(&self, g: &ConvGeometry) -> (usize, usize) {
