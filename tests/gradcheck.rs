@@ -211,8 +211,10 @@ fn every_layer_matches_finite_differences() {
     let mut direct = ConvReluPool::new(Conv2d::<f64>::new(1, 3, (3, 3), 1, 0), MaxPool2d::new(2, 2));
     let mut direct_no_dx = ConvReluPool::new(Conv2d::<f64>::new(1, 4, (3, 3), 1, 0), MaxPool2d::new(2, 2));
     direct_no_dx.input_grad = false;
+    // Several channels, 3x3, pool 2/2 and at least 16 windows: the Winograd forward (`winograd.rs`).
+    let mut winograd = ConvReluPool::new(Conv2d::<f64>::new(3, 2, (3, 3), 1, 0), MaxPool2d::new(2, 2));
     let mut direct_rng = Lcg(43);
-    for l in [&mut direct as &mut dyn Layer<f64>, &mut direct_no_dx] {
+    for l in [&mut direct as &mut dyn Layer<f64>, &mut direct_no_dx, &mut winograd] {
         for p in l.params_mut() {
             p.value = direct_rng.tensor(p.value.shape());
         }
@@ -242,6 +244,7 @@ fn every_layer_matches_finite_differences() {
         ("Flatten", Box::new(Flatten::new()), rng.tensor(&[2, 3, 2, 3])),
         ("ConvReluPool 1->3 k3, pool 2/2 (direct)", Box::new(direct), direct_rng.tensor(&[2, 1, 9, 12])),
         ("  the same, dW only (direct backward)", Box::new(direct_no_dx), direct_rng.tensor(&[3, 1, 13, 11])),
+        ("ConvReluPool 3->2 k3, pool 2/2 (Winograd)", Box::new(winograd), direct_rng.tensor(&[2, 3, 11, 12])),
     ];
 
     println!(

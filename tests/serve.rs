@@ -37,7 +37,7 @@ fn model() -> &'static (PathBuf, Vec<NamedTensor>) {
             }
         }
         let path = dir.join(format!("model-{}.safetensors", std::process::id()));
-        let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false };
+        let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false, gemm_only: false };
         let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 7).export_weights();
         let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
         medcnn::train::SavedModel::save(&path, &classes, 0.4, &weights, BTreeMap::new()).unwrap();

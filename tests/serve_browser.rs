@@ -44,7 +44,7 @@ fn tmp_dir(name: &str) -> PathBuf {
 /// A model file with random weights in `dir`.
 fn random_model(dir: &Path) -> PathBuf {
     let path = dir.join("model.safetensors");
-    let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false };
+    let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false, gemm_only: false };
     let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 3).export_weights();
     let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
     medcnn::train::SavedModel::save(&path, &classes, 0.4, &weights, BTreeMap::new()).unwrap();

@@ -618,14 +618,29 @@ pub fn kernel_checks<E: Exec>(ex: &mut E, seed: u64) -> Result<Vec<Check>> {
 // ---------------------------------------------------------------------------------------
 // A whole training step
 
-/// Per max-pool, how many windows the device's last forward gave a different winner than the
-/// CPU's forward of the same batch from the same initial weights.
+/// Per max-pool, how many windows the device's last forward, or the CPU backend's, gave a
+/// different winner (or liveness) than a layer-by-layer reference forward of the same batch
+/// from the same initial weights. The CPU backend's fused blocks compute their convolutions
+/// differently (directly, by Winograd), so they can break near ties differently too.
 fn argmax_flips<E: Exec>(dev: &mut Engine<E>, cfg: &ModelConfig, seed: u64, x: &[f32], n: usize) -> Result<Vec<usize>> {
     // Layer by layer (not fused), to read each ReLU's output.
     let mut probe = reference_model::<f32>(&ModelConfig { fused: false, ..cfg.clone() }, seed);
     let xt = from_vec(&[n, 1, IMAGE_SIDE, IMAGE_SIDE], x.to_vec());
-    let mut flips = Vec::new();
+    // The CPU backend's own blocks, same weights and paths, chained as its forward chains them.
+    let mut cpu_winners = Vec::new();
+    let mut h = xt.clone();
     for block in 0..4 {
+        let params = probe.layers[3 * block].layer.params();
+        let (wt, b) = (&params[0].value, &params[1].value);
+        let mut conv = layers::Conv2d::<f32>::new(wt.shape()[1], wt.shape()[0], (3, 3), 1, 0);
+        (conv.weight.value, conv.bias.value) = (wt.clone(), b.clone());
+        let mut fused = layers::ConvReluPool::new(conv, layers::MaxPool2d::new(2, 2));
+        (fused.direct, fused.winograd) = (!cfg.gemm_only, !cfg.gemm_only);
+        h = fused.forward(&h, Ctx::eval());
+        cpu_winners.push(fused.winners().to_vec());
+    }
+    let mut flips = Vec::new();
+    for (block, cpu_winners) in cpu_winners.iter().enumerate() {
         // The ReLU's output of conv block `block` is the input of its pool (layer 3*block + 2).
         let r = probe.forward_range(&xt, 0..3 * block + 2, Ctx::eval());
         let (c, h, w) = (r.shape()[1], r.shape()[2], r.shape()[3]);
@@ -647,6 +662,10 @@ fn argmax_flips<E: Exec>(dev: &mut Engine<E>, cfg: &ModelConfig, seed: u64, x: &
                 );
                 let d = &dev_arg[(ch * n + i) * p * q..][..p * q];
                 count += arg.iter().zip(d).filter(|(a, b)| **a as i32 != **b).count();
+                let cw = &cpu_winners[(i * c + ch) * p * q..][..p * q];
+                count += (0..p * q)
+                    .filter(|&k| (y[k] > 0.0) != (cw[k] != u32::MAX) || (y[k] > 0.0 && arg[k] != cw[k]))
+                    .count();
             }
         }
         flips.push(count);
@@ -667,7 +686,8 @@ fn argmax_flips<E: Exec>(dev: &mut Engine<E>, cfg: &ModelConfig, seed: u64, x: &
 /// gradient), i.e. what the gradient check above cannot resolve; the note counts the weights
 /// that needed it.
 pub fn train_step_checks<E: Exec>(ex: E, batch: usize, seed: u64, dropout: f64) -> Result<Vec<Check>> {
-    let cfg = ModelConfig { num_classes: 6, dropout, ..ModelConfig::default() };
+    // The CPU side computes by im2col + GEMM, like the device (see `ModelConfig::gemm_only`).
+    let cfg = ModelConfig { num_classes: 6, dropout, gemm_only: true, ..ModelConfig::default() };
     let adam = AdamConfig { lr: 1e-3, weight_decay: 1e-4 };
     let mut dev = Engine::new(ex, &cfg, seed, adam)?;
     let mut cpu = CpuBackend::new(&cfg, seed, adam);

@@ -18,8 +18,8 @@
 use rayon::prelude::*;
 
 use super::conv2d::{col2im, im2col, ConvGeometry};
-use super::direct_conv;
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Layer, MaxPool2d, Param};
+use super::{direct_conv, winograd};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
 /// Marks a window whose maximum was not positive: no gradient flows back through it.
@@ -33,6 +33,9 @@ pub struct ConvReluPool<T: Float> {
     /// Run a one-channel input through `direct_conv.rs` instead of im2col + GEMM (the model's
     /// first block). On by default; tests turn it off to compare the two paths.
     pub direct: bool,
+    /// Run the forward of a several-channel 3x3 block by Winograd F(2x2, 3x3) (`winograd.rs`)
+    /// instead of im2col + GEMM. On by default; tests turn it off to compare the two paths.
+    pub winograd: bool,
     x: Option<Tensor<T>>,
     /// Per pooled output: the index (oh * OW + ow) of its winner in the conv plane, or DEAD.
     argmax: Vec<u32>,
@@ -41,7 +44,14 @@ pub struct ConvReluPool<T: Float> {
 impl<T: Float> ConvReluPool<T> {
     pub fn new(conv: Conv2d<T>, pool: MaxPool2d) -> Self {
         assert_eq!(pool.padding, 0, "ConvReluPool: pooling with padding is not fused");
-        ConvReluPool { conv, pool, input_grad: true, direct: true, x: None, argmax: Vec::new() }
+        ConvReluPool { conv, pool, input_grad: true, direct: true, winograd: true, x: None, argmax: Vec::new() }
+    }
+
+    /// The last forward's winners: per pooled output (N, OC, PH, PW), the index oh * OW + ow of
+    /// its window's maximum in the conv plane, or `u32::MAX` where the window was dead (its
+    /// maximum <= 0, so no gradient flows back through it).
+    pub fn winners(&self) -> &[u32] {
+        &self.argmax
     }
 
     fn use_direct(&self, input: &[usize]) -> bool {
@@ -73,6 +83,21 @@ impl<T: Float> ConvReluPool<T> {
                 .for_each_init(
                     || vec![T::zero(); plan.scratch()],
                     |scratch, ((yi, ai), xi)| direct_conv::forward(&plan, xi, wt, b, yi, ai, scratch),
+                );
+            self.argmax = argmax;
+            return y;
+        }
+        if self.winograd && winograd::applies(&self.conv, &self.pool, x.shape()) {
+            // F(2x2, 3x3) Winograd, one group of images per task (see `winograd.rs`).
+            let plan = winograd::Plan::new(&g, oc, n);
+            let u = winograd::transform_weights(&plan, wt);
+            slice_mut(&mut y)
+                .par_chunks_mut(plan.group * out)
+                .zip(argmax.par_chunks_mut(plan.group * out))
+                .zip(slice(x).par_chunks(plan.group * c * h * w))
+                .for_each_init(
+                    || vec![T::zero(); plan.scratch()],
+                    |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
                 );
             self.argmax = argmax;
             return y;

@@ -1,0 +1,327 @@
+//! The fused block's forward by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, 2015):
+//! Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), with 2.25 times fewer
+//! multiplications than im2col + GEMM. Its 2x2 output tiles are exactly the pooling windows, so
+//! each tile is pooled the moment it is formed. `conv_block.rs` runs this forward for the
+//! second and third blocks; backward stays im2col + GEMM (it needs only the winners, which are
+//! the same either way). The results agree with the GEMM path up to rounding (tests check it).
+//!
+//! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
+//! (OH/2, OW/2). Tile (i, j) is pooling window (i, j): conv rows 2i, 2i+1, columns 2j, 2j+1,
+//! computed from the 4x4 input patch d at rows 2i..2i+4, columns 2j..2j+4 of each channel.
+//!
+//! The math. For one channel and one 3x3 filter g, the 2x2 outputs of the patch d are
+//!   Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A
+//! with
+//!   B^T = | 1  0 -1  0 |    G = | 1    0    0  |    A^T = | 1  1  1  0 |
+//!         | 0  1  1  0 |        | 1/2  1/2  1/2 |          | 0  1 -1 -1 |
+//!         | 0 -1  1  0 |        | 1/2 -1/2  1/2 |
+//!         | 0  1  0 -1 |        | 0    0    1  |
+//! Summed over input channels, the 16 elementwise products become 16 matrix products:
+//!   U[xi] (OC, C) = (G g G^T)[xi]   for every (o, c)        filter transform
+//!   V[xi] (C, T)  = (B^T d B)[xi]   for every (c, tile)     input transform
+//!   M[xi] (OC, T) = U[xi] V[xi]                            16 GEMMs, K = C
+//!   Y (2x2)       = A^T M A         for every (o, tile)     output transform, + bias
+//! 16*OC*C*T multiplies instead of 36*OC*C*T (4 outputs x 9 taps per tile).
+//!
+//! Both transforms are applied one dimension at a time on runs of tiles that are contiguous:
+//! along a row, tile j starts at column 2j, so with the row split into even and odd columns
+//! (ev[j] = x[2j], od[j] = x[2j+1]) every term is a contiguous run, as in `direct_conv.rs`.
+
+use super::conv2d::ConvGeometry;
+use super::{Conv2d, MaxPool2d};
+use crate::tensor::{gemm, Float};
+
+/// Marks a window whose maximum was not positive (the same marker as `conv_block.rs`).
+const DEAD: u32 = u32::MAX;
+
+/// Whether this forward computes the block for input shape (N, C, H, W): a 3x3, stride-1,
+/// unpadded conv of several channels with 2x2 pooling, and planes with at least 16 windows
+/// (on smaller ones, such as the last block's 2x2, the GEMMs get too thin to pay).
+pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
+    input.len() == 4
+        && input[1] > 1
+        && conv.kernel == (3, 3)
+        && conv.stride == 1
+        && conv.padding == 0
+        && (pool.kernel, pool.stride, pool.padding, pool.ceil_mode) == (2, 2, 0, false)
+        && input[2] >= 4
+        && input[3] >= 4
+        && ((input[2] - 2) / 2) * ((input[3] - 2) / 2) >= 16
+}
+
+/// Sizes of one image, and how many images share a GEMM.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub c: usize,
+    pub oc: usize,
+    h: usize,
+    w: usize,
+    ow: usize,
+    ph: usize,
+    pw: usize,
+    /// Images per group: enough that each GEMM has at least 128 columns (tiles).
+    pub group: usize,
+}
+
+impl Plan {
+    pub fn new(g: &ConvGeometry, oc: usize, n: usize) -> Self {
+        let (ph, pw) = (g.oh / 2, g.ow / 2);
+        let group = 128usize.div_ceil(ph * pw).clamp(1, n.max(1));
+        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, group }
+    }
+    /// Tiles (pooling windows) per image.
+    pub fn tiles(&self) -> usize {
+        self.ph * self.pw
+    }
+    /// Floats of scratch a group needs: V (16, C, G*T), M (16, OC, G*T) and one channel's
+    /// row transform (2 parities, 4, PH+1, PW).
+    pub fn scratch(&self) -> usize {
+        let n = self.group * self.tiles();
+        16 * (self.c + self.oc) * n + 8 * (self.ph + 1) * self.pw
+    }
+}
+
+/// U (16, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 4a + b.
+pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
+    let half = T::f(0.5);
+    // G g for a column (g0, g1, g2): the four rows of G applied to it.
+    let g4 = |g0: T, g1: T, g2: T| [g0, half * (g0 + g1 + g2), half * (g0 - g1 + g2), g2];
+    let mut u = vec![T::zero(); 16 * p.oc * p.c];
+    for o in 0..p.oc {
+        for c in 0..p.c {
+            let g = &w[(o * p.c + c) * 9..][..9];
+            // t = G g (4x3): transform each of the 3 columns.
+            let cols = [g4(g[0], g[3], g[6]), g4(g[1], g[4], g[7]), g4(g[2], g[5], g[8])];
+            for a in 0..4 {
+                // Row a of (G g) G^T = G applied to row a of t.
+                let row = g4(cols[0][a], cols[1][a], cols[2][a]);
+                for (b, &v) in row.iter().enumerate() {
+                    u[((4 * a + b) * p.oc + o) * p.c + c] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// V (16, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
+/// scratch for one channel's row transform, `rows_len` floats.
+///
+/// First B^T along each input row r, for every tile column j (d = x[r][2j .. 2j+4]):
+///   R[0] = d0 - d2,  R[1] = d1 + d2,  R[2] = d2 - d1,  R[3] = d1 - d3,
+/// kept apart for even and odd rows (re, ro: (4, PH+1, PW)), so that rows 2i, 2i+1, 2i+2, 2i+3
+/// of every tile row i are re[t], ro[t], re[t + PW], ro[t + PW] with t = i*PW + j. Then B^T
+/// along the columns is four contiguous runs over all T tiles at once.
+#[inline(always)]
+fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usize, rows: &mut [T]) {
+    let (pw, t) = (p.pw, p.tiles());
+    let half = (p.ph + 1) * pw; // one b of re or ro
+    let (re, ro) = rows[..8 * half].split_at_mut(4 * half);
+    for c in 0..p.c {
+        let xc = &x[c * p.h * p.w..][..p.h * p.w];
+        for r in 0..2 * p.ph + 2 {
+            let xr = &xc[r * p.w..][..2 * pw + 2];
+            let dst = if r % 2 == 0 { &mut *re } else { &mut *ro };
+            let row = (r / 2) * pw;
+            for j in 0..pw {
+                let (d0, d1, d2, d3) = (xr[2 * j], xr[2 * j + 1], xr[2 * j + 2], xr[2 * j + 3]);
+                dst[row + j] = d0 - d2;
+                dst[half + row + j] = d1 + d2;
+                dst[2 * half + row + j] = d2 - d1;
+                dst[3 * half + row + j] = d1 - d3;
+            }
+        }
+        for b in 0..4 {
+            let (e0, e1) = (&re[b * half..][..t], &re[b * half + pw..][..t]); // rows 2i, 2i+2
+            let (o0, o1) = (&ro[b * half..][..t], &ro[b * half + pw..][..t]); // rows 2i+1, 2i+3
+            let row = |a: usize| ((4 * a + b) * p.c + c) * ld + at;
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            for (k, dst) in v[r0..r0 + t].iter_mut().enumerate() {
+                *dst = e0[k] - e1[k];
+            }
+            for (k, dst) in v[r1..r1 + t].iter_mut().enumerate() {
+                *dst = o0[k] + e1[k];
+            }
+            for (k, dst) in v[r2..r2 + t].iter_mut().enumerate() {
+                *dst = e1[k] - o0[k];
+            }
+            for (k, dst) in v[r3..r3 + t].iter_mut().enumerate() {
+                *dst = o0[k] - o1[k];
+            }
+        }
+    }
+}
+
+/// y (OC, PH, PW) and winners for one image, from M (16, OC, ld) at column offset `at`:
+/// A^T M A per tile, + bias, then pool and ReLU exactly as `conv_block.rs` does (candidates in
+/// row-major order, a later one wins only if `!(v <= best)`, dead if the best is <= 0).
+/// `corner[t]` is the conv-plane index of tile t's top-left value, 2i*OW + 2j.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::neg_cmp_op_on_partial_ord)]
+fn transform_output<T: Float>(
+    p: &Plan,
+    m: &[T],
+    ld: usize,
+    at: usize,
+    b: &[T],
+    corner: &[u32],
+    y: &mut [T],
+    arg: &mut [u32],
+) {
+    let t = p.tiles();
+    let offs = [0, 1, p.ow as u32, p.ow as u32 + 1];
+    for o in 0..p.oc {
+        // s[4a + b]: M[4a + b] for this filter, as a run over the image's tiles.
+        let s: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * ld + at..][..t]);
+        let (yo, ao, bias) = (&mut y[o * t..][..t], &mut arg[o * t..][..t], b[o]);
+        let corner = &corner[..t];
+        for k in 0..t {
+            // u = A^T s (2x4), then the 2x2 outputs u A.
+            let u0 = [
+                s[0][k] + s[4][k] + s[8][k],
+                s[1][k] + s[5][k] + s[9][k],
+                s[2][k] + s[6][k] + s[10][k],
+                s[3][k] + s[7][k] + s[11][k],
+            ];
+            let u1 = [
+                s[4][k] - s[8][k] - s[12][k],
+                s[5][k] - s[9][k] - s[13][k],
+                s[6][k] - s[10][k] - s[14][k],
+                s[7][k] - s[11][k] - s[15][k],
+            ];
+            let c00 = u0[0] + u0[1] + u0[2] + bias;
+            let c01 = u0[1] - u0[2] - u0[3] + bias;
+            let c10 = u1[0] + u1[1] + u1[2] + bias;
+            let c11 = u1[1] - u1[2] - u1[3] + bias;
+            let (mut best, mut off) = (c00, offs[0]);
+            for (v, d) in [(c01, offs[1]), (c10, offs[2]), (c11, offs[3])] {
+                let take = !(v <= best);
+                best = if take { v } else { best };
+                off = if take { d } else { off };
+            }
+            let dead = best <= T::zero();
+            yo[k] = if dead { T::zero() } else { best };
+            ao[k] = if dead { DEAD } else { corner[k] + off };
+        }
+    }
+}
+
+/// Forward for a group of images: xs (G, C, H, W) -> y (G, OC, PH, PW) and winners, given
+/// the transformed weights `u` from `transform_weights`. `scratch` holds `plan.scratch()`.
+#[inline(always)]
+fn forward_group_impl<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+    let (img, out, t) = (p.c * p.h * p.w, p.oc * p.tiles(), p.tiles());
+    let gs = xs.len() / img;
+    let n = gs * t; // columns of V and M: every tile of the group
+    let (v, rest) = scratch.split_at_mut(16 * p.c * n);
+    let (m, rows) = rest.split_at_mut(16 * p.oc * n);
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        transform_input(p, x, v, n, i * t, rows);
+    }
+    for xi in 0..16 {
+        let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
+        gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
+    }
+    let corner: Vec<u32> = (0..t).map(|k| (2 * (k / p.pw) * p.ow + 2 * (k % p.pw)) as u32).collect();
+    for i in 0..gs {
+        transform_output(p, m, n, i * t, b, &corner, &mut y[i * out..][..out], &mut arg[i * out..][..out]);
+    }
+}
+
+// The same code compiled with AVX-512 enabled, so the compiler vectorises the transforms 16
+// floats wide; no FMA is enabled, so the results are bit for bit the portable ones.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn forward_group_avx512<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], s: &mut [T]) {
+    forward_group_impl(p, u, b, xs, y, arg, s)
+}
+
+/// Forward for a group of images (see `forward_group_impl`), AVX-512 when the CPU has it.
+pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU was just checked to have AVX-512F.
+        return unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) };
+    }
+    forward_group_impl(p, u, b, xs, y, arg, scratch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{ConvReluPool, Ctx, Layer};
+    use crate::tensor::{from_vec, slice, Tensor};
+
+    /// A deterministic pseudo-random fill in [-1, 1).
+    fn fill<T: Float>(n: usize, seed: u64) -> Vec<T> {
+        let mut z = seed;
+        (0..n)
+            .map(|_| {
+                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                T::f(((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
+            })
+            .collect()
+    }
+
+    /// A block with random weights, Winograd on or off.
+    fn block<T: Float>(c: usize, oc: usize, winograd: bool) -> ConvReluPool<T> {
+        let mut b = ConvReluPool::new(Conv2d::<T>::new(c, oc, (3, 3), 1, 0), MaxPool2d::new(2, 2));
+        b.winograd = winograd;
+        b.conv.weight.value = from_vec(&[oc, c, 3, 3], fill(oc * c * 9, 5));
+        b.conv.bias.value = from_vec(&[oc], fill(oc, 6));
+        b
+    }
+
+    /// Largest |a - b| over the largest |a|.
+    fn rel<T: Float>(a: &Tensor<T>, b: &Tensor<T>) -> f64 {
+        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.as_f64().abs())).max(1e-30);
+        a.iter().zip(b.iter()).fold(0.0f64, |m, (p, q)| m.max((p.as_f64() - q.as_f64()).abs())) / scale
+    }
+
+    /// Winograd's forward gives what im2col + GEMM gives, and picks the same winners (so the
+    /// shared backward gives the same gradients): the model's two shapes, odd sizes that leave
+    /// a conv row or column unpooled, a group split unevenly across the batch.
+    #[test]
+    fn winograd_forward_matches_the_gemm_path() {
+        for (n, c, oc, h, w) in [(3, 32, 64, 31, 31), (9, 64, 128, 14, 14), (2, 3, 5, 11, 12), (5, 2, 3, 10, 13)] {
+            let shape = [n, c, h, w];
+            assert!(applies(&block::<f64>(c, oc, true).conv, &MaxPool2d::new(2, 2), &shape), "{shape:?}");
+            let x64 = from_vec(&shape, fill::<f64>(n * c * h * w, 7));
+            let (mut a, mut b) = (block::<f64>(c, oc, true), block::<f64>(c, oc, false));
+            let (ya, yb) = (a.forward(&x64, Ctx::eval()), b.forward(&x64, Ctx::eval()));
+            assert!(rel(&yb, &ya) < 1e-12, "f64 {shape:?}: {:.2e}", rel(&yb, &ya));
+            let dy = from_vec(ya.shape(), fill::<f64>(ya.len(), 8));
+            let (dxa, dxb) = (a.backward(&dy), b.backward(&dy));
+            assert!(rel(&dxb, &dxa) < 1e-12, "f64 {shape:?} dx: {:.2e}", rel(&dxb, &dxa));
+            let (ga, gb) = (&a.conv.weight.grad, &b.conv.weight.grad);
+            assert!(rel(gb, ga) < 1e-12, "f64 {shape:?} dW: {:.2e}", rel(gb, ga));
+
+            // f32: the products are rounded differently, so only close.
+            let x32 = from_vec(&shape, fill::<f32>(n * c * h * w, 7));
+            let (mut a, mut b) = (block::<f32>(c, oc, true), block::<f32>(c, oc, false));
+            let (ya, yb) = (a.forward(&x32, Ctx::eval()), b.forward(&x32, Ctx::eval()));
+            assert!(rel(&yb, &ya) < 1e-5, "f32 {shape:?}: {:.2e}", rel(&yb, &ya));
+            assert!(slice(&ya).iter().any(|&v| v > 0.0) && slice(&ya).contains(&0.0), "live and dead windows");
+        }
+    }
+
+    /// The AVX-512 build of the group forward gives the portable build's bits.
+    #[test]
+    fn avx512_build_matches_portable_bit_for_bit() {
+        let (n, c, oc, h, w) = (3, 5, 7, 12, 15);
+        let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
+        let p = Plan::new(&g, oc, n);
+        let u = transform_weights(&p, &fill::<f32>(oc * c * 9, 1));
+        let (bias, mut x) = (fill::<f32>(oc, 2), fill::<f32>(n * c * h * w, 3));
+        x[17] = f32::NAN;
+        let out = n * oc * p.tiles();
+        let mut s = vec![0.0; p.scratch()];
+        let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; out], vec![0; out], vec![0.0; out], vec![0; out]);
+        forward_group(&p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
+        forward_group_impl(&p, &u, &bias, &x, &mut y2, &mut a2, &mut s);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y1), bits(&y2));
+        assert_eq!(a1, a2);
+        assert!(y1.iter().any(|v| v.is_nan()), "the NaN pixel spreads to its windows");
+    }
+}
