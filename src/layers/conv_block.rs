@@ -14,6 +14,13 @@
 //!
 //! and dc feeds the convolution's backward unchanged: dW += dc col^T, db += sum dc,
 //! dx = col2im(W^T dc).
+//!
+//! Three ways to compute it, one per shape of block in the model (each checked against the
+//! im2col + GEMM way written here, which also serves every other shape):
+//! - one input channel, 3x3, pool 2: `direct_conv.rs` (the first block; K = 9 is a poor GEMM);
+//! - several channels, 3x3, pool 2, at least 16 windows: `winograd.rs`, F(2x2, 3x3), forward
+//!   and backward (the second and third blocks; 2.25x fewer multiplies);
+//! - anything else, such as the last block's 2x2 pooled planes: im2col + GEMM, below.
 
 use rayon::prelude::*;
 
@@ -265,6 +272,9 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let (xs, dys, args) = (slice(x), slice(dy), &self.argmax);
         let out = oc * ph * pw;
         let direct = !input_grad && self.use_direct(x.shape());
+        let wino = self.winograd && winograd::applies(&self.conv, &self.pool, x.shape());
+        let wplan = winograd::Plan::new(&g, oc, n);
+        let u = if wino { winograd::transform_weights(&wplan, wt) } else { Vec::new() };
         let plan = direct_conv::Plan::new(&g);
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
@@ -272,6 +282,31 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
             .map(|(r, dx_part)| {
                 let mut dw = vec![T::zero(); oc * k];
                 let mut db = vec![T::zero(); oc];
+                if wino {
+                    // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
+                    let mut mw = vec![T::zero(); 16 * oc * c];
+                    let mut scratch = vec![T::zero(); winograd::backward_scratch(&wplan)];
+                    let mut first = r.start;
+                    while first < r.end {
+                        let gs = wplan.group.min(r.end - first);
+                        let imgs = first..first + gs;
+                        let (xg, dyg, ag) = (
+                            &xs[imgs.start * img..imgs.end * img],
+                            &dys[imgs.start * out..imgs.end * out],
+                            &args[imgs.start * out..imgs.end * out],
+                        );
+                        let at = (first - r.start) * img;
+                        let dxg = if input_grad { Some(&mut dx_part[at..at + gs * img]) } else { None };
+                        winograd::backward_group(&wplan, &u, xg, dyg, ag, &mut mw, dxg, &mut scratch);
+                        let planes = dyg.chunks_exact(ph * pw).zip(ag.chunks_exact(ph * pw));
+                        for (j, (dyp, ap)) in planes.enumerate() {
+                            db[j % oc] += sum_live(dyp, ap);
+                        }
+                        first += gs;
+                    }
+                    winograd::finish_weight_grad(&wplan, &mw, &mut dw);
+                    return (dw, db);
+                }
                 if direct {
                     // dW straight from the pixels (see `direct_conv.rs`); db as below.
                     let mut scratch = vec![T::zero(); plan.scratch()];

@@ -1,9 +1,10 @@
 //! The fused block's forward by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, 2015):
 //! Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), with 2.25 times fewer
 //! multiplications than im2col + GEMM. Its 2x2 output tiles are exactly the pooling windows, so
-//! each tile is pooled the moment it is formed. `conv_block.rs` runs this forward for the
-//! second and third blocks; backward stays im2col + GEMM (it needs only the winners, which are
-//! the same either way). The results agree with the GEMM path up to rounding (tests check it).
+//! each tile is pooled the moment it is formed. The backward (dW and dx) is the same algorithm
+//! run in reverse, on the same tiles (see "Backward" below). `conv_block.rs` runs both for the
+//! second and third blocks; the results agree with its im2col + GEMM path up to rounding, and
+//! pick the same winners (tests check it).
 //!
 //! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
 //! (OH/2, OW/2). Tile (i, j) is pooling window (i, j): conv rows 2i, 2i+1, columns 2j, 2j+1,
@@ -206,6 +207,184 @@ fn transform_output<T: Float>(
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Backward, by the adjoint of the same algorithm.
+//
+// Per tile the forward is linear in the filter g and in the patch d:
+//   Y = A^T [ U ⊙ V ] A,   U = G g G^T,   V = B^T d B.
+// With dY the tile's 2x2 conv-output gradient and Z = A dY A^T (4x4), the adjoints are
+//   dg = G^T [ V ⊙ Z ] G          (the weight gradient, summed over tiles and images)
+//   dd = B [ U ⊙ Z ] B^T          (the patch's gradient, scattered back onto dx)
+// and summed over channels these become GEMMs again, 16 of each:
+//   Mw[xi] (OC, C) = Z[xi] (OC, T) V[xi]^T (T, C)       then dW[o][c] = G^T Mw[o][c] G
+//   Md[xi] (C, T)  = U[xi]^T (C, OC) Z[xi] (OC, T)      then dd = B Md B^T per tile
+// dY has one nonzero at most: the pooled gradient at the window's winner (r, s) when it was
+// alive. Then Z = dy a_r a_s^T with a_0 = (1, 1, 1, 0), a_1 = (0, 1, -1, -1) (A's columns).
+
+/// Row r of A, A = A^T's transpose: the Z pattern of a winner in tile row (or column) r.
+const A_COL: [[i8; 4]; 2] = [[1, 1, 1, 0], [0, 1, -1, -1]];
+
+/// Floats of per-thread scratch for the backward of a group: V (16, C, n), Z (16, OC, n),
+/// Md (16, C, n), the row transform.
+pub fn backward_scratch(p: &Plan) -> usize {
+    let n = p.group * p.tiles();
+    16 * (2 * p.c + p.oc) * n + (8 * (p.ph + 1) * p.pw).max(4 * p.tiles())
+}
+
+/// One group's share of the backward: Mw (16, OC, C) += this group's products (turn it into
+/// dW with `finish_weight_grad` once every group is in), and, when `dx` is given, dx (gs, C, H,
+/// W) += the group's input gradient. xs (gs, C, H, W), dy and winners (gs, OC, PH, PW), `u`
+/// the forward's transformed weights.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_group_impl<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    dx: Option<&mut [T]>,
+    scratch: &mut [T],
+) {
+    let (img, out, t) = (p.c * p.h * p.w, p.oc * p.tiles(), p.tiles());
+    let gs = xs.len() / img;
+    let n = gs * t;
+    let (v, rest) = scratch.split_at_mut(16 * p.c * n);
+    let (z, rest) = rest.split_at_mut(16 * p.oc * n);
+    let (md, rows) = rest.split_at_mut(16 * p.c * n);
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        transform_input(p, x, v, n, i * t, rows);
+    }
+    // Z from the winners, for each (image, filter) as runs over the tiles: d = the pooled
+    // gradient where the window is alive (else 0), fa[a] = A[a][r], fb[b] = A[b][s] for the
+    // winner (r, s), and Z[4a + b] = (d fa[a]) fb[b] (products with 1, -1 or 0: exact).
+    let (rr, rest) = rows.split_at_mut(t); // the row-transform scratch is free again
+    let (ss, rest) = rest.split_at_mut(t);
+    let (dd, da) = rest.split_at_mut(t);
+    let acol = A_COL.map(|col| col.map(|v| T::f(v as f64)));
+    // Tile k's top-left conv position 2i*OW + 2j, and its top-left pixel 2i*W + 2j.
+    let corner: Vec<u32> = (0..t).map(|k| (2 * (k / p.pw) * p.ow + 2 * (k % p.pw)) as u32).collect();
+    let origin: Vec<usize> = (0..t).map(|k| 2 * (k / p.pw) * p.w + 2 * (k % p.pw)).collect();
+    for i in 0..gs {
+        for o in 0..p.oc {
+            let (dyr, ar) = (&dy[i * out + o * t..][..t], &arg[i * out + o * t..][..t]);
+            // Per tile: d, and the winner's row r and column s (as 0 or 1, in T).
+            for k in 0..t {
+                let live = ar[k] != DEAD;
+                let off = if live { ar[k] - corner[k] } else { 0 }; // one of 0, 1, OW, OW + 1
+                let r = off >= p.ow as u32;
+                rr[k] = if r { T::one() } else { T::zero() };
+                ss[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
+                dd[k] = if live { dyr[k] } else { T::zero() };
+            }
+            for a in 0..4 {
+                let (a0, a1) = (acol[0][a], acol[1][a]);
+                let da = &mut da[..t];
+                for k in 0..t {
+                    da[k] = dd[k] * if rr[k] > T::zero() { a1 } else { a0 };
+                }
+                for b in 0..4 {
+                    let (b0, b1) = (acol[0][b], acol[1][b]);
+                    let dst = &mut z[((4 * a + b) * p.oc + o) * n + i * t..][..t];
+                    for k in 0..t {
+                        dst[k] = da[k] * if ss[k] > T::zero() { b1 } else { b0 };
+                    }
+                }
+            }
+        }
+    }
+    for xi in 0..16 {
+        let (zk, vk) = (&z[xi * p.oc * n..][..p.oc * n], &v[xi * p.c * n..][..p.c * n]);
+        let mwk = &mut mw[xi * p.oc * p.c..][..p.oc * p.c];
+        gemm(false, true, p.oc, p.c, n, T::one(), zk, vk, T::one(), mwk); // Mw[xi] += Z[xi] V[xi]^T
+    }
+    let Some(dx) = dx else { return };
+    for xi in 0..16 {
+        let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
+        let mdk = &mut md[xi * p.c * n..][..p.c * n];
+        gemm(true, false, p.c, n, p.oc, T::one(), uk, zk, T::zero(), mdk); // Md[xi] = U[xi]^T Z[xi]
+    }
+    // dd = B Md B^T per tile, B = (B^T)^T: for a column m of Md, B m = (m0, m1 - m2 + m3,
+    // m1 + m2 - m0, -m3), first along a (columns), then along b (rows). dd's element (a, b)
+    // lands on dx[c][2i + a][2j + b]; the patches of neighbouring tiles overlap by two.
+    let bt = |m0: T, m1: T, m2: T, m3: T| [m0, m1 - m2 + m3, m1 + m2 - m0, -m3];
+    let plane = p.h * p.w;
+    for i in 0..gs {
+        for c in 0..p.c {
+            let dxc = &mut dx[i * img + c * plane..][..plane];
+            for k in 0..t {
+                let m = |a: usize, b: usize| md[((4 * a + b) * p.c + c) * n + i * t + k];
+                let cols: [[T; 4]; 4] = std::array::from_fn(|b| bt(m(0, b), m(1, b), m(2, b), m(3, b)));
+                for (a, ((c0, c1), (c2, c3))) in
+                    cols[0].iter().zip(&cols[1]).zip(cols[2].iter().zip(&cols[3])).enumerate()
+                {
+                    let row = bt(*c0, *c1, *c2, *c3);
+                    let at = origin[k] + a * p.w;
+                    for (b, v) in row.iter().enumerate() {
+                        dxc[at + b] += *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dW (OC, C, 3, 3) += G^T Mw[o][c] G, Mw (16, OC, C) summed over every group.
+pub fn finish_weight_grad<T: Float>(p: &Plan, mw: &[T], dw: &mut [T]) {
+    let half = T::f(0.5);
+    // G^T applied to a 4-vector m: (m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3).
+    let gt = |m: [T; 4]| [m[0] + half * (m[1] + m[2]), half * (m[1] - m[2]), half * (m[1] + m[2]) + m[3]];
+    for o in 0..p.oc {
+        for c in 0..p.c {
+            let m = |a: usize, b: usize| mw[((4 * a + b) * p.oc + o) * p.c + c];
+            let cols: [[T; 3]; 4] = std::array::from_fn(|b| gt([m(0, b), m(1, b), m(2, b), m(3, b)]));
+            for kh in 0..3 {
+                let row = gt([cols[0][kh], cols[1][kh], cols[2][kh], cols[3][kh]]);
+                for kw in 0..3 {
+                    dw[(o * p.c + c) * 9 + 3 * kh + kw] += row[kw];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn backward_group_avx512<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    dx: Option<&mut [T]>,
+    s: &mut [T],
+) {
+    backward_group_impl(p, u, xs, dy, arg, mw, dx, s)
+}
+
+/// One group's backward (see `backward_group_impl`), AVX-512 when the CPU has it.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_group<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    dx: Option<&mut [T]>,
+    scratch: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU was just checked to have AVX-512F.
+        return unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, dx, scratch) };
+    }
+    backward_group_impl(p, u, xs, dy, arg, mw, dx, scratch)
+}
+
 /// Forward for a group of images: xs (G, C, H, W) -> y (G, OC, PH, PW) and winners, given
 /// the transformed weights `u` from `transform_weights`. `scratch` holds `plan.scratch()`.
 #[inline(always)]
@@ -278,11 +457,11 @@ mod tests {
         a.iter().zip(b.iter()).fold(0.0f64, |m, (p, q)| m.max((p.as_f64() - q.as_f64()).abs())) / scale
     }
 
-    /// Winograd's forward gives what im2col + GEMM gives, and picks the same winners (so the
-    /// shared backward gives the same gradients): the model's two shapes, odd sizes that leave
-    /// a conv row or column unpooled, a group split unevenly across the batch.
+    /// Winograd's forward gives what im2col + GEMM gives and picks the same winners, and its
+    /// backward gives the same dx, dW and db: the model's two shapes, odd sizes that leave a
+    /// conv row or column unpooled, a group split unevenly across the batch.
     #[test]
-    fn winograd_forward_matches_the_gemm_path() {
+    fn winograd_matches_the_gemm_path() {
         for (n, c, oc, h, w) in [(3, 32, 64, 31, 31), (9, 64, 128, 14, 14), (2, 3, 5, 11, 12), (5, 2, 3, 10, 13)] {
             let shape = [n, c, h, w];
             assert!(applies(&block::<f64>(c, oc, true).conv, &MaxPool2d::new(2, 2), &shape), "{shape:?}");
@@ -295,6 +474,8 @@ mod tests {
             assert!(rel(&dxb, &dxa) < 1e-12, "f64 {shape:?} dx: {:.2e}", rel(&dxb, &dxa));
             let (ga, gb) = (&a.conv.weight.grad, &b.conv.weight.grad);
             assert!(rel(gb, ga) < 1e-12, "f64 {shape:?} dW: {:.2e}", rel(gb, ga));
+            let (ga, gb) = (&a.conv.bias.grad, &b.conv.bias.grad);
+            assert!(rel(gb, ga) < 1e-12, "f64 {shape:?} db: {:.2e}", rel(gb, ga));
 
             // f32: the products are rounded differently, so only close.
             let x32 = from_vec(&shape, fill::<f32>(n * c * h * w, 7));
@@ -305,7 +486,7 @@ mod tests {
         }
     }
 
-    /// The AVX-512 build of the group forward gives the portable build's bits.
+    /// The AVX-512 build of the group forward and backward gives the portable build's bits.
     #[test]
     fn avx512_build_matches_portable_bit_for_bit() {
         let (n, c, oc, h, w) = (3, 5, 7, 12, 15);
@@ -323,5 +504,18 @@ mod tests {
         assert_eq!(bits(&y1), bits(&y2));
         assert_eq!(a1, a2);
         assert!(y1.iter().any(|v| v.is_nan()), "the NaN pixel spreads to its windows");
+
+        // Backward, on a NaN-free input so that every number is compared.
+        x[17] = 0.25;
+        forward_group(&p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
+        let dy = fill::<f32>(out, 4);
+        let mut s = vec![0.0; backward_scratch(&p)];
+        let (mut mw1, mut mw2) = (vec![0.0; 16 * oc * c], vec![0.0; 16 * oc * c]);
+        let (mut dx1, mut dx2) = (vec![0.0; n * c * h * w], vec![0.0; n * c * h * w]);
+        backward_group(&p, &u, &x, &dy, &a1, &mut mw1, Some(&mut dx1), &mut s);
+        backward_group_impl(&p, &u, &x, &dy, &a1, &mut mw2, Some(&mut dx2), &mut s);
+        assert_eq!(bits(&mw1), bits(&mw2));
+        assert_eq!(bits(&dx1), bits(&dx2));
+        assert!(dx1.iter().any(|&v| v != 0.0) && mw1.iter().any(|&v| v != 0.0));
     }
 }
