@@ -18,9 +18,9 @@
 //! Three ways to compute it, one per shape of block in the model (each checked against the
 //! im2col + GEMM way written here, which also serves every other shape):
 //! - one input channel, 3x3, pool 2: `direct_conv.rs` (the first block; K = 9 is a poor GEMM);
-//! - several channels, 3x3, pool 2, at least 16 windows: `winograd.rs`, F(2x2, 3x3), forward
-//!   and backward (the second and third blocks; 2.25x fewer multiplies);
-//! - anything else, such as the last block's 2x2 pooled planes: im2col + GEMM, below.
+//! - several channels, 3x3, pool 2: `winograd.rs`, F(2x2, 3x3), forward and backward (the
+//!   other three blocks; 2.25x fewer multiplies);
+//! - anything else: im2col + GEMM, below.
 
 use rayon::prelude::*;
 

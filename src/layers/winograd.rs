@@ -2,9 +2,9 @@
 //! Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), with 2.25 times fewer
 //! multiplications than im2col + GEMM. Its 2x2 output tiles are exactly the pooling windows, so
 //! each tile is pooled the moment it is formed. The backward (dW and dx) is the same algorithm
-//! run in reverse, on the same tiles (see "Backward" below). `conv_block.rs` runs both for the
-//! second and third blocks; the results agree with its im2col + GEMM path up to rounding, and
-//! pick the same winners (tests check it).
+//! run in reverse, on the same tiles (see "Backward" below). `conv_block.rs` runs both for
+//! every block but the first; the results agree with its im2col + GEMM path up to rounding,
+//! and pick the same winners (tests check it).
 //!
 //! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
 //! (OH/2, OW/2). Tile (i, j) is pooling window (i, j): conv rows 2i, 2i+1, columns 2j, 2j+1,
@@ -35,9 +35,8 @@ use crate::tensor::{gemm, Float};
 /// Marks a window whose maximum was not positive (the same marker as `conv_block.rs`).
 const DEAD: u32 = u32::MAX;
 
-/// Whether this forward computes the block for input shape (N, C, H, W): a 3x3, stride-1,
-/// unpadded conv of several channels with 2x2 pooling, and planes with at least 16 windows
-/// (on smaller ones, such as the last block's 2x2, the GEMMs get too thin to pay).
+/// Whether this path computes the block for input shape (N, C, H, W): a 3x3, stride-1,
+/// unpadded conv of several channels (one channel is `direct_conv.rs`'s) with 2x2 pooling.
 pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
     input.len() == 4
         && input[1] > 1
@@ -47,7 +46,6 @@ pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) ->
         && (pool.kernel, pool.stride, pool.padding, pool.ceil_mode) == (2, 2, 0, false)
         && input[2] >= 4
         && input[3] >= 4
-        && ((input[2] - 2) / 2) * ((input[3] - 2) / 2) >= 16
 }
 
 /// Sizes of one image, and how many images share a GEMM.
@@ -60,14 +58,15 @@ pub struct Plan {
     ow: usize,
     ph: usize,
     pw: usize,
-    /// Images per group: enough that each GEMM has at least 128 columns (tiles).
+    /// Images per group: enough that each GEMM has at least 128 columns (tiles), but no more
+    /// than each thread's share of the batch (the last block has only 4 tiles per image).
     pub group: usize,
 }
 
 impl Plan {
     pub fn new(g: &ConvGeometry, oc: usize, n: usize) -> Self {
         let (ph, pw) = (g.oh / 2, g.ow / 2);
-        let group = 128usize.div_ceil(ph * pw).clamp(1, n.max(1));
+        let group = 128usize.div_ceil(ph * pw).clamp(1, n.div_ceil(rayon::current_num_threads()).max(1));
         Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, group }
     }
     /// Tiles (pooling windows) per image.
@@ -458,11 +457,13 @@ mod tests {
     }
 
     /// Winograd's forward gives what im2col + GEMM gives and picks the same winners, and its
-    /// backward gives the same dx, dW and db: the model's two shapes, odd sizes that leave a
-    /// conv row or column unpooled, a group split unevenly across the batch.
+    /// backward gives the same dx, dW and db: the model's shapes (the last block's in fewer
+    /// channels), odd sizes that leave a conv row or column unpooled, groups split unevenly.
     #[test]
     fn winograd_matches_the_gemm_path() {
-        for (n, c, oc, h, w) in [(3, 32, 64, 31, 31), (9, 64, 128, 14, 14), (2, 3, 5, 11, 12), (5, 2, 3, 10, 13)] {
+        let shapes =
+            [(3, 32, 64, 31, 31), (9, 64, 128, 14, 14), (33, 16, 8, 6, 6), (2, 3, 5, 11, 12), (5, 2, 3, 10, 13)];
+        for (n, c, oc, h, w) in shapes {
             let shape = [n, c, h, w];
             assert!(applies(&block::<f64>(c, oc, true).conv, &MaxPool2d::new(2, 2), &shape), "{shape:?}");
             let x64 = from_vec(&shape, fill::<f64>(n * c * h * w, 7));
@@ -489,9 +490,10 @@ mod tests {
     /// The AVX-512 build of the group forward and backward gives the portable build's bits.
     #[test]
     fn avx512_build_matches_portable_bit_for_bit() {
-        let (n, c, oc, h, w) = (3, 5, 7, 12, 15);
+        let (c, oc, h, w) = (5, 7, 12, 15);
         let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
-        let p = Plan::new(&g, oc, n);
+        let p = Plan::new(&g, oc, 3);
+        let n = p.group; // one whole group (2 or 3 images, as the thread count allows)
         let u = transform_weights(&p, &fill::<f32>(oc * c * 9, 1));
         let (bias, mut x) = (fill::<f32>(oc, 2), fill::<f32>(n * c * h * w, 3));
         x[17] = f32::NAN;
