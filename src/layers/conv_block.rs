@@ -210,6 +210,18 @@ fn sum_live<T: Float>(dy: &[T], arg: &[u32]) -> T {
     acc.iter().fold(tail, |s, &v| s + v)
 }
 
+/// Whether a block is the shape both fast paths need: a 3x3, stride-1, unpadded conv, then
+/// 2x2 pooling with stride 2 in floor mode, on an (N, C, H, W) input of at least 4x4.
+pub(crate) fn conv3x3_pool2<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
+    input.len() == 4
+        && conv.kernel == (3, 3)
+        && conv.stride == 1
+        && conv.padding == 0
+        && (pool.kernel, pool.stride, pool.padding, pool.ceil_mode) == (2, 2, 0, false)
+        && input[2] >= 4
+        && input[3] >= 4
+}
+
 /// Images per GEMM: enough that the GEMM's N = G*L is at least 256 columns. The late layers
 /// have tiny planes (L = 16 for the last conv), where one image per GEMM would starve it.
 pub fn group_size(l: usize, n: usize) -> usize {

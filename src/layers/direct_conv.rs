@@ -24,6 +24,7 @@
 //! db = sum of the live dy is computed by the caller.
 
 use super::conv2d::ConvGeometry;
+use super::conv_block::conv3x3_pool2;
 use super::{Conv2d, MaxPool2d};
 use crate::tensor::Float;
 
@@ -35,15 +36,7 @@ const DEAD: u32 = u32::MAX;
 
 /// Whether the direct path computes this block for input shape (N, C, H, W).
 pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
-    input.len() == 4
-        && input[1] == 1
-        && conv.in_channels == 1
-        && conv.kernel == (3, 3)
-        && conv.stride == 1
-        && conv.padding == 0
-        && (pool.kernel, pool.stride, pool.padding, pool.ceil_mode) == (2, 2, 0, false)
-        && input[2] >= 4
-        && input[3] >= 4
+    conv3x3_pool2(conv, pool, input) && input[1] == 1
 }
 
 /// Sizes of one image on the direct path.
@@ -215,6 +208,20 @@ mod avx512 {
         unsafe { _mm512_loadu_ps(r.as_ptr()) }
     }
 
+    /// What forward and backward both start with: the image split into even and odd columns,
+    /// the corners' column offsets 2l, and the four candidates' offsets from a window's corner
+    /// in the conv plane (0, 1, OW, OW + 1).
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::type_complexity)]
+    fn setup<'s>(p: &Plan, x: &[f32], s: &'s mut [f32]) -> (&'s [f32], &'s [f32], __m512i, [__m512i; 4]) {
+        super::deinterleave(p, x, s);
+        let (ev, od) = s.split_at(p.h * p.stride);
+        // SAFETY: TWO_L holds LANES i32.
+        let two_l = unsafe { _mm512_loadu_si512(TWO_L.as_ptr().cast()) };
+        let ow = p.ow as i32;
+        (ev, od, two_l, [0, 1, ow, ow + 1].map(|v| _mm512_set1_epi32(v)))
+    }
+
     /// The lanes of a run starting at column jb that are real windows (jb + l < PW).
     fn live_mask(p: &Plan, jb: usize) -> __mmask16 {
         let live = LANES.min(p.pw - jb);
@@ -223,13 +230,8 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub fn forward_image(p: &Plan, x: &[f32], wt: &[f32], b: &[f32], y: &mut [f32], arg: &mut [u32], s: &mut [f32]) {
-        super::deinterleave(p, x, s);
-        let (ev, od) = s.split_at(p.h * p.stride);
+        let (ev, od, two_l, offs) = setup(p, x, s);
         let plane = p.ph * p.pw;
-        // SAFETY: TWO_L holds LANES i32.
-        let two_l = unsafe { _mm512_loadu_si512(TWO_L.as_ptr().cast()) };
-        let ow = p.ow as i32;
-        let offs = [0, 1, ow, ow + 1].map(|v| _mm512_set1_epi32(v));
         for (o, (yo, ao)) in y.chunks_exact_mut(plane).zip(arg.chunks_exact_mut(plane)).enumerate() {
             let w: [__m512; 9] = std::array::from_fn(|t| _mm512_set1_ps(wt[o * 9 + t]));
             for i in 0..p.ph {
@@ -278,13 +280,8 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub fn backward_image(p: &Plan, x: &[f32], dy: &[f32], arg: &[u32], dw: &mut [f32], s: &mut [f32]) {
-        super::deinterleave(p, x, s);
-        let (ev, od) = s.split_at(p.h * p.stride);
+        let (ev, od, two_l, offs) = setup(p, x, s);
         let plane = p.ph * p.pw;
-        // SAFETY: TWO_L holds LANES i32.
-        let two_l = unsafe { _mm512_loadu_si512(TWO_L.as_ptr().cast()) };
-        let ow = p.ow as i32;
-        let offs = [0, 1, ow, ow + 1].map(|v| _mm512_set1_epi32(v));
         for (o, (dyo, ao)) in dy.chunks_exact(plane).zip(arg.chunks_exact(plane)).enumerate() {
             let mut acc = [_mm512_setzero_ps(); 9];
             for i in 0..p.ph {

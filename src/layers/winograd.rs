@@ -29,6 +29,7 @@
 //! (ev[j] = x[2j], od[j] = x[2j+1]) every term is a contiguous run, as in `direct_conv.rs`.
 
 use super::conv2d::ConvGeometry;
+use super::conv_block::conv3x3_pool2;
 use super::{Conv2d, MaxPool2d};
 use crate::tensor::{gemm, Float};
 
@@ -38,14 +39,7 @@ const DEAD: u32 = u32::MAX;
 /// Whether this path computes the block for input shape (N, C, H, W): a 3x3, stride-1,
 /// unpadded conv of several channels (one channel is `direct_conv.rs`'s) with 2x2 pooling.
 pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
-    input.len() == 4
-        && input[1] > 1
-        && conv.kernel == (3, 3)
-        && conv.stride == 1
-        && conv.padding == 0
-        && (pool.kernel, pool.stride, pool.padding, pool.ceil_mode) == (2, 2, 0, false)
-        && input[2] >= 4
-        && input[3] >= 4
+    conv3x3_pool2(conv, pool, input) && input[1] > 1
 }
 
 /// Sizes of one image, and how many images share a GEMM.
