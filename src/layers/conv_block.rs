@@ -309,26 +309,18 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                         );
                         let at = (first - r.start) * img;
                         let dxg = if input_grad { Some(&mut dx_part[at..at + gs * img]) } else { None };
-                        winograd::backward_group(&wplan, &u, xg, dyg, ag, &mut mw, dxg, &mut scratch);
-                        let planes = dyg.chunks_exact(ph * pw).zip(ag.chunks_exact(ph * pw));
-                        for (j, (dyp, ap)) in planes.enumerate() {
-                            db[j % oc] += sum_live(dyp, ap);
-                        }
+                        winograd::backward_group(&wplan, &u, xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
                         first += gs;
                     }
                     winograd::finish_weight_grad(&wplan, &mw, &mut dw);
                     return (dw, db);
                 }
                 if direct {
-                    // dW straight from the pixels (see `direct_conv.rs`); db as below.
+                    // dW and db straight from the pixels (see `direct_conv.rs`).
                     let mut scratch = vec![T::zero(); plan.scratch()];
                     for i in r.clone() {
                         let (xi, dyi, ai) = (&xs[i * img..][..img], &dys[i * out..][..out], &args[i * out..][..out]);
-                        direct_conv::backward(&plan, xi, dyi, ai, &mut dw, &mut scratch);
-                        let planes = dyi.chunks_exact(ph * pw).zip(ai.chunks_exact(ph * pw));
-                        for (db_o, (dyp, ap)) in db.iter_mut().zip(planes) {
-                            *db_o += sum_live(dyp, ap);
-                        }
+                        direct_conv::backward(&plan, xi, dyi, ai, &mut dw, &mut db, &mut scratch);
                     }
                     return (dw, db);
                 }

@@ -21,7 +21,7 @@
 //!   dW[kh][kw] = sum_{i,j} sum_{dr,dc} D_{dr,dc}[i][j] x[2i+dr+kh][2j+dc+kw],
 //! with D_{dr,dc}[i][j] = dy[i][j] if (dr, dc) won window (i, j) alive, else 0. Masking dy four
 //! ways costs four compares; the sum then runs over contiguous ev/od runs exactly as forward.
-//! db = sum of the live dy is computed by the caller.
+//! db = the sum of the live windows' dy, taken in the same pass over dy.
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::conv3x3_pool2;
@@ -143,16 +143,26 @@ pub fn forward_image<T: Float>(p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut [T]
     }
 }
 
-/// dW (OC, 9) += this image's share, from x (H, W), dy (OC, PH, PW) and the forward's winners.
+/// dW (OC, 9) and db (OC) += this image's share, from x (H, W), dy (OC, PH, PW) and the
+/// forward's winners (db: the sum of the live windows' dy, in the same pass over dy).
 /// The portable version, as `forward_image`.
 #[inline(always)]
-pub fn backward_image<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], scratch: &mut [T]) {
+#[allow(clippy::too_many_arguments)]
+pub fn backward_image<T: Float>(
+    p: &Plan,
+    x: &[T],
+    dy: &[T],
+    arg: &[u32],
+    dw: &mut [T],
+    db: &mut [T],
+    scratch: &mut [T],
+) {
     deinterleave(p, x, scratch);
     let (ev, od) = scratch.split_at(p.h * p.stride);
     let plane = p.ph * p.pw;
     for (o, (dyo, ao)) in dy.chunks_exact(plane).zip(arg.chunks_exact(plane)).enumerate() {
         // acc[3*kh + kw][l]: lane l's running share of dW[o][kh][kw], summed at the end.
-        let mut acc = [[T::zero(); LANES]; 9];
+        let (mut acc, mut dba) = ([[T::zero(); LANES]; 9], [T::zero(); LANES]);
         for i in 0..p.ph {
             for jb in (0..p.pw).step_by(LANES) {
                 // d[2*dr + dc][l] = dy of window (i, jb+l) if candidate (dr, dc) won it alive.
@@ -161,6 +171,9 @@ pub fn backward_image<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &m
                 let live = LANES.min(p.pw - jb);
                 dyv[..live].copy_from_slice(&dyo[i * p.pw + jb..][..live]);
                 av[..live].copy_from_slice(&ao[i * p.pw + jb..][..live]);
+                for l in 0..LANES {
+                    dba[l] += if av[l] != DEAD { dyv[l] } else { T::zero() };
+                }
                 let mut d = [[T::zero(); LANES]; 4];
                 for (s, off) in [0, 1, p.ow as u32, p.ow as u32 + 1].into_iter().enumerate() {
                     for l in 0..LANES {
@@ -186,6 +199,7 @@ pub fn backward_image<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &m
         for (t, a) in acc.iter().enumerate() {
             dw[o * 9 + t] += a.iter().fold(T::zero(), |s, &v| s + v);
         }
+        db[o] += dba.iter().fold(T::zero(), |s, &v| s + v);
     }
 }
 
@@ -279,11 +293,13 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub fn backward_image(p: &Plan, x: &[f32], dy: &[f32], arg: &[u32], dw: &mut [f32], s: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_image(p: &Plan, x: &[f32], dy: &[f32], arg: &[u32], dw: &mut [f32], db: &mut [f32], s: &mut [f32]) {
         let (ev, od, two_l, offs) = setup(p, x, s);
         let plane = p.ph * p.pw;
+        let dead = _mm512_set1_epi32(DEAD as i32);
         for (o, (dyo, ao)) in dy.chunks_exact(plane).zip(arg.chunks_exact(plane)).enumerate() {
-            let mut acc = [_mm512_setzero_ps(); 9];
+            let (mut acc, mut dba) = ([_mm512_setzero_ps(); 9], _mm512_setzero_ps());
             for i in 0..p.ph {
                 for jb in (0..p.pw).step_by(LANES) {
                     let (dyr, ar) = (&dyo[i * p.pw + jb..], &ao[i * p.pw + jb..]);
@@ -294,6 +310,7 @@ mod avx512 {
                         let av = _mm512_mask_loadu_epi32(_mm512_set1_epi32(DEAD as i32), live, ar.as_ptr().cast());
                         (_mm512_maskz_loadu_ps(live, dyr.as_ptr()), av)
                     };
+                    dba = _mm512_add_ps(dba, _mm512_maskz_mov_ps(_mm512_cmpneq_epi32_mask(av, dead), dyv));
                     let corner = _mm512_add_epi32(_mm512_set1_epi32((2 * i * p.ow + 2 * jb) as i32), two_l);
                     let d: [__m512; 4] = std::array::from_fn(|s| {
                         let won = _mm512_cmpeq_epi32_mask(av, _mm512_add_epi32(corner, offs[s]));
@@ -320,6 +337,10 @@ mod avx512 {
                 unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
                 dw[o * 9 + t] += lanes.iter().fold(0.0, |s, &v| s + v);
             }
+            let mut lanes = [0f32; LANES];
+            // SAFETY: `lanes` holds LANES floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), dba) };
+            db[o] += lanes.iter().fold(0.0, |s, &v| s + v);
         }
     }
 }
@@ -370,16 +391,17 @@ pub fn forward<T: Float>(p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut [T], arg:
     forward_image(p, x, wt, b, y, arg, scratch)
 }
 
-/// dW for one image (see `backward_image`), on the fastest instruction set available.
-pub fn backward<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], scratch: &mut [T]) {
+/// dW and db for one image (see `backward_image`), on the fastest instruction set available.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], db: &mut [T], scratch: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if fast::<T>() {
         let (x, dy) = (as_f32(x).unwrap(), as_f32(dy).unwrap());
-        let (dw, scratch) = (as_f32_mut(dw).unwrap(), as_f32_mut(scratch).unwrap());
+        let (dw, db, scratch) = (as_f32_mut(dw).unwrap(), as_f32_mut(db).unwrap(), as_f32_mut(scratch).unwrap());
         // SAFETY: `fast` checked that the CPU has AVX-512F.
-        return unsafe { avx512::backward_image(p, x, dy, arg, dw, scratch) };
+        return unsafe { avx512::backward_image(p, x, dy, arg, dw, db, scratch) };
     }
-    backward_image(p, x, dy, arg, dw, scratch)
+    backward_image(p, x, dy, arg, dw, db, scratch)
 }
 
 #[cfg(test)]
@@ -427,9 +449,11 @@ mod tests {
                 assert!(a1.contains(&DEAD) && a1.iter().any(|&a| a != DEAD), "both kinds of window occur");
                 let dy = fill(out, 4);
                 let (mut dw1, mut dw2) = (vec![0.5; oc * 9], vec![0.5; oc * 9]);
-                backward(&p, &x, &dy, &a1, &mut dw1, &mut s);
-                backward_image(&p, &x, &dy, &a1, &mut dw2, &mut s);
+                let (mut db1, mut db2) = (vec![0.25; oc], vec![0.25; oc]);
+                backward(&p, &x, &dy, &a1, &mut dw1, &mut db1, &mut s);
+                backward_image(&p, &x, &dy, &a1, &mut dw2, &mut db2, &mut s);
                 assert_eq!(bits(&dw1), bits(&dw2), "backward dW at {h}x{w}, nan={nan}");
+                assert_eq!(bits(&db1), bits(&db2), "backward db at {h}x{w}, nan={nan}");
             }
         }
     }

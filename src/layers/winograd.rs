@@ -225,8 +225,8 @@ pub fn backward_scratch(p: &Plan) -> usize {
 }
 
 /// One group's share of the backward: Mw (16, OC, C) += this group's products (turn it into
-/// dW with `finish_weight_grad` once every group is in), and, when `dx` is given, dx (gs, C, H,
-/// W) += the group's input gradient. xs (gs, C, H, W), dy and winners (gs, OC, PH, PW), `u`
+/// dW with `finish_weight_grad` once every group is in), db (OC) += the sum of its live
+/// windows' dy, and, when `dx` is given, dx (gs, C, H, W) += the group's input gradient. xs (gs, C, H, W), dy and winners (gs, OC, PH, PW), `u`
 /// the forward's transformed weights.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -237,6 +237,7 @@ fn backward_group_impl<T: Float>(
     dy: &[T],
     arg: &[u32],
     mw: &mut [T],
+    db: &mut [T],
     dx: Option<&mut [T]>,
     scratch: &mut [T],
 ) {
@@ -271,6 +272,7 @@ fn backward_group_impl<T: Float>(
                 ss[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
                 dd[k] = if live { dyr[k] } else { T::zero() };
             }
+            db[o] += dd[..t].iter().fold(T::zero(), |s, &v| s + v); // the live windows' dy
             for a in 0..4 {
                 let (a0, a1) = (acol[0][a], acol[1][a]);
                 let da = &mut da[..t];
@@ -358,10 +360,11 @@ fn backward_group_avx512<T: Float>(
     dy: &[T],
     arg: &[u32],
     mw: &mut [T],
+    db: &mut [T],
     dx: Option<&mut [T]>,
     s: &mut [T],
 ) {
-    backward_group_impl(p, u, xs, dy, arg, mw, dx, s)
+    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
 }
 
 /// One group's backward (see `backward_group_impl`), AVX-512 when the CPU has it.
@@ -373,15 +376,16 @@ pub fn backward_group<T: Float>(
     dy: &[T],
     arg: &[u32],
     mw: &mut [T],
+    db: &mut [T],
     dx: Option<&mut [T]>,
     scratch: &mut [T],
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU was just checked to have AVX-512F.
-        return unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, dx, scratch) };
+        return unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) };
     }
-    backward_group_impl(p, u, xs, dy, arg, mw, dx, scratch)
+    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch)
 }
 
 /// Forward for a group of images: xs (G, C, H, W) -> y (G, OC, PH, PW) and winners, given
@@ -514,9 +518,11 @@ mod tests {
         let mut s = vec![0.0; backward_scratch(&p)];
         let (mut mw1, mut mw2) = (vec![0.0; 16 * oc * c], vec![0.0; 16 * oc * c]);
         let (mut dx1, mut dx2) = (vec![0.0; n * c * h * w], vec![0.0; n * c * h * w]);
-        backward_group(&p, &u, &x, &dy, &a1, &mut mw1, Some(&mut dx1), &mut s);
-        backward_group_impl(&p, &u, &x, &dy, &a1, &mut mw2, Some(&mut dx2), &mut s);
+        let (mut db1, mut db2) = (vec![0.0; oc], vec![0.0; oc]);
+        backward_group(&p, &u, &x, &dy, &a1, &mut mw1, &mut db1, Some(&mut dx1), &mut s);
+        backward_group_impl(&p, &u, &x, &dy, &a1, &mut mw2, &mut db2, Some(&mut dx2), &mut s);
         assert_eq!(bits(&mw1), bits(&mw2));
+        assert_eq!(bits(&db1), bits(&db2));
         assert_eq!(bits(&dx1), bits(&dx2));
         assert!(dx1.iter().any(|&v| v != 0.0) && mw1.iter().any(|&v| v != 0.0));
     }
