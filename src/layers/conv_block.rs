@@ -30,7 +30,7 @@ use super::{direct_conv, winograd};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
 /// Marks a window whose maximum was not positive: no gradient flows back through it.
-const DEAD: u32 = u32::MAX;
+pub(crate) const DEAD: u32 = u32::MAX;
 
 pub struct ConvReluPool<T: Float> {
     pub conv: Conv2d<T>,

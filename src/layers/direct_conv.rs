@@ -24,15 +24,12 @@
 //! db = the sum of the live windows' dy, taken in the same pass over dy.
 
 use super::conv2d::ConvGeometry;
-use super::conv_block::conv3x3_pool2;
+use super::conv_block::{conv3x3_pool2, DEAD};
 use super::{Conv2d, MaxPool2d};
 use crate::tensor::Float;
 
 /// Windows handled side by side: one 512-bit vector of f32 (the f64 checks use it too).
 const LANES: usize = 16;
-
-/// Marks a window whose maximum was not positive (the same marker as `conv_block.rs`).
-const DEAD: u32 = u32::MAX;
 
 /// Whether the direct path computes this block for input shape (N, C, H, W).
 pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {

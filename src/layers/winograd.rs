@@ -29,12 +29,9 @@
 //! (ev[j] = x[2j], od[j] = x[2j+1]) every term is a contiguous run, as in `direct_conv.rs`.
 
 use super::conv2d::ConvGeometry;
-use super::conv_block::conv3x3_pool2;
+use super::conv_block::{conv3x3_pool2, DEAD};
 use super::{Conv2d, MaxPool2d};
 use crate::tensor::{gemm, Float};
-
-/// Marks a window whose maximum was not positive (the same marker as `conv_block.rs`).
-const DEAD: u32 = u32::MAX;
 
 /// Whether this path computes the block for input shape (N, C, H, W): a 3x3, stride-1,
 /// unpadded conv of several channels (one channel is `direct_conv.rs`'s) with 2x2 pooling.
@@ -42,8 +39,8 @@ pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) ->
     conv3x3_pool2(conv, pool, input) && input[1] > 1
 }
 
-/// Sizes of one image, and how many images share a GEMM.
-#[derive(Clone, Copy, Debug)]
+/// Sizes of one image, how many images share a GEMM, and where each tile sits.
+#[derive(Clone, Debug)]
 pub struct Plan {
     pub c: usize,
     pub oc: usize,
@@ -55,13 +52,19 @@ pub struct Plan {
     /// Images per group: enough that each GEMM has at least 256 columns (tiles), but no more
     /// than each thread's share of the batch (the last block has only 4 tiles per image).
     pub group: usize,
+    /// Per tile k = i*PW + j: its top-left conv position 2i*OW + 2j (where the winners point)
+    /// and its top-left pixel 2i*W + 2j (where its input patch starts).
+    corner: Vec<u32>,
+    origin: Vec<usize>,
 }
 
 impl Plan {
     pub fn new(g: &ConvGeometry, oc: usize, n: usize) -> Self {
         let (ph, pw) = (g.oh / 2, g.ow / 2);
         let group = 256usize.div_ceil(ph * pw).clamp(1, n.div_ceil(rayon::current_num_threads()).max(1));
-        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, group }
+        let corner = (0..ph * pw).map(|k| (2 * (k / pw) * g.ow + 2 * (k % pw)) as u32).collect();
+        let origin = (0..ph * pw).map(|k| 2 * (k / pw) * g.w + 2 * (k % pw)).collect();
+        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, group, corner, origin }
     }
     /// Tiles (pooling windows) per image.
     pub fn tiles(&self) -> usize {
@@ -149,26 +152,16 @@ fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usiz
 /// y (OC, PH, PW) and winners for one image, from M (16, OC, ld) at column offset `at`:
 /// A^T M A per tile, + bias, then pool and ReLU exactly as `conv_block.rs` does (candidates in
 /// row-major order, a later one wins only if `!(v <= best)`, dead if the best is <= 0).
-/// `corner[t]` is the conv-plane index of tile t's top-left value, 2i*OW + 2j.
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::neg_cmp_op_on_partial_ord)]
-fn transform_output<T: Float>(
-    p: &Plan,
-    m: &[T],
-    ld: usize,
-    at: usize,
-    b: &[T],
-    corner: &[u32],
-    y: &mut [T],
-    arg: &mut [u32],
-) {
+fn transform_output<T: Float>(p: &Plan, m: &[T], ld: usize, at: usize, b: &[T], y: &mut [T], arg: &mut [u32]) {
     let t = p.tiles();
     let offs = [0, 1, p.ow as u32, p.ow as u32 + 1];
     for o in 0..p.oc {
         // s[4a + b]: M[4a + b] for this filter, as a run over the image's tiles.
         let s: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * ld + at..][..t]);
         let (yo, ao, bias) = (&mut y[o * t..][..t], &mut arg[o * t..][..t], b[o]);
-        let corner = &corner[..t];
+        let corner = &p.corner[..t];
         for k in 0..t {
             // u = A^T s (2x4), then the 2x2 outputs u A.
             let u0 = [
@@ -258,8 +251,7 @@ fn backward_group_impl<T: Float>(
     let (dd, da) = rest.split_at_mut(t);
     let acol = A_COL.map(|col| col.map(|v| T::f(v as f64)));
     // Tile k's top-left conv position 2i*OW + 2j, and its top-left pixel 2i*W + 2j.
-    let corner: Vec<u32> = (0..t).map(|k| (2 * (k / p.pw) * p.ow + 2 * (k % p.pw)) as u32).collect();
-    let origin: Vec<usize> = (0..t).map(|k| 2 * (k / p.pw) * p.w + 2 * (k % p.pw)).collect();
+    let (corner, origin) = (&p.corner[..t], &p.origin[..t]);
     for i in 0..gs {
         for o in 0..p.oc {
             let (dyr, ar) = (&dy[i * out + o * t..][..t], &arg[i * out + o * t..][..t]);
@@ -404,9 +396,8 @@ fn forward_group_impl<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T
         let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
         gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
     }
-    let corner: Vec<u32> = (0..t).map(|k| (2 * (k / p.pw) * p.ow + 2 * (k % p.pw)) as u32).collect();
     for i in 0..gs {
-        transform_output(p, m, n, i * t, b, &corner, &mut y[i * out..][..out], &mut arg[i * out..][..out]);
+        transform_output(p, m, n, i * t, b, &mut y[i * out..][..out], &mut arg[i * out..][..out]);
     }
 }
 
