@@ -159,6 +159,17 @@ pub struct Conv2d<T: Float> {
 }
 
 impl<T: Float> Conv2d<T> {
+    /// grad(W) += dW, grad(b) += db for each range's (dW, db), in range order: the same sum for
+    /// a given thread count, whichever thread finished first. Every conv backward ends here.
+    pub(crate) fn add_range_sums(&mut self, partials: Vec<(Vec<T>, Vec<T>)>) {
+        let gw = slice_mut(&mut self.weight.grad);
+        let gb = slice_mut(&mut self.bias.grad);
+        for (dw, db) in partials {
+            gw.iter_mut().zip(&dw).for_each(|(g, d)| *g += *d);
+            gb.iter_mut().zip(&db).for_each(|(g, d)| *g += *d);
+        }
+    }
+
     /// A zero-initialised layer; `model::init_pytorch_default` gives PyTorch's initialisation.
     pub fn new(in_channels: usize, out_channels: usize, kernel: (usize, usize), stride: usize, padding: usize) -> Self {
         Conv2d {
@@ -252,13 +263,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
             })
             .collect();
 
-        // Add the per-range sums in range order (deterministic for a given thread count).
-        let gw = slice_mut(&mut self.weight.grad);
-        let gb = slice_mut(&mut self.bias.grad);
-        for (dw, db) in partials {
-            gw.iter_mut().zip(&dw).for_each(|(g, d)| *g += *d);
-            gb.iter_mut().zip(&db).for_each(|(g, d)| *g += *d);
-        }
+        self.add_range_sums(partials);
         dx
     }
 

@@ -29,6 +29,18 @@ use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Layer, MaxPool2d, 
 use super::{direct_conv, winograd};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
+/// The three ways to compute a block; all keep the same winners (`argmax`), so any backward
+/// can follow any forward.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// One input channel: `direct_conv.rs`.
+    Direct,
+    /// Several channels, 3x3, pool 2: `winograd.rs`.
+    Winograd,
+    /// Anything else: im2col + GEMM, in this file.
+    Gemm,
+}
+
 /// Marks a window whose maximum was not positive: no gradient flows back through it.
 pub(crate) const DEAD: u32 = u32::MAX;
 
@@ -61,8 +73,15 @@ impl<T: Float> ConvReluPool<T> {
         &self.argmax
     }
 
-    fn use_direct(&self, input: &[usize]) -> bool {
-        self.direct && direct_conv::worthwhile::<T>() && direct_conv::applies(&self.conv, &self.pool, input)
+    /// Which way this input goes (see the module docs). Forward and backward both ask.
+    fn path(&self, input: &[usize]) -> Path {
+        if self.direct && direct_conv::worthwhile::<T>() && direct_conv::applies(&self.conv, &self.pool, input) {
+            Path::Direct
+        } else if self.winograd && winograd::applies(&self.conv, &self.pool, input) {
+            Path::Winograd
+        } else {
+            Path::Gemm
+        }
     }
 
     fn pooled(&self, g: &ConvGeometry) -> (usize, usize) {
@@ -80,58 +99,59 @@ impl<T: Float> ConvReluPool<T> {
         argmax.resize(n * oc * ph * pw, 0);
         let (wt, b, pool) = (slice(&self.conv.weight.value), slice(&self.conv.bias.value), &self.pool);
         let out = oc * ph * pw;
-        if self.use_direct(x.shape()) {
-            // One image per task, straight from the pixels (see `direct_conv.rs`).
-            let plan = direct_conv::Plan::new(&g);
-            slice_mut(&mut y)
-                .par_chunks_mut(out)
-                .zip(argmax.par_chunks_mut(out))
-                .zip(slice(x).par_chunks(c * h * w))
-                .for_each_init(
-                    || vec![T::zero(); plan.scratch()],
-                    |scratch, ((yi, ai), xi)| direct_conv::forward(&plan, xi, wt, b, yi, ai, scratch),
-                );
-            self.argmax = argmax;
-            return y;
+        match self.path(x.shape()) {
+            Path::Direct => {
+                // One image per task, straight from the pixels (see `direct_conv.rs`).
+                let plan = direct_conv::Plan::new(&g);
+                slice_mut(&mut y)
+                    .par_chunks_mut(out)
+                    .zip(argmax.par_chunks_mut(out))
+                    .zip(slice(x).par_chunks(c * h * w))
+                    .for_each_init(
+                        || vec![T::zero(); plan.scratch()],
+                        |scratch, ((yi, ai), xi)| direct_conv::forward(&plan, xi, wt, b, yi, ai, scratch),
+                    );
+            }
+            Path::Winograd => {
+                // F(2x2, 3x3) Winograd, one group of images per task (see `winograd.rs`).
+                let plan = winograd::Plan::new(&g, oc, n);
+                let u = winograd::transform_weights(&plan, wt);
+                slice_mut(&mut y)
+                    .par_chunks_mut(plan.group * out)
+                    .zip(argmax.par_chunks_mut(plan.group * out))
+                    .zip(slice(x).par_chunks(plan.group * c * h * w))
+                    .for_each_init(
+                        || vec![T::zero(); plan.scratch()],
+                        |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
+                    );
+            }
+            Path::Gemm => {
+                // One group of images per task: conv (OC, G*L) = W col + b, then ReLU + pool per plane.
+                slice_mut(&mut y)
+                    .par_chunks_mut(gsize * out)
+                    .zip(argmax.par_chunks_mut(gsize * out))
+                    .zip(slice(x).par_chunks(gsize * c * h * w))
+                    .for_each_init(
+                        || (vec![T::zero(); k * gsize * l], vec![T::zero(); oc * gsize * l]),
+                        |(col, conv), ((yg, ag), xg)| {
+                            let gs = xg.len() / (c * h * w);
+                            im2col_group(&g, xg, col);
+                            gemm(false, false, oc, gs * l, k, T::one(), wt, col, T::zero(), conv);
+                            for (o, row) in conv[..oc * gs * l].chunks_exact_mut(gs * l).enumerate() {
+                                row.iter_mut().for_each(|v| *v += b[o]);
+                            }
+                            for i in 0..gs {
+                                for o in 0..oc {
+                                    let plane = &conv[o * gs * l + i * l..][..l];
+                                    let at = i * out + o * ph * pw;
+                                    let (yp, ap) = (&mut yg[at..at + ph * pw], &mut ag[at..at + ph * pw]);
+                                    relu_pool_plane(pool, &g, plane, yp, ap);
+                                }
+                            }
+                        },
+                    );
+            }
         }
-        if self.winograd && winograd::applies(&self.conv, &self.pool, x.shape()) {
-            // F(2x2, 3x3) Winograd, one group of images per task (see `winograd.rs`).
-            let plan = winograd::Plan::new(&g, oc, n);
-            let u = winograd::transform_weights(&plan, wt);
-            slice_mut(&mut y)
-                .par_chunks_mut(plan.group * out)
-                .zip(argmax.par_chunks_mut(plan.group * out))
-                .zip(slice(x).par_chunks(plan.group * c * h * w))
-                .for_each_init(
-                    || vec![T::zero(); plan.scratch()],
-                    |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
-                );
-            self.argmax = argmax;
-            return y;
-        }
-        // One group of images per task: conv (OC, G*L) = W col + b, then ReLU + pool per plane.
-        slice_mut(&mut y)
-            .par_chunks_mut(gsize * out)
-            .zip(argmax.par_chunks_mut(gsize * out))
-            .zip(slice(x).par_chunks(gsize * c * h * w))
-            .for_each_init(
-                || (vec![T::zero(); k * gsize * l], vec![T::zero(); oc * gsize * l]),
-                |(col, conv), ((yg, ag), xg)| {
-                    let gs = xg.len() / (c * h * w);
-                    im2col_group(&g, xg, col);
-                    gemm(false, false, oc, gs * l, k, T::one(), wt, col, T::zero(), conv);
-                    for (o, row) in conv[..oc * gs * l].chunks_exact_mut(gs * l).enumerate() {
-                        row.iter_mut().for_each(|v| *v += b[o]);
-                    }
-                    for i in 0..gs {
-                        for o in 0..oc {
-                            let plane = &conv[o * gs * l + i * l..][..l];
-                            let at = i * out + o * ph * pw;
-                            relu_pool_plane(pool, &g, plane, &mut yg[at..at + ph * pw], &mut ag[at..at + ph * pw]);
-                        }
-                    }
-                },
-            );
         self.argmax = argmax;
         y
     }
@@ -283,10 +303,14 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
         let (xs, dys, args) = (slice(x), slice(dy), &self.argmax);
         let out = oc * ph * pw;
-        let direct = !input_grad && self.use_direct(x.shape());
-        let wino = self.winograd && winograd::applies(&self.conv, &self.pool, x.shape());
+        let path = match self.path(x.shape()) {
+            // The direct backward computes dW and db only: a one-channel block asked for dx
+            // (not the model's first) takes im2col + GEMM, which reads the same winners.
+            Path::Direct if input_grad => Path::Gemm,
+            p => p,
+        };
         let wplan = winograd::Plan::new(&g, oc, n);
-        let u = if wino { winograd::transform_weights(&wplan, wt) } else { Vec::new() };
+        let u = if path == Path::Winograd { winograd::transform_weights(&wplan, wt) } else { Vec::new() };
         let plan = direct_conv::Plan::new(&g);
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
@@ -294,7 +318,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
             .map(|(r, dx_part)| {
                 let mut dw = vec![T::zero(); oc * k];
                 let mut db = vec![T::zero(); oc];
-                if wino {
+                if path == Path::Winograd {
                     // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
                     let mut mw = vec![T::zero(); 16 * oc * c];
                     let mut scratch = vec![T::zero(); winograd::backward_scratch(&wplan)];
@@ -315,7 +339,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                     winograd::finish_weight_grad(&wplan, &mw, &mut dw);
                     return (dw, db);
                 }
-                if direct {
+                if path == Path::Direct {
                     // dW and db straight from the pixels (see `direct_conv.rs`).
                     let mut scratch = vec![T::zero(); plan.scratch()];
                     for i in r.clone() {
@@ -324,6 +348,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                     }
                     return (dw, db);
                 }
+                // Path::Gemm
                 let mut col = vec![T::zero(); k * gsize * l];
                 let mut dcol = vec![T::zero(); if input_grad { k * gsize * l } else { 0 }];
                 let mut dc = vec![T::zero(); oc * gsize * l + 1];
@@ -362,12 +387,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 (dw, db)
             })
             .collect();
-        let gw = slice_mut(&mut self.conv.weight.grad);
-        let gb = slice_mut(&mut self.conv.bias.grad);
-        for (dw, db) in partials {
-            gw.iter_mut().zip(&dw).for_each(|(g, d)| *g += *d);
-            gb.iter_mut().zip(&db).for_each(|(g, d)| *g += *d);
-        }
+        self.conv.add_range_sums(partials);
         dx
     }
 
