@@ -6,14 +6,14 @@
 //!
 //! Each case runs on a few 64x64 images and at most one epoch, so it takes about a second.
 
-mod robust_util;
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use common::*;
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgba};
-use robust_util::*;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

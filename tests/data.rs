@@ -8,10 +8,12 @@
 //! What it is not: a test of the real MedNIST, except `real_mednist_archive`, which runs
 //! only when `../shared/data/MedNIST.tar.gz` exists.
 
-use std::io::{Cursor, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
 
+use std::io::{Cursor, Write};
+use std::path::Path;
+
+use common::TempDir;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
@@ -23,30 +25,6 @@ use medcnn::data::{
 // ---------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------
-
-/// A fresh folder under the temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("medcnn-data-test-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());

@@ -9,9 +9,12 @@
 //!
 //! Run `cargo test --release --test explain -- --nocapture` to see the numbers.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::Lcg;
 use medcnn::backend::{AdamConfig, Backend, CpuBackend};
 use medcnn::explain::{
     backprop_target, explain, heatmap_overlay_png, model_from_weights, normalise_quantile, render_explanation_png,
@@ -22,22 +25,6 @@ use medcnn::model::{reference_model, ModelConfig, Sequential};
 use medcnn::tensor::{from_vec, slice};
 
 const SIDE: usize = 64;
-
-/// A small deterministic generator.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64) / ((1u64 << 53) as f64)
-    }
-    /// Uniform in [-1, 1).
-    fn sym(&mut self) -> f64 {
-        2.0 * self.next() - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() * n as f64) as usize % n
-    }
-}
 
 /// The logit of `target` for one image, in evaluation mode.
 fn logit(model: &mut Sequential<f64>, x: &[f64], target: usize) -> f64 {

@@ -7,14 +7,17 @@
 //!
 //! What it is not: a test that touches the network beyond 127.0.0.1, or the real MedNIST.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Cursor, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use image::{DynamicImage, GrayImage, ImageFormat};
@@ -24,29 +27,6 @@ use medcnn::data::{fetch, file_md5, import_archive, load_dataset, LoadOptions};
 // ---------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("medcnn-fetch-test-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn png(value: u8) -> Vec<u8> {
     let image = DynamicImage::ImageLuma8(GrayImage::from_pixel(64, 64, image::Luma([value])));

@@ -19,6 +19,9 @@
 //!
 //! Run `cargo test --release --test gradcheck -- --nocapture` to see the table.
 
+mod common;
+
+use common::Lcg;
 use medcnn::layers::{
     AvgPool2d, Conv2d, ConvReluPool, Ctx, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d, Relu,
     SoftmaxCrossEntropy,
@@ -27,37 +30,6 @@ use medcnn::model::{reference_model, ModelConfig, Sequential};
 use medcnn::tensor::{from_vec, Tensor};
 
 const TOLERANCE: f64 = 1e-6;
-
-/// A small deterministic generator (the tests need no shared RNG state).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64) / ((1u64 << 53) as f64)
-    }
-    /// Uniform in [-1, 1).
-    fn sym(&mut self) -> f64 {
-        2.0 * self.next() - 1.0
-    }
-    fn tensor(&mut self, shape: &[usize]) -> Tensor<f64> {
-        let n = shape.iter().product();
-        from_vec(shape, (0..n).map(|_| self.sym()).collect())
-    }
-    /// Values at least 0.1 away from 0 (away from the ReLU kink).
-    fn away_from_zero(&mut self, shape: &[usize]) -> Tensor<f64> {
-        self.tensor(shape).mapv(|v| if v >= 0.0 { 0.1 + v } else { v - 0.1 })
-    }
-    /// Distinct values 0.01 apart in random order (no ties inside a max-pool window).
-    fn distinct(&mut self, shape: &[usize]) -> Tensor<f64> {
-        let n: usize = shape.iter().product();
-        let mut v: Vec<f64> = (0..n).map(|i| i as f64 * 0.01 - 0.5).collect();
-        for i in (1..n).rev() {
-            let j = (self.next() * (i + 1) as f64) as usize;
-            v.swap(i, j);
-        }
-        from_vec(shape, v)
-    }
-}
 
 /// The worst relative error of one gradient, and how many elements were checked.
 #[derive(Default, Clone, Copy)]

@@ -13,7 +13,7 @@
 //!
 //! Set `MEDCNN_KILL_SEED` to try other kill moments.
 
-mod robust_util;
+mod common;
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use robust_util::*;
+use common::*;
 
 const EPOCHS: &str = "4";
 

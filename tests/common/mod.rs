@@ -1,6 +1,6 @@
-//! Helpers shared by `cli_errors.rs` and `interrupt_resume.rs`: temp folders under
-//! `CARGO_TARGET_TMPDIR`, tiny image datasets made with the `image` crate, tiny `.tar.gz`
-//! archives, and running the real `medcnn` binary.
+//! Helpers shared by the test files (each includes this with `mod common;`): temp folders
+//! under `CARGO_TARGET_TMPDIR`, a small deterministic random generator, tiny image datasets
+//! made with the `image` crate, tiny `.tar.gz` archives, and running the real `medcnn` binary.
 
 #![allow(dead_code)]
 
@@ -199,4 +199,40 @@ pub fn assert_ok(out: &Output) -> String {
 /// The common flags of a quick training run (add `--epochs`).
 pub fn quick_train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec!["train", "--data", data, "--out", out, "--batch-size", "8", "--threads", "2"]
+}
+
+/// A small deterministic generator (the tests need no shared RNG state).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64) / ((1u64 << 53) as f64)
+    }
+    /// Uniform in [-1, 1).
+    pub fn sym(&mut self) -> f64 {
+        2.0 * self.next() - 1.0
+    }
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() * n as f64) as usize % n
+    }
+    pub fn tensor(&mut self, shape: &[usize]) -> medcnn::tensor::Tensor<f64> {
+        let n = shape.iter().product();
+        medcnn::tensor::from_vec(shape, (0..n).map(|_| self.sym()).collect())
+    }
+    /// Values at least 0.1 away from 0 (away from the ReLU kink).
+    pub fn away_from_zero(&mut self, shape: &[usize]) -> medcnn::tensor::Tensor<f64> {
+        self.tensor(shape).mapv(|v| if v >= 0.0 { 0.1 + v } else { v - 0.1 })
+    }
+    /// Distinct values 0.01 apart in random order (no ties inside a max-pool window).
+    pub fn distinct(&mut self, shape: &[usize]) -> medcnn::tensor::Tensor<f64> {
+        let n: usize = shape.iter().product();
+        let mut v: Vec<f64> = (0..n).map(|i| i as f64 * 0.01 - 0.5).collect();
+        for i in (1..n).rev() {
+            let j = (self.next() * (i + 1) as f64) as usize;
+            v.swap(i, j);
+        }
+        medcnn::tensor::from_vec(shape, v)
+    }
 }
