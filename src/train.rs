@@ -288,7 +288,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
         bail!("the split left no training or no validation images; use more images per class");
     }
 
-    let model_cfg = ModelConfig { num_classes: ds.classes.len(), dropout: cfg.dropout, fused: false, gemm_only: false };
+    let model_cfg = ModelConfig { num_classes: ds.classes.len(), dropout: cfg.dropout, ..ModelConfig::default() };
     let adam = AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay };
     let mut backend = make_backend(cfg.device, &model_cfg, cfg.seed, adam)?;
     let mut progress = Progress::default();
@@ -733,7 +733,7 @@ impl SavedModel {
             bail!("{}: the metadata lists {} classes; a model has at least two", path.display(), classes.len());
         }
         let dropout = meta.get("dropout").and_then(|v| v.parse().ok()).unwrap_or(0.4);
-        let config = ModelConfig { num_classes: classes.len(), dropout, fused: false, gemm_only: false };
+        let config = ModelConfig { num_classes: classes.len(), dropout, ..ModelConfig::default() };
         check_shapes(path, &weight_shapes(&config), &weights)?;
         Ok(SavedModel { path: path.to_path_buf(), classes, config, weights, meta })
     }

@@ -7,7 +7,8 @@
 //! server, and a random model still gives a deterministic answer for each image.
 //! `cargo test --release --test serve -- --nocapture` shows the timings.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,11 +17,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use medcnn::backend::{Device, NamedTensor};
-use medcnn::model::{reference_model, ModelConfig};
 use medcnn::serve::{start, start_with, weights_id, ServeConfig, ServerHandle};
 use serde_json::Value;
 
-const CLASSES: [&str; 6] = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"];
+use common::{http_agent, random_model_file, MEDNIST_CLASSES};
+
+const CLASSES: [&str; 6] = MEDNIST_CLASSES;
 const MAX_UPLOAD: usize = 8 << 20;
 
 /// A model file with random weights (written once per test run) and its weights.
@@ -37,10 +39,7 @@ fn model() -> &'static (PathBuf, Vec<NamedTensor>) {
             }
         }
         let path = dir.join(format!("model-{}.safetensors", std::process::id()));
-        let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false, gemm_only: false };
-        let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 7).export_weights();
-        let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
-        medcnn::train::SavedModel::save(&path, &classes, 0.4, &weights, BTreeMap::new()).unwrap();
+        let weights = random_model_file(&path, 7);
         (path, weights)
     })
 }
@@ -54,12 +53,7 @@ fn server() -> ServerHandle {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
+    http_agent()
 }
 
 /// Status, headers we care about, body.

@@ -12,18 +12,20 @@
 //! `MEDCNN_SCREENSHOT_MODEL=model.safetensors MEDCNN_SCREENSHOT_IMAGES=a.jpeg,b.jpeg
 //!  MEDCNN_SCREENSHOT_OUT=outputs/serve.png cargo test --release --test serve_browser -- --ignored`
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use medcnn::backend::{Device, NamedTensor};
-use medcnn::model::{reference_model, ModelConfig};
+use medcnn::backend::Device;
 use medcnn::serve::ServerHandle;
 use serde_json::{json, Value};
 
-const CLASSES: [&str; 6] = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"];
+use common::{http_agent, random_model_file, MEDNIST_CLASSES};
+
+const CLASSES: [&str; 6] = MEDNIST_CLASSES;
 
 /// A fresh folder for this process under target/tmp; those of runs over an hour old are removed.
 fn tmp_dir(name: &str) -> PathBuf {
@@ -44,20 +46,12 @@ fn tmp_dir(name: &str) -> PathBuf {
 /// A model file with random weights in `dir`.
 fn random_model(dir: &Path) -> PathBuf {
     let path = dir.join("model.safetensors");
-    let cfg = ModelConfig { num_classes: CLASSES.len(), dropout: 0.4, fused: false, gemm_only: false };
-    let weights: Vec<NamedTensor> = reference_model::<f32>(&cfg, 3).export_weights();
-    let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
-    medcnn::train::SavedModel::save(&path, &classes, 0.4, &weights, BTreeMap::new()).unwrap();
+    random_model_file(&path, 3);
     path
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into()
+    http_agent()
 }
 
 /// Chromium and chromedriver, or `None` (after printing SKIP) when they are not installed.

@@ -236,3 +236,28 @@ impl Lcg {
         medcnn::tensor::from_vec(shape, v)
     }
 }
+
+/// MedNIST's six classes, in the order the loader sorts them.
+pub const MEDNIST_CLASSES: [&str; 6] = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"];
+
+/// A model file for MedNIST's six classes with the reference model's initial weights from
+/// `seed` (untrained), written at `path`; returns its weights.
+pub fn random_model_file(path: &Path, seed: u64) -> Vec<medcnn::model::NamedTensor> {
+    use medcnn::model::{reference_model, ModelConfig};
+    let cfg = ModelConfig { num_classes: MEDNIST_CLASSES.len(), ..ModelConfig::default() };
+    let weights = reference_model::<f32>(&cfg, seed).export_weights();
+    let classes: Vec<String> = MEDNIST_CLASSES.iter().map(|c| c.to_string()).collect();
+    medcnn::train::SavedModel::save(path, &classes, cfg.dropout, &weights, Default::default()).unwrap();
+    weights
+}
+
+/// An HTTP client that returns error statuses as replies, uses no proxy, and gives up after a
+/// minute.
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(std::time::Duration::from_secs(60)))
+        .build()
+        .into()
+}
