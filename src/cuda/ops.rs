@@ -418,7 +418,25 @@ pub fn max_pool_params(
     ceil_mode: bool,
 ) -> Result<PoolParams> {
     let pool = crate::layers::MaxPool2d::with_options(k, stride, pad, ceil_mode);
-    let (oh, ow) = (pool.out_len(h), pool.out_len(w));
+    pool_params(planes, (h, w), (pool.out_len(h), pool.out_len(w)), k, stride, pad)
+}
+
+/// Average-pool parameters (no padding, floor mode).
+pub fn avg_pool_params(planes: usize, h: usize, w: usize, k: usize, stride: usize) -> Result<PoolParams> {
+    ensure!(k > 0 && stride > 0, "avg pool: kernel and stride must be positive");
+    let (oh, ow) = (crate::layers::out_len(h, k, stride, 0), crate::layers::out_len(w, k, stride, 0));
+    pool_params(planes, (h, w), (oh, ow), k, stride, 0)
+}
+
+/// The kernels' `PoolParams` for either pool, once the output size is known.
+fn pool_params(
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<PoolParams> {
     int(planes * h * w, "pool input elements")?;
     Ok(PoolParams {
         planes: planes as i32,
@@ -429,24 +447,6 @@ pub fn max_pool_params(
         k: k as i32,
         stride: stride as i32,
         pad: pad as i32,
-        relu_mask: 0,
-    })
-}
-
-/// Average-pool parameters (no padding, floor mode).
-pub fn avg_pool_params(planes: usize, h: usize, w: usize, k: usize, stride: usize) -> Result<PoolParams> {
-    ensure!(k > 0 && stride > 0, "avg pool: kernel and stride must be positive");
-    let (oh, ow) = (crate::layers::out_len(h, k, stride, 0), crate::layers::out_len(w, k, stride, 0));
-    int(planes * h * w, "pool input elements")?;
-    Ok(PoolParams {
-        planes: planes as i32,
-        h: h as i32,
-        w: w as i32,
-        oh: oh as i32,
-        ow: ow as i32,
-        k: k as i32,
-        stride: stride as i32,
-        pad: 0,
         relu_mask: 0,
     })
 }
