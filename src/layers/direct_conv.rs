@@ -16,7 +16,7 @@
 //! neighbouring windows j..j+LANES every operand is a contiguous run of ev or od: no gathers,
 //! no shuffles, and every lane does the same work.
 //!
-//! Backward (dW only: the images' own gradient is never needed). The pooled gradient dy[i][j]
+//! Backward (dW and db only: the images' own gradient is never needed). The pooled gradient dy[i][j]
 //! flows to the window's winner (dr*, dc*) when it was positive, so
 //!   dW[kh][kw] = sum_{i,j} sum_{dr,dc} D_{dr,dc}[i][j] x[2i+dr+kh][2j+dc+kw],
 //! with D_{dr,dc}[i][j] = dy[i][j] if (dr, dc) won window (i, j) alive, else 0. Masking dy four
@@ -342,7 +342,7 @@ mod avx512 {
     }
 }
 
-/// `slice` as f32 when T is f32.
+/// `v` as f32 when T is f32.
 fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32 exactly when the TypeIds agree, so the cast is the identity.
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
@@ -364,7 +364,7 @@ pub fn worthwhile<T: Float>() -> bool {
 
 /// Whether the AVX-512 versions run: f32 on a CPU with AVX-512F (detected once, then cached
 /// by std).
-pub fn fast<T: Float>() -> bool {
+fn fast<T: Float>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && std::arch::is_x86_feature_detected!("avx512f")

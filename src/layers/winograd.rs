@@ -1,4 +1,4 @@
-//! The fused block's forward by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, 2015):
+//! The fused block by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, 2015):
 //! Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), with 2.25 times fewer
 //! multiplications than im2col + GEMM. Its 2x2 output tiles are exactly the pooling windows, so
 //! each tile is pooled the moment it is formed. The backward (dW and dx) is the same algorithm
@@ -24,9 +24,13 @@
 //!   Y (2x2)       = A^T M A         for every (o, tile)     output transform, + bias
 //! 16*OC*C*T multiplies instead of 36*OC*C*T (4 outputs x 9 taps per tile).
 //!
-//! Both transforms are applied one dimension at a time on runs of tiles that are contiguous:
-//! along a row, tile j starts at column 2j, so with the row split into even and odd columns
-//! (ev[j] = x[2j], od[j] = x[2j+1]) every term is a contiguous run, as in `direct_conv.rs`.
+//! Each transform is applied one dimension at a time, on runs over the tiles so the compiler
+//! can vectorise them: the output transform over all T tiles of an image at once; the input
+//! transform along each input row first (tile j reads columns 2j .. 2j+4), keeping even and
+//! odd rows apart, so that its second step is four contiguous runs over all tiles too.
+//!
+//! File order: the forward (filter, input and output transforms, then a group of images), the
+//! backward (its adjoint), and the tests.
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
@@ -102,7 +106,7 @@ pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
 }
 
 /// V (16, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
-/// scratch for one channel's row transform, `rows_len` floats.
+/// scratch for one channel's row transform, 8 * (PH+1) * PW floats.
 ///
 /// First B^T along each input row r, for every tile column j (d = x[r][2j .. 2j+4]):
 ///   R[0] = d0 - d2,  R[1] = d1 + d2,  R[2] = d2 - d1,  R[3] = d1 - d3,
@@ -193,6 +197,45 @@ fn transform_output<T: Float>(p: &Plan, m: &[T], ld: usize, at: usize, b: &[T], 
     }
 }
 
+/// Forward for a group of images: xs (G, C, H, W) -> y (G, OC, PH, PW) and winners, given
+/// the transformed weights `u` from `transform_weights`. `scratch` holds `plan.scratch()`.
+#[inline(always)]
+fn forward_group_impl<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+    let (img, out, t) = (p.c * p.h * p.w, p.oc * p.tiles(), p.tiles());
+    let gs = xs.len() / img;
+    let n = gs * t; // columns of V and M: every tile of the group
+    let (v, rest) = scratch.split_at_mut(16 * p.c * n);
+    let (m, rows) = rest.split_at_mut(16 * p.oc * n);
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        transform_input(p, x, v, n, i * t, rows);
+    }
+    for xi in 0..16 {
+        let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
+        gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
+    }
+    for i in 0..gs {
+        transform_output(p, m, n, i * t, b, &mut y[i * out..][..out], &mut arg[i * out..][..out]);
+    }
+}
+
+// The same code compiled with AVX-512 enabled, so the compiler vectorises the transforms 16
+// floats wide; no FMA is enabled, so the results are bit for bit the portable ones.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn forward_group_avx512<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], s: &mut [T]) {
+    forward_group_impl(p, u, b, xs, y, arg, s)
+}
+
+/// Forward for a group of images (see `forward_group_impl`), AVX-512 when the CPU has it.
+pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU was just checked to have AVX-512F.
+        return unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) };
+    }
+    forward_group_impl(p, u, b, xs, y, arg, scratch)
+}
+
 // ---------------------------------------------------------------------------------------
 // Backward, by the adjoint of the same algorithm.
 //
@@ -207,7 +250,7 @@ fn transform_output<T: Float>(p: &Plan, m: &[T], ld: usize, at: usize, b: &[T], 
 // dY has one nonzero at most: the pooled gradient at the window's winner (r, s) when it was
 // alive. Then Z = dy a_r a_s^T with a_0 = (1, 1, 1, 0), a_1 = (0, 1, -1, -1) (A's columns).
 
-/// Row r of A, A = A^T's transpose: the Z pattern of a winner in tile row (or column) r.
+/// Column r of A (row r of A^T): the Z pattern of a winner in tile row (or column) r.
 const A_COL: [[i8; 4]; 2] = [[1, 1, 1, 0], [0, 1, -1, -1]];
 
 /// Floats of per-thread scratch for the backward of a group: V (16, C, n), Z (16, OC, n),
@@ -219,8 +262,8 @@ pub fn backward_scratch(p: &Plan) -> usize {
 
 /// One group's share of the backward: Mw (16, OC, C) += this group's products (turn it into
 /// dW with `finish_weight_grad` once every group is in), db (OC) += the sum of its live
-/// windows' dy, and, when `dx` is given, dx (gs, C, H, W) += the group's input gradient. xs (gs, C, H, W), dy and winners (gs, OC, PH, PW), `u`
-/// the forward's transformed weights.
+/// windows' dy, and, when `dx` is given, dx (gs, C, H, W) += the group's input gradient.
+/// xs (gs, C, H, W), dy and winners (gs, OC, PH, PW); `u` the forward's transformed weights.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_group_impl<T: Float>(
@@ -378,45 +421,6 @@ pub fn backward_group<T: Float>(
         return unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) };
     }
     backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch)
-}
-
-/// Forward for a group of images: xs (G, C, H, W) -> y (G, OC, PH, PW) and winners, given
-/// the transformed weights `u` from `transform_weights`. `scratch` holds `plan.scratch()`.
-#[inline(always)]
-fn forward_group_impl<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
-    let (img, out, t) = (p.c * p.h * p.w, p.oc * p.tiles(), p.tiles());
-    let gs = xs.len() / img;
-    let n = gs * t; // columns of V and M: every tile of the group
-    let (v, rest) = scratch.split_at_mut(16 * p.c * n);
-    let (m, rows) = rest.split_at_mut(16 * p.oc * n);
-    for (i, x) in xs.chunks_exact(img).enumerate() {
-        transform_input(p, x, v, n, i * t, rows);
-    }
-    for xi in 0..16 {
-        let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
-        gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
-    }
-    for i in 0..gs {
-        transform_output(p, m, n, i * t, b, &mut y[i * out..][..out], &mut arg[i * out..][..out]);
-    }
-}
-
-// The same code compiled with AVX-512 enabled, so the compiler vectorises the transforms 16
-// floats wide; no FMA is enabled, so the results are bit for bit the portable ones.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn forward_group_avx512<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], s: &mut [T]) {
-    forward_group_impl(p, u, b, xs, y, arg, s)
-}
-
-/// Forward for a group of images (see `forward_group_impl`), AVX-512 when the CPU has it.
-pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU was just checked to have AVX-512F.
-        return unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) };
-    }
-    forward_group_impl(p, u, b, xs, y, arg, scratch)
 }
 
 #[cfg(test)]
