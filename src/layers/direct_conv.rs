@@ -16,8 +16,8 @@
 //! neighbouring windows j..j+LANES every operand is a contiguous run of ev or od: no gathers,
 //! no shuffles, and every lane does the same work.
 //!
-//! Backward (dW and db only: the images' own gradient is never needed). The pooled gradient dy[i][j]
-//! flows to the window's winner (dr*, dc*) when it was positive, so
+//! Backward (dW and db only: the images' own gradient is never needed). The pooled gradient
+//! dy[i][j] flows to the window's winner (dr*, dc*) when it was positive, so
 //!   dW[kh][kw] = sum_{i,j} sum_{dr,dc} D_{dr,dc}[i][j] x[2i+dr+kh][2j+dc+kw],
 //! with D_{dr,dc}[i][j] = dy[i][j] if (dr, dc) won window (i, j) alive, else 0. Masking dy four
 //! ways costs four compares; the sum then runs over contiguous ev/od runs exactly as forward.
