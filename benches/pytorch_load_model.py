@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Loads a medcnn `model.safetensors` into the reference PyTorch module and classifies images.
+"""Loads a medcnn `model.safetensors` into PyTorch and classifies images.
 
-medcnn names and lays out its weights as this module's `state_dict`, so the file loads with
-`load_state_dict(strict=True)`. Not run in CI (it needs torch and safetensors):
+The module comes from `medcnn arch --pytorch` for the spec stored in the file (the reference
+for files without one); medcnn names and lays out its weights as that module's `state_dict`,
+so the file loads with `load_state_dict(strict=True)`. Not run in CI (it needs torch and
+safetensors):
 
     ~/torchenv/bin/pip install torch safetensors pillow
     ~/torchenv/bin/python benches/pytorch_load_model.py outputs/model.safetensors IMAGE.jpeg ...
@@ -14,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pytorch_reference import MedNISTNet
+from pytorch_reference import build
 
 
 def main():
@@ -24,7 +26,10 @@ def main():
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     classes = json.loads(meta["classes"])
-    model = MedNISTNet(num_classes=len(classes), dropout=float(meta.get("dropout", 0.4)))
+    arch = meta.get("arch", "reference")
+    size, channels = int(meta.get("image_size", 64)), int(meta.get("channels", 1))
+    dropout = float(meta["dropout"]) if arch == "reference" and "dropout" in meta else None
+    model = build(arch, size, channels, len(classes), dropout)
     model.load_state_dict(load_file(path), strict=True)
     model.eval()
     print(f"loaded {path}: {sum(p.numel() for p in model.parameters())} parameters, classes {classes}")
@@ -32,8 +37,12 @@ def main():
         from PIL import Image
         import numpy as np
         for img in images:
-            x = np.asarray(Image.open(img).convert("L").resize((64, 64)), dtype=np.float32) / 255.0
-            x = torch.from_numpy((x - 0.5) / 0.5)[None, None]
+            im = Image.open(img)
+            im = im.convert("RGB" if channels == 3 and im.mode not in ("L", "I;16", "LA") else "L").resize((size, size))
+            x = np.asarray(im, dtype=np.float32) / 255.0
+            x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+            x = np.repeat(x, channels // x.shape[0], axis=0)
+            x = torch.from_numpy((x - 0.5) / 0.5)[None]
             with torch.no_grad():
                 p = torch.softmax(model(x), dim=1)[0]
             print(f"{img}: {classes[int(p.argmax())]} ({100 * float(p.max()):.2f}%)")

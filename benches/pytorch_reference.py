@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""The reference model in PyTorch, benchmarked the way `medcnn bench` benchmarks ours.
+"""A medcnn network in PyTorch, benchmarked the way `medcnn bench` benchmarks ours.
 
-Same layers, same batch, same thread count: per-layer forward and backward times at the model's
-real shapes, then whole training steps (Adam, cross-entropy) and inference, in images/s.
+Same layers (built by `medcnn arch --pytorch` from the same --arch, --image-size and --channels),
+same batch, same thread count: per-layer forward and backward times at the model's real shapes,
+then whole training steps (Adam, cross-entropy) and inference, in images/s.
 
     python3 -m venv ~/torchenv && ~/torchenv/bin/pip install torch
     ~/torchenv/bin/python benches/pytorch_reference.py --threads 2 --batch-size 64
+    ~/torchenv/bin/python benches/pytorch_reference.py --arch "Conv2d(32, 3, padding=1) ReLU MaxPool2d(2) ..."
     ~/torchenv/bin/python benches/pytorch_reference.py --device cuda
 
 It measures; it does not train on data. `pytorch_load_model.py` beside it loads a medcnn
@@ -13,7 +15,10 @@ model.safetensors into this module.
 """
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -21,7 +26,8 @@ from torch import nn
 
 
 class MedNISTNet(nn.Module):
-    """Layer for layer the model medcnn trains (421,510 parameters for 6 classes)."""
+    """Layer for layer the reference model medcnn trains (421,510 parameters for 6 classes).
+    Kept for pytorch_load_model.py's old files; `build` below gets any spec from medcnn itself."""
 
     def __init__(self, num_classes=6, dropout=0.4):
         super().__init__()
@@ -30,12 +36,36 @@ class MedNISTNet(nn.Module):
             nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
             nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
             nn.Conv2d(128, 256, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
-            nn.AdaptiveAvgPool2d(1),
         )
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(nn.Linear(256, 128), nn.Dropout(dropout), nn.Linear(128, num_classes))
 
     def forward(self, x):
-        return self.classifier(torch.flatten(self.conv_block(x), 1))
+        return self.classifier(self.flatten(self.global_pool(self.conv_block(x))))
+
+
+def medcnn_binary():
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.environ.get("MEDCNN", os.path.join(here, "..", "target", "release", "medcnn"))
+
+
+def build(arch="reference", image_size=64, channels=1, classes=6, dropout=None):
+    """The network medcnn builds for this spec: `medcnn arch --pytorch` prints it as a module
+    defining `model`, whose state_dict names and shapes are medcnn's saved tensors."""
+    cmd = [medcnn_binary(), "arch", "--arch", arch, "--image-size", str(image_size), "--channels", str(channels),
+           "--classes", str(classes), "--pytorch"]
+    if dropout is not None:
+        cmd += ["--dropout", str(dropout)]
+    try:
+        src = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        sys.exit(f"{cmd[0]} not found: build it first (cargo build --release) or set MEDCNN=path/to/medcnn")
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"medcnn arch refused the spec: {e.stderr.strip()}")
+    scope = {}
+    exec(compile(src, "medcnn-arch", "exec"), scope)
+    return scope["model"]
 
 
 def cpu_name():
@@ -63,9 +93,9 @@ def timed(fn, reps, sync):
 
 def flops(layer, x):
     if isinstance(layer, nn.Conv2d):
-        n, _, h, w = x.shape
+        n = x.shape[0]
+        _, _, oh, ow = layer(x).shape
         kh, kw = layer.kernel_size
-        oh, ow = h - kh + 1, w - kw + 1
         return 2 * n * layer.out_channels * layer.in_channels * kh * kw * oh * ow
     if isinstance(layer, nn.Linear):
         return 2 * x.shape[0] * layer.in_features * layer.out_features
@@ -79,21 +109,26 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="0: torch's default")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--arch", default="reference", help="as medcnn's --arch")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--channels", type=int, default=1)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    model = MedNISTNet().to(dev)
+    model = build(a.arch, a.image_size, a.channels).to(dev)
     n = a.batch_size
-    x = (torch.rand(n, 1, 64, 64, device=dev) * 2 - 1)
+    x = (torch.rand(n, a.channels, a.image_size, a.image_size, device=dev) * 2 - 1)
     y = torch.arange(n, device=dev) % 6
 
     layers = []
     h = x
-    named = [(f"conv_block.{i}", m) for i, m in enumerate(model.conv_block)]
-    named += [("flatten", nn.Flatten())] + [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)]
+    # The leaf modules in the order forward runs them (definition order, for both the reference
+    # module and an nn.Sequential).
+    named = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    first = named[0][0]
     model.train()
     for name, layer in named:
         inp = h.detach().requires_grad_(True)
@@ -103,10 +138,11 @@ def main():
         fwd = timed(lambda: layer(inp), 5, sync)
         # Backward alone: one graph, its gradients taken repeatedly (retain_graph). Like medcnn's
         # first block, the first layer skips the gradient of the images (nobody needs it).
-        wrt = ([inp] if name != "conv_block.0" else []) + params
+        wrt = ([inp] if name != first else []) + params
         bwd = timed(lambda: torch.autograd.grad(out, wrt, g, retain_graph=True), 5, sync) if wrt else 0.0
-        f = flops(layer, inp)
-        bf = (2 if name != "conv_block.0" else 1) * f
+        with torch.no_grad():
+            f = flops(layer, inp)
+        bf = (2 if name != first else 1) * f
         layers.append({
             "name": name, "layer": layer.__class__.__name__, "input": list(inp.shape),
             "forward_ms": fwd, "backward_ms": bwd,
@@ -143,12 +179,15 @@ def main():
         sync()
         infer_ms = (time.perf_counter() - t) * 1e3 / a.steps
 
-    fwd_flops = sum(flops(l, torch.empty(1, *s["input"][1:])) for (_, l), s in zip(named, layers))
+    with torch.no_grad():
+        fwd_flops = sum(flops(l, torch.empty(1, *s["input"][1:], device=dev)) for (_, l), s in zip(named, layers))
     report = {
         "machine": {"cpu": cpu_name(), "cores": torch.get_num_threads() if a.device == "cpu" else None,
                     "threads": torch.get_num_threads()},
         "device": f"pytorch {torch.__version__} {a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""),
         "batch_size": n,
+        "arch": a.arch,
+        "input": {"channels": a.channels, "size": a.image_size},
         "layers": layers,
         "train_step_ms": step_ms,
         "train_images_per_sec": n / (step_ms / 1e3),
@@ -159,7 +198,8 @@ def main():
     if a.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"machine: {report['machine']['cpu']}, {report['machine']['threads']} threads; device: {report['device']}; batch {n}\n")
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['threads']} threads; device: {report['device']}; batch {n}")
+    print(f"model: {a.arch} on {a.image_size}x{a.image_size} {'gray' if a.channels == 1 else 'RGB'} images\n")
     print(f"{'layer':<14} {'':<18} {'input':<18} {'fwd ms':>10} {'GFLOP/s':>9} {'bwd ms':>10} {'GFLOP/s':>9}")
     for l in layers:
         g = lambda v: f"{v:.1f}" if v > 0 else "-"

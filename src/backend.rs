@@ -4,16 +4,18 @@
 //!
 //! The device is chosen once, when the backend is made; the training loop above it never asks.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::data::InputShape;
 use crate::layers::{cross_entropy::argmax_rows, Ctx, SoftmaxCrossEntropy};
 pub use crate::model::{check_names, NamedTensor};
-use crate::model::{reference_model, ModelConfig, Sequential};
+use crate::model::{ModelConfig, Sequential};
 use crate::optim::Adam;
+use crate::spec::{BuildOptions, ModelSpec};
 use crate::tensor::{from_vec, slice, Tensor};
 
-/// Side length of the (square, single-channel) images the model takes.
+/// Side length of the reference's default input (64x64 gray, MedNIST's size).
 pub const IMAGE_SIDE: usize = 64;
 
 /// Adam's state: the step count and both moments, one tensor per parameter, named
@@ -55,12 +57,12 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// What a device must do to train and run the reference model.
+/// What a device must do to train and run a model.
 pub trait Backend {
     /// The device in words, e.g. `cpu (2 threads)` or `cuda: NVIDIA H100 80GB HBM3`.
     fn describe(&self) -> String;
 
-    /// One step: forward (training mode) on x (n, 1, 64, 64), mean cross-entropy against y,
+    /// One step: forward (training mode) on x (n, C, S, S), mean cross-entropy against y,
     /// backward, one Adam update at learning rate `lr`. `step` seeds dropout. Loss and accuracy
     /// are summed inside the backend; read them with `take_train_stats`.
     fn train_step(&mut self, x: &[f32], y: &[usize], lr: f64, step: u64) -> Result<()>;
@@ -71,7 +73,7 @@ pub trait Backend {
     /// Logits (n, classes), row-major, in evaluation mode (dropout off).
     fn predict(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>>;
 
-    /// The weights, named as the reference PyTorch module's `state_dict`.
+    /// The weights, named as the PyTorch module's `state_dict` (see `spec`).
     fn export_weights(&mut self) -> Result<Vec<NamedTensor>>;
     fn import_weights(&mut self, weights: &[NamedTensor]) -> Result<()>;
 
@@ -79,11 +81,60 @@ pub trait Backend {
     fn import_optimizer(&mut self, state: &OptimizerState) -> Result<()>;
 }
 
-/// Makes the backend for `device`, with the reference model initialised from `seed`.
-pub fn make_backend(device: Device, cfg: &ModelConfig, seed: u64, adam: AdamConfig) -> Result<Box<dyn Backend>> {
+/// Makes the backend for `device`, with the network of `spec` for `classes` classes,
+/// initialised from `seed`.
+pub fn make_backend(
+    device: Device,
+    spec: &ModelSpec,
+    classes: usize,
+    seed: u64,
+    adam: AdamConfig,
+) -> Result<Box<dyn Backend>> {
     match device {
-        Device::Cpu => Ok(Box::new(CpuBackend::new(cfg, seed, adam))),
-        Device::Cuda => Ok(Box::new(crate::cuda::CudaBackend::new(cfg, seed, adam)?)),
+        Device::Cpu => Ok(Box::new(CpuBackend::from_spec(spec, classes, seed, adam)?)),
+        Device::Cuda => {
+            let cfg = cuda_config(spec, classes)?;
+            Ok(Box::new(crate::cuda::CudaBackend::new(&cfg, seed, adam)?))
+        }
+    }
+}
+
+/// Fails at once, before any data is read, when `device` cannot work here: a build without the
+/// `cuda` feature, or (with it) a machine without the driver, NVRTC or a GPU. Opening the GPU
+/// and compiling the kernels is left to the backend.
+pub fn check_device(device: Device) -> Result<()> {
+    if device != Device::Cuda {
+        return Ok(());
+    }
+    #[cfg(not(feature = "cuda"))]
+    bail!("--device cuda: this medcnn was built without CUDA support; rebuild with `cargo build --release --features cuda`");
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("--device cuda: {}", crate::cuda::device::DRIVER_HELP);
+        }
+        crate::cuda::nvrtc::check_available().context("--device cuda")?;
+        match cudarc::driver::CudaContext::device_count() {
+            Ok(n) if n > 0 => Ok(()),
+            Ok(_) => bail!("--device cuda: the CUDA driver sees no GPU (is one visible to nvidia-smi?)"),
+            Err(e) => bail!("--device cuda: the CUDA driver failed to start ({e:?}); is a GPU visible (nvidia-smi)?"),
+        }
+    }
+}
+
+/// The CUDA engine runs the reference network on 64x64 gray images only (it does not walk a
+/// spec yet): anything else is refused here, before any data is read.
+pub fn cuda_config(spec: &ModelSpec, classes: usize) -> Result<ModelConfig> {
+    match spec.reference_dropout() {
+        Some(dropout) if spec.input == InputShape::default() => {
+            Ok(ModelConfig { num_classes: classes, dropout, ..ModelConfig::default() })
+        }
+        _ => bail!(
+            "--device cuda runs only the reference network on 64x64 gray images for now; this model is              `{}` on {} images: use --device cpu",
+            spec.arch_text(),
+            spec.input
+        ),
     }
 }
 
@@ -94,26 +145,47 @@ pub struct CpuBackend {
     loss: SoftmaxCrossEntropy<f32>,
     stats: TrainStats,
     num_classes: usize,
+    input: InputShape,
 }
 
 impl CpuBackend {
+    /// The reference network on 64x64 gray images (`model::ModelConfig`).
     pub fn new(cfg: &ModelConfig, seed: u64, adam: AdamConfig) -> Self {
-        CpuBackend {
-            // The fused conv blocks: same weights and results as the layer-by-layer reference.
-            model: reference_model(&ModelConfig { fused: true, ..cfg.clone() }, seed),
+        let spec = ModelSpec::reference(InputShape::default(), cfg.dropout);
+        let opts = BuildOptions { fused: true, gemm_only: cfg.gemm_only };
+        Self::with_options(&spec, cfg.num_classes, seed, adam, opts).expect("the reference fits 64x64")
+    }
+
+    /// The network of `spec`, with fused conv blocks wherever the spec has Conv2d, ReLU,
+    /// MaxPool2d in a row (same weights and results as the layer-by-layer network).
+    pub fn from_spec(spec: &ModelSpec, classes: usize, seed: u64, adam: AdamConfig) -> Result<Self> {
+        Self::with_options(spec, classes, seed, adam, BuildOptions { fused: true, gemm_only: false })
+    }
+
+    pub fn with_options(
+        spec: &ModelSpec,
+        classes: usize,
+        seed: u64,
+        adam: AdamConfig,
+        opts: BuildOptions,
+    ) -> Result<Self> {
+        Ok(CpuBackend {
+            model: spec.build(classes, opts, seed)?,
             adam: Adam::new(adam.lr).with_weight_decay(adam.weight_decay),
             loss: SoftmaxCrossEntropy::new(),
             stats: TrainStats::default(),
-            num_classes: cfg.num_classes,
-        }
+            num_classes: classes,
+            input: spec.input,
+        })
     }
 
-    fn input(x: &[f32], n: usize) -> Result<Tensor<f32>> {
-        let want = n * IMAGE_SIDE * IMAGE_SIDE;
+    fn input(&self, x: &[f32], n: usize) -> Result<Tensor<f32>> {
+        let [c, h, w] = self.input.chw();
+        let want = n * c * h * w;
         if x.len() != want {
-            bail!("input batch has {} values, expected {n} x 1 x {IMAGE_SIDE} x {IMAGE_SIDE} = {want}", x.len());
+            bail!("input batch has {} values, expected {n} x {c} x {h} x {w} = {want}", x.len());
         }
-        Ok(from_vec(&[n, 1, IMAGE_SIDE, IMAGE_SIDE], x.to_vec()))
+        Ok(from_vec(&[n, c, h, w], x.to_vec()))
     }
 }
 
@@ -124,7 +196,7 @@ impl Backend for CpuBackend {
 
     fn train_step(&mut self, x: &[f32], y: &[usize], lr: f64, step: u64) -> Result<()> {
         let n = y.len();
-        let x = Self::input(x, n)?;
+        let x = self.input(x, n)?;
         if let Some(&bad) = y.iter().find(|&&t| t >= self.num_classes) {
             bail!("label {bad} out of range for {} classes", self.num_classes);
         }
@@ -146,7 +218,7 @@ impl Backend for CpuBackend {
     }
 
     fn predict(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let logits = self.model.forward(&Self::input(x, n)?, Ctx::eval());
+        let logits = self.model.forward(&self.input(x, n)?, Ctx::eval());
         Ok(slice(&logits).to_vec())
     }
 

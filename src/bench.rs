@@ -1,5 +1,6 @@
-//! `medcnn bench`: per-layer forward and backward timings of the reference model at its real
-//! shapes, then whole training steps and inference, in images/s. CPU here; CUDA through
+//! `medcnn bench`: per-layer forward and backward timings of a network (the reference by
+//! default, or any `--arch` spec) at its real shapes, then whole training steps and inference,
+//! in images/s. CPU here; CUDA through
 //! `crate::cuda` when built with the feature. Prints the machine; a table for people, JSON for
 //! machines, and a bar chart.
 //!
@@ -10,10 +11,15 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::backend::{make_backend, AdamConfig, Backend, Device, IMAGE_SIDE};
+use crate::backend::{make_backend, AdamConfig, Backend, Device};
+use crate::data::InputShape;
 use crate::layers::Ctx;
-use crate::model::{reference_model, ModelConfig};
+use crate::model::LayerKind;
+use crate::spec::{BuildOptions, ModelSpec};
 use crate::tensor::{from_vec, Tensor};
+
+/// The class count benchmarks use (MedNIST's).
+pub const BENCH_CLASSES: usize = 6;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerTiming {
@@ -31,6 +37,9 @@ pub struct LayerTiming {
 pub struct BenchReport {
     pub machine: Machine,
     pub device: String,
+    /// The network (`--arch` text) and its input.
+    pub arch: String,
+    pub input: InputShape,
     pub batch_size: usize,
     pub layers: Vec<LayerTiming>,
     pub train_step_ms: f64,
@@ -104,19 +113,25 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
-/// A batch of random-looking images in [-1, 1] and labels.
+/// A batch of random-looking 64x64 gray images in [-1, 1] and labels.
 pub fn synthetic_batch(n: usize, classes: usize) -> (Vec<f32>, Vec<usize>) {
-    let x = (0..n * IMAGE_SIDE * IMAGE_SIDE).map(|i| (i as f32 * 0.618).fract() * 2.0 - 1.0).collect();
+    synthetic_batch_for(n, classes, InputShape::default())
+}
+
+/// A batch of random-looking images of `shape` in [-1, 1] and labels.
+pub fn synthetic_batch_for(n: usize, classes: usize, shape: InputShape) -> (Vec<f32>, Vec<usize>) {
+    let x = (0..n * shape.len()).map(|i| (i as f32 * 0.618).fract() * 2.0 - 1.0).collect();
     let y = (0..n).map(|i| i % classes).collect();
     (x, y)
 }
 
-/// Per-layer CPU timings at the reference model's shapes.
-pub fn cpu_layer_timings(batch: usize, reps: usize) -> Vec<LayerTiming> {
+/// Per-layer CPU timings at the spec's shapes.
+pub fn cpu_layer_timings(spec: &ModelSpec, batch: usize, reps: usize) -> Result<Vec<LayerTiming>> {
     // The fused model, as the CPU backend trains it.
-    let mut model = reference_model::<f32>(&ModelConfig { fused: true, ..ModelConfig::default() }, 0);
-    let (x, _) = synthetic_batch(batch, 6);
-    let mut h: Tensor<f32> = from_vec(&[batch, 1, IMAGE_SIDE, IMAGE_SIDE], x);
+    let mut model = spec.build::<f32>(BENCH_CLASSES, BuildOptions { fused: true, gemm_only: false }, 0)?;
+    let (x, _) = synthetic_batch_for(batch, BENCH_CLASSES, spec.input);
+    let [c, hh, ww] = spec.input.chw();
+    let mut h: Tensor<f32> = from_vec(&[batch, c, hh, ww], x);
     let mut out = Vec::new();
     for (i, l) in model.layers.iter_mut().enumerate() {
         let input = h.shape().to_vec();
@@ -137,21 +152,20 @@ pub fn cpu_layer_timings(batch: usize, reps: usize) -> Vec<LayerTiming> {
             forward_ms: fwd,
             backward_ms: bwd,
             forward_gflops: flops / (fwd * 1e6),
-            // Backward is two GEMMs of the forward's size (dW and dx), except in the first
+            // Backward is two GEMMs of the forward's size (dW and dx), except in a fused first
             // block, which skips dx (nobody needs the gradient of the images).
-            backward_gflops: if i == 0 { 1.0 } else { 2.0 } * flops / (bwd * 1e6),
+            backward_gflops: if i == 0 && l.kind == LayerKind::ConvReluPool { 1.0 } else { 2.0 } * flops / (bwd * 1e6),
         });
         h = y;
     }
-    out
+    Ok(out)
 }
 
-/// Runs the whole benchmark on `device`.
-pub fn run(device: Device, batch: usize, steps: usize) -> Result<BenchReport> {
-    let cfg = ModelConfig::default();
+/// Runs the whole benchmark of `spec` on `device`.
+pub fn run(device: Device, spec: &ModelSpec, batch: usize, steps: usize) -> Result<BenchReport> {
     let layers = match device {
-        Device::Cpu => cpu_layer_timings(batch, 5),
-        Device::Cuda => crate::cuda::bench_layers(&cfg, batch, 5)?
+        Device::Cpu => cpu_layer_timings(spec, batch, 5)?,
+        Device::Cuda => crate::cuda::bench_layers(&crate::backend::cuda_config(spec, BENCH_CLASSES)?, batch, 5)?
             .layers
             .into_iter()
             .map(|l| LayerTiming {
@@ -165,8 +179,9 @@ pub fn run(device: Device, batch: usize, steps: usize) -> Result<BenchReport> {
             })
             .collect(),
     };
-    let mut backend: Box<dyn Backend> = make_backend(device, &cfg, 0, AdamConfig { lr: 1e-3, weight_decay: 0.0 })?;
-    let (x, y) = synthetic_batch(batch, cfg.num_classes);
+    let adam = AdamConfig { lr: 1e-3, weight_decay: 0.0 };
+    let mut backend: Box<dyn Backend> = make_backend(device, spec, BENCH_CLASSES, 0, adam)?;
+    let (x, y) = synthetic_batch_for(batch, BENCH_CLASSES, spec.input);
     // Training: warm up, then `steps` steps; the stats call is the device sync.
     backend.train_step(&x, &y, 1e-3, 0)?;
     backend.take_train_stats()?;
@@ -183,13 +198,12 @@ pub fn run(device: Device, batch: usize, steps: usize) -> Result<BenchReport> {
         backend.predict(&x, batch)?;
     }
     let infer_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
-    let model = reference_model::<f32>(&cfg, 0);
-    let shapes =
-        std::iter::once(vec![1, 1, IMAGE_SIDE, IMAGE_SIDE]).chain(model.shapes(&[1, 1, IMAGE_SIDE, IMAGE_SIDE]));
-    let flops: u64 = model.layers.iter().zip(shapes).map(|(l, s)| l.layer.flops(&s)).sum();
+    let flops: u64 = spec.resolve(BENCH_CLASSES)?.iter().map(|l| l.flops).sum();
     Ok(BenchReport {
         machine: Machine::current(),
         device: backend.describe(),
+        arch: spec.arch_text(),
+        input: spec.input,
         batch_size: batch,
         layers,
         train_step_ms: step_ms,
@@ -211,8 +225,8 @@ pub fn run(device: Device, batch: usize, steps: usize) -> Result<BenchReport> {
 /// The report as a table for people.
 pub fn table(r: &BenchReport) -> String {
     let mut s = format!(
-        "machine: {} ({} cores), {} threads; device: {}; batch {}\n\n",
-        r.machine.cpu, r.machine.cores, r.machine.threads, r.device, r.batch_size
+        "machine: {} ({} cores), {} threads; device: {}; batch {}\nmodel: {} on {} images\n\n",
+        r.machine.cpu, r.machine.cores, r.machine.threads, r.device, r.batch_size, r.arch, r.input
     );
     s += &format!(
         "{:<14} {:<26} {:<18} {:>10} {:>9} {:>10} {:>9}\n",
@@ -250,8 +264,9 @@ pub fn table(r: &BenchReport) -> String {
             "matmul peak (sgemm 512^3 on every thread): {peak:.0} GFLOP/s; the training step runs at {:.0}% of it\n",
             100.0 * r.train_gflops / peak
         );
-        s += "GFLOP/s count a direct convolution's operations. The CPU computes the first block directly and the\n\
-              others by Winograd F(2x2,3x3), with 2.25x fewer multiplies: the rates are effective ones and can pass the peak.\n";
+        s += "GFLOP/s count a direct convolution's operations. Where a block's shape allows it, the CPU computes a\n\
+              one-channel first block directly and 3x3 blocks by Winograd F(2x2,3x3), with 2.25x fewer multiplies:\n\
+              the rates are effective ones and can pass the peak.\n";
     }
     s
 }

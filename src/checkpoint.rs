@@ -43,6 +43,17 @@ pub fn save(path: &Path, format: &str, tensors: &[NamedTensor], metadata: &BTree
 /// Reads a file written by `save`, checking format, version and checksum. Tensors come back in
 /// the order `names` gives (every name must be present, no others).
 pub fn load(path: &Path, format: &str, names: &[String]) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
+    load_with(path, format, |_| Ok(names.to_vec()))
+}
+
+/// `load` for files whose tensor names depend on their metadata (the model spec stored in it):
+/// `names` gets the metadata once format and version are checked (the checksum is checked after,
+/// so what `names` derives is trusted only once the whole file is).
+pub fn load_with(
+    path: &Path,
+    format: &str,
+    names: impl FnOnce(&BTreeMap<String, String>) -> Result<Vec<String>>,
+) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let bad = |what: String| anyhow!("{}: {what}", path.display());
     let st = SafeTensors::deserialize(&bytes)
@@ -58,6 +69,7 @@ pub fn load(path: &Path, format: &str, names: &[String]) -> Result<(Vec<NamedTen
         Some(FORMAT_VERSION) => {}
         v => bail!(bad(format!("has format version {v:?}, this medcnn reads version {FORMAT_VERSION}"))),
     }
+    let names = &names(&meta)?;
 
     let mut tensors = Vec::with_capacity(names.len());
     let mut raw = Vec::with_capacity(names.len());

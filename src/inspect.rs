@@ -3,9 +3,10 @@
 //! least sure of.
 //!
 //! Files written to `--out`:
-//! - `filters.png`: conv_block.0's 32 3x3 kernels on one shared scale (red > 0, blue < 0);
+//! - `filters.png`: the first conv layer's kernels (conv_block.0's 32 3x3 for the reference) on
+//!   one shared scale (red > 0, blue < 0; in colour when the layer reads three channels);
 //! - `feature_maps.png`: the image and the 8 most active channels of each conv layer (after
-//!   its ReLU), and `features_<layer>.png` with every channel of that layer;
+//!   its ReLU when one follows), and `features_<layer>.png` with every channel of that layer;
 //! - with `--data`: `mistakes.png` (wrong predictions, most confident first),
 //!   `least_confident.png` (the lowest top probabilities, right or wrong) and `mistakes.csv`.
 //!
@@ -17,16 +18,17 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::Device;
 use crate::checkpoint::meta_json;
-use crate::data::{Dataset, Split, IMAGE_PIXELS, IMAGE_SIZE};
+use crate::data::{fingerprint, load_data, Dataset, Split};
 use crate::explain::render::{
-    self, diverging, gray_rgb, inferno, normalise_max, Align, Canvas, Tile, DARK_RGB, GRAY_RGB, GREEN_RGB, RED_RGB,
-    WHITE_RGB,
+    self, diverging, gray_rgb, inferno, normalise_max, Align, Canvas, Rgb, Tile, DARK_RGB, GRAY_RGB, GREEN_RGB,
+    RED_RGB, WHITE_RGB,
 };
-use crate::explain::{cpu_model, percent, read_image};
+use crate::explain::{cpu_model, display_gray, percent, read_image};
+use crate::layers::cross_entropy::{argmax, softmax};
 use crate::layers::Ctx;
-use crate::model::Sequential;
+use crate::model::{LayerKind, Sequential};
+use crate::model_file::SavedModel;
 use crate::tensor::{from_vec, slice, Float};
-use crate::train::{data_fingerprint, load_data, softmax, SavedModel};
 
 /// `medcnn inspect`.
 #[derive(clap::Args, Debug)]
@@ -62,27 +64,40 @@ pub fn filters_picture<T: Float>(model: &Sequential<T>) -> Result<Canvas> {
     let (oc, ic, kh, kw) = (s[0], s[1], s[2], s[3]);
     let values: Vec<f32> = slice(&w.value).iter().map(|v| v.as_f64() as f32).collect();
     let m = values.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-12);
-    // With several input channels only the first is drawn (the reference model has one).
+    // Three input channels (an RGB image) are drawn as colour: each channel's weight is its
+    // colour's intensity around mid-gray. With other channel counts only the first is drawn.
+    let plane = kh * kw;
+    let colour = ic == 3;
     let tiles: Vec<Tile> = values
-        .chunks_exact(ic * kh * kw)
+        .chunks_exact(ic * plane)
         .map(|k| Tile {
-            pixels: k[..kh * kw].iter().map(|&v| diverging(0.5 + 0.5 * v / m)).collect(),
+            pixels: if colour {
+                let level = |v: f32| ((0.5 + 0.5 * v / m) * 255.0).round().clamp(0.0, 255.0) as u8;
+                (0..plane).map(|i| [level(k[i]), level(k[plane + i]), level(k[2 * plane + i])]).collect()
+            } else {
+                k[..plane].iter().map(|&v| diverging(0.5 + 0.5 * v / m)).collect()
+            },
             w: kw,
             h: kh,
             caption: Vec::new(),
         })
         .collect();
     let title = format!("{}: {oc} filters of {kh}x{kw}", name.trim_end_matches(".weight"));
-    let subtitle = format!("one scale for all: red > 0, white 0, blue < 0 (|w| up to {m:.3})");
+    let subtitle = if colour {
+        format!("in colour, R G B = the weights on each input channel, mid-gray 0 (|w| up to {m:.3})")
+    } else {
+        format!("one scale for all: red > 0, white 0, blue < 0 (|w| up to {m:.3})")
+    };
     render::tile_grid(&title, &subtitle, &tiles, 8, (72 / kh.max(kw)).max(1))
 }
 
 /// The activations of one layer for one image: `channels` maps of `h` x `w`.
 pub struct FeatureMaps {
-    /// The layer read (the ReLU after a conv), e.g. `conv_block.4`.
+    /// The layer read (the ReLU after a conv, or the conv itself), e.g. `conv_block.4`.
     pub layer: String,
-    /// The conv before it, e.g. `Conv2d(32->64, k3x3, s1, p0)`.
+    /// The conv, e.g. `Conv2d(32->64, k3x3, s1, p0)`, and whether the maps are after a ReLU.
     pub conv: String,
+    pub after_relu: bool,
     pub channels: usize,
     pub h: usize,
     pub w: usize,
@@ -104,31 +119,39 @@ impl FeatureMaps {
     }
 }
 
-/// Runs `x` (one square image) forward in evaluation mode and keeps the output of every ReLU
-/// that follows a conv layer.
+/// Runs `x` (one image of the model's input) forward in evaluation mode and keeps the output of
+/// every conv layer: after the ReLU that follows it, if one does (the layer-by-layer model).
 pub fn feature_maps<T: Float>(model: &mut Sequential<T>, x: &[f32]) -> Result<Vec<FeatureMaps>> {
-    let side = (x.len() as f64).sqrt() as usize;
-    ensure!(side * side == x.len(), "the input has {} values, which is not a square image", x.len());
-    let mut h = from_vec(&[1, 1, side, side], x.iter().map(|&v| T::f(v as f64)).collect());
+    let [c, hh, ww] = model.input.chw();
+    ensure!(x.len() == c * hh * ww, "the input has {} values, the model takes {c} x {hh} x {ww}", x.len());
+    let mut h = from_vec(&[1, c, hh, ww], x.iter().map(|&v| T::f(v as f64)).collect());
     let mut out = Vec::new();
-    let mut prev = String::new();
-    for l in &mut model.layers {
+    let kinds: Vec<LayerKind> = model.layers.iter().map(|l| l.kind).collect();
+    let mut conv: Option<String> = None;
+    for (i, l) in model.layers.iter_mut().enumerate() {
         h = l.layer.forward(&h, Ctx::eval());
-        let describe = l.layer.describe();
-        if describe == "ReLU" && prev.starts_with("Conv2d(") && h.ndim() == 4 {
+        if l.kind == LayerKind::Conv2d {
+            conv = Some(l.layer.describe());
+        }
+        let is_conv_output = match l.kind {
+            LayerKind::Conv2d => kinds.get(i + 1) != Some(&LayerKind::Relu),
+            LayerKind::Relu => i > 0 && kinds[i - 1] == LayerKind::Conv2d,
+            _ => false,
+        };
+        if is_conv_output && h.ndim() == 4 {
             let s = h.shape();
             out.push(FeatureMaps {
                 layer: l.name.clone(),
-                conv: prev.clone(),
+                conv: conv.clone().unwrap_or_default(),
+                after_relu: l.kind == LayerKind::Relu,
                 channels: s[1],
                 h: s[2],
                 w: s[3],
                 values: slice(&h).iter().map(|v| v.as_f64() as f32).collect(),
             });
         }
-        prev = describe;
     }
-    ensure!(!out.is_empty(), "the model has no conv layer followed by a separate ReLU");
+    ensure!(!out.is_empty(), "the model has no conv layer (or only fused ones): no feature maps to draw");
     Ok(out)
 }
 
@@ -148,7 +171,8 @@ pub fn feature_maps_picture(fm: &FeatureMaps) -> Result<Canvas> {
         })
         .collect();
     let dead = (0..fm.channels).filter(|&k| fm.channel(k).iter().all(|&v| v <= 0.0)).count();
-    let title = format!("{} (ReLU after {}): {} maps of {}x{}", fm.layer, fm.conv, fm.channels, fm.h, fm.w);
+    let what = if fm.after_relu { format!("ReLU after {}", fm.conv) } else { fm.conv.clone() };
+    let title = format!("{} ({what}): {} maps of {}x{}", fm.layer, fm.channels, fm.h, fm.w);
     let subtitle = format!("channels in order, each scaled to its own maximum; {dead} all zero (black) for this image");
     let cols = if fm.channels <= 32 { 8 } else { 16 };
     render::tile_grid(&title, &subtitle, &tiles, cols, (64 / fm.h.max(fm.w)).max(1))
@@ -171,7 +195,7 @@ pub fn feature_overview_picture(
     let image_side = 2 * tile + gap;
     let height = top + (rows * (tile + gap)).max(image_side + 24) + margin + 18;
     let mut c = Canvas::new(width + image_side + 2 * gap, height, WHITE_RGB)?;
-    c.text("Feature maps of each conv layer (after ReLU)", c.width as i32 / 2, 10, 20.0, DARK_RGB, Align::Center)?;
+    c.text("Feature maps of each conv layer", c.width as i32 / 2, 10, 20.0, DARK_RGB, Align::Center)?;
     let sub = render::fit_text(
         &format!("{heading}; the {per_layer} most active channels per layer, each scaled to its own maximum"),
         13.0,
@@ -227,7 +251,7 @@ pub fn verdicts(saved: &SavedModel, ds: &Dataset, indices: &[usize]) -> Result<V
         let logits = backend.predict(&x, chunk.len())?;
         for ((z, &truth), &index) in logits.chunks_exact(k).zip(&y).zip(chunk) {
             let p = softmax(z);
-            let pred = (0..k).fold(0, |b, j| if p[j] > p[b] { j } else { b });
+            let pred = argmax(&p);
             out.push(Verdict { index, truth, pred, p_pred: p[pred], p_true: p[truth] });
         }
     }
@@ -248,14 +272,25 @@ pub fn least_confident(v: &[Verdict]) -> Vec<Verdict> {
     m
 }
 
+/// A stored image as colours to draw: gray, or three planes R, G, B.
+fn image_rgb(planes: &[u8], plane: usize) -> Vec<Rgb> {
+    if planes.len() == 3 * plane {
+        (0..plane).map(|i| [planes[i], planes[plane + i], planes[2 * plane + i]]).collect()
+    } else {
+        gray_rgb(&planes[..plane])
+    }
+}
+
 /// Images with "true -> pred (p)" under each, green when right and red when wrong.
 pub fn verdicts_picture(ds: &Dataset, v: &[Verdict], title: &str, subtitle: &str) -> Result<Canvas> {
+    let side = ds.shape.size;
+    let scale = (128 / side).clamp(1, 2);
     let tiles: Vec<Tile> = v
         .iter()
         .map(|v| Tile {
-            pixels: gray_rgb(ds.image(v.index)),
-            w: IMAGE_SIZE,
-            h: IMAGE_SIZE,
+            pixels: image_rgb(ds.image(v.index), ds.shape.plane()),
+            w: side,
+            h: side,
             caption: vec![
                 (
                     format!("{} -> {}", ds.classes[v.truth], ds.classes[v.pred]),
@@ -265,7 +300,7 @@ pub fn verdicts_picture(ds: &Dataset, v: &[Verdict], title: &str, subtitle: &str
             ],
         })
         .collect();
-    render::tile_grid(title, subtitle, &tiles, 8, 2)
+    render::tile_grid(title, subtitle, &tiles, 8, scale)
 }
 
 fn write_verdicts_csv(path: &Path, ds: &Dataset, v: &[Verdict]) -> Result<()> {
@@ -285,7 +320,7 @@ fn split_indices(saved: &SavedModel, ds: &Dataset, split_name: &str) -> Result<V
         return Ok((0..ds.len()).collect());
     }
     let split: Split = meta_json(&saved.meta, "split", &saved.path)?;
-    if saved.meta.get("data_fingerprint") != Some(&data_fingerprint(ds)) {
+    if saved.meta.get("data_fingerprint") != Some(&fingerprint(ds)) {
         bail!(
             "{}: these are not the images the model was trained on, so its {split_name} split cannot be found (use --split all to look at every image)",
             saved.path.display()
@@ -306,7 +341,7 @@ pub fn run(args: &InspectArgs) -> Result<Vec<PathBuf>> {
     }
     let saved = SavedModel::load(&args.model)?;
     let mut model = cpu_model(&saved)?;
-    crate::train::check_output_dir(&args.out)?;
+    crate::metrics::check_output_dir(&args.out)?;
     let mut written = Vec::new();
     let mut save = |c: Canvas, name: &str| -> Result<()> {
         let path = args.out.join(name);
@@ -321,7 +356,7 @@ pub fn run(args: &InspectArgs) -> Result<Vec<PathBuf>> {
     let data = match &args.data {
         Some(d) => {
             let limit: Option<usize> = saved.meta.get("limit").and_then(|v| serde_json::from_str(v).ok()).flatten();
-            let ds = load_data(Some(d), if args.split == "all" { None } else { limit }, false)?;
+            let ds = load_data(Some(d), if args.split == "all" { None } else { limit }, false, saved.spec.input)?;
             if ds.classes != saved.classes {
                 bail!("the data's classes {:?} differ from the model's {:?}", ds.classes, saved.classes);
             }
@@ -332,23 +367,28 @@ pub fn run(args: &InspectArgs) -> Result<Vec<PathBuf>> {
         None => None,
     };
 
-    // Feature maps of one image.
-    let chosen: Option<(Vec<u8>, String)> = match (&args.image, &data) {
-        (Some(p), _) => Some((read_image(p)?.0, p.display().to_string())),
+    // Feature maps of one image: (gray pixels to draw, the model's input, a label).
+    let input = saved.spec.input;
+    let chosen: Option<(Vec<u8>, Vec<f32>, String)> = match (&args.image, &data) {
+        (Some(p), _) => {
+            let (pixels, x) = read_image(p, input)?;
+            Some((pixels, x, p.display().to_string()))
+        }
         (None, Some((ds, idx))) => {
-            Some((ds.image(idx[0]).to_vec(), format!("{} ({} image 1)", ds.names[idx[0]], args.split)))
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            crate::data::fill_batch(ds, &idx[..1], &[], &mut x, &mut y);
+            let pixels = display_gray(ds.image(idx[0]), input.plane());
+            Some((pixels, x, format!("{} ({} image 1)", ds.names[idx[0]], args.split)))
         }
         (None, None) => None,
     };
     match chosen {
-        Some((pixels, label)) => {
-            ensure!(pixels.len() == IMAGE_PIXELS, "the image is not 64x64");
-            let mut x = vec![0.0; IMAGE_PIXELS];
-            crate::data::normalize_into(&pixels, &mut x);
+        Some((pixels, x, label)) => {
             let maps = feature_maps(&mut model, &x)?;
-            let logits = model.forward(&from_vec(&[1, 1, IMAGE_SIZE, IMAGE_SIZE], x.clone()), Ctx::eval());
+            let [c, h, w] = input.chw();
+            let logits = model.forward(&from_vec(&[1, c, h, w], x.clone()), Ctx::eval());
             let p = softmax(slice(&logits));
-            let pred = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
+            let pred = argmax(&p);
             let heading = format!("{label}, predicted {} ({})", saved.classes[pred], percent(p[pred]));
             save(feature_overview_picture(&pixels, &maps, 8, &heading)?, "feature_maps.png")?;
             for fm in &maps {

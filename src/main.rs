@@ -1,5 +1,5 @@
-//! The `medcnn` command line: train, eval, predict, data fetch (and, from other modules, bench,
-//! explain, inspect, serve). Every error ends here as one message and a non-zero exit.
+//! The `medcnn` command line: train, eval, predict, arch, bench, data fetch (and, from other
+//! modules, explain, inspect, serve). Every error ends here as one message and a non-zero exit.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use medcnn::backend::Device;
+use medcnn::data::InputShape;
 use medcnn::optim::LrSchedule;
+use medcnn::spec::{ModelSpec, REFERENCE_DROPOUT};
 use medcnn::train::{self, Outcome, TrainConfig};
 
 #[derive(Parser)]
@@ -22,10 +24,61 @@ struct Cli {
     command: Command,
 }
 
+/// The network and its input, as `train`, `arch` and `bench` take them.
+#[derive(Args, Clone)]
+struct SpecArgs {
+    /// The network: `reference` (the default), the layers as PyTorch names them separated by
+    /// spaces, e.g. "Conv2d(16, 5, padding=2) ReLU MaxPool2d(2) AdaptiveAvgPool2d(1) Flatten Linear",
+    /// or @FILE (one layer per line, # comments). See `medcnn arch`.
+    #[arg(long, default_value = "reference")]
+    arch: String,
+    /// Images are resized to N x N.
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
+    image_size: usize,
+    /// 1 (gray) or 3 (RGB: a gray image becomes three equal channels).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    channels: usize,
+}
+
+impl SpecArgs {
+    fn spec(&self, dropout: Option<f64>) -> Result<ModelSpec> {
+        check_dropout(&self.arch, dropout)?;
+        ModelSpec::parse(
+            &self.arch,
+            InputShape::new(self.channels, self.image_size)?,
+            dropout.unwrap_or(REFERENCE_DROPOUT),
+        )
+    }
+}
+
+/// `--dropout` sets the reference's dropout; a written spec says `Dropout(p=...)` itself.
+fn check_dropout(arch: &str, dropout: Option<f64>) -> Result<()> {
+    if dropout.is_some() && arch.trim() != "reference" {
+        anyhow::bail!("--dropout applies to --arch reference; in your own spec write Dropout(p=...) where you want it");
+    }
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Train the reference model; writes metrics, plots, the best model and a checkpoint to --out.
+    /// Train a network (the reference by default, or --arch); writes metrics, plots, the best
+    /// model and a checkpoint to --out.
     Train(TrainArgs),
+    /// A table of a network's layers: output shapes, parameters and MFLOP per image.
+    Arch {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Classes (the outputs of a last Linear without a size).
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..))]
+        classes: u64,
+        /// The reference's dropout.
+        #[arg(long, allow_negative_numbers = true)]
+        dropout: Option<f64>,
+        /// Print a Python module defining the same network in PyTorch (`model`), whose
+        /// state_dict names and shapes are the tensors medcnn saves.
+        #[arg(long)]
+        pytorch: bool,
+    },
     /// Accuracy, loss and confusion matrix of a saved model on a split.
     Eval {
         #[arg(long)]
@@ -58,6 +111,11 @@ enum Command {
     },
     /// Per-layer forward/backward timings, training and inference throughput.
     Bench {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Benchmark the network of this model file instead of --arch.
+        #[arg(long, conflicts_with_all = ["arch", "image_size", "channels"])]
+        model: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
@@ -117,8 +175,11 @@ struct TrainArgs {
     lr: f64,
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,
-    #[arg(long, default_value_t = 0.4, allow_negative_numbers = true)]
-    dropout: f64,
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// The reference network's dropout probability (default 0.4).
+    #[arg(long, allow_negative_numbers = true)]
+    dropout: Option<f64>,
     /// constant, step:EVERY:GAMMA or cosine[:MIN_LR]
     #[arg(long, default_value = "constant", value_parser = parse_schedule)]
     schedule: LrSchedule,
@@ -172,6 +233,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 LrSchedule::Cosine { min_lr, .. } => LrSchedule::Cosine { epochs: a.epochs, min_lr },
                 s => s,
             };
+            check_dropout(&a.spec.arch, a.dropout)?;
             let cfg = TrainConfig {
                 data: a.data,
                 out: a.out,
@@ -179,7 +241,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 batch_size: a.batch_size,
                 lr: a.lr,
                 weight_decay: a.weight_decay,
-                dropout: a.dropout,
+                dropout: a.dropout.unwrap_or(REFERENCE_DROPOUT),
+                arch: a.spec.arch,
+                image_size: a.spec.image_size,
+                channels: a.spec.channels,
                 schedule,
                 seed: a.seed,
                 threads: a.threads,
@@ -204,17 +269,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Eval { model, data, split, device, batch_size, threads } => {
             set_threads(threads)?;
-            train::eval_command(&model, data.as_deref(), &split, device, batch_size as usize)?;
+            medcnn::evaluate::eval_command(&model, data.as_deref(), &split, device, batch_size as usize)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Predict { model, images, json, device, threads } => {
             set_threads(threads)?;
-            train::predict_command(&model, &images, device, json)?;
+            medcnn::evaluate::predict_command(&model, &images, device, json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { device, batch_size, steps, threads, json, plot } => {
+        Command::Arch { spec, classes, dropout, pytorch } => {
+            let spec = spec.spec(dropout)?;
+            if pytorch {
+                print!("{}", spec.pytorch_module(classes as usize)?);
+            } else {
+                print!("{}", spec.summary(classes as usize)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { spec, model, device, batch_size, steps, threads, json, plot } => {
             set_threads(threads)?;
-            let r = medcnn::bench::run(device, batch_size as usize, steps as usize)?;
+            let spec = match model {
+                Some(path) => medcnn::model_file::SavedModel::load(&path)?.spec,
+                None => spec.spec(None)?,
+            };
+            medcnn::backend::check_device(device)?;
+            let r = medcnn::bench::run(device, &spec, batch_size as usize, steps as usize)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

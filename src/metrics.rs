@@ -316,3 +316,12 @@ impl ConfusionMatrix {
         out
     }
 }
+
+/// Fails early, before any data is read, if `out` cannot be created or written.
+pub fn check_output_dir(out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("output folder {} cannot be created", out.display()))?;
+    let probe = out.join(".medcnn-write-test");
+    std::fs::write(&probe, b"ok").with_context(|| format!("output folder {} is not writable", out.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}

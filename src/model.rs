@@ -1,36 +1,67 @@
-//! The model: a sequence of named layers run in order, the walk over their parameters, and the
-//! reference architecture with PyTorch's default initialisation.
+//! The model: a sequence of named layers run in order, the walk over their parameters, and
+//! PyTorch's default initialisation. What the layers are comes from a `crate::spec::ModelSpec`
+//! (the reference network is one); this file only runs them.
 //!
-//! Layer names follow the reference PyTorch module, so parameter names match its `state_dict`
-//! (`conv_block.0.weight`, ..., `classifier.2.bias`) and weights can be exchanged with it.
+//! Layer names follow PyTorch's `state_dict` (`3.weight` for layer 3 of an `nn.Sequential`,
+//! `conv_block.0.weight`, ..., `classifier.2.bias` for the reference module), so weights can be
+//! exchanged with it.
 
 use anyhow::{bail, Result};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{
-    Conv2d, ConvReluPool, Ctx, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear, MaxPool2d, Param, Relu,
-};
+use crate::data::InputShape;
+use crate::layers::{Ctx, Layer, Param};
+use crate::spec::{BuildOptions, ModelSpec};
 use crate::tensor::{slice, slice_mut, Float, Tensor};
 
-/// A layer and the name its parameters are saved under.
+/// What a layer is, so that code finds "the last conv layer" by kind, never by its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    Conv2d,
+    /// A fused Conv2d + ReLU + MaxPool2d (`layers::ConvReluPool`).
+    ConvReluPool,
+    Relu,
+    MaxPool2d,
+    AvgPool2d,
+    GlobalAvgPool2d,
+    Dropout,
+    Flatten,
+    Linear,
+    /// A layer pushed by hand (tests) without saying what it is.
+    Other,
+}
+
+/// A layer, the name its parameters are saved under, and what kind of layer it is.
 pub struct NamedLayer<T: Float> {
     pub name: String,
+    pub kind: LayerKind,
     pub layer: Box<dyn Layer<T>>,
 }
 
 /// Layers applied in order: forward walks them first to last, backward last to first.
 pub struct Sequential<T: Float> {
     pub layers: Vec<NamedLayer<T>>,
+    /// The input the layers were built for (set by `ModelSpec::build`; 64x64 gray otherwise).
+    pub input: InputShape,
 }
 
 impl<T: Float> Sequential<T> {
     pub fn new() -> Self {
-        Sequential { layers: Vec::new() }
+        Sequential { layers: Vec::new(), input: InputShape::default() }
     }
 
     pub fn push(&mut self, name: impl Into<String>, layer: impl Layer<T> + 'static) {
-        self.layers.push(NamedLayer { name: name.into(), layer: Box::new(layer) });
+        self.push_kind(name, LayerKind::Other, layer);
+    }
+
+    pub fn push_kind(&mut self, name: impl Into<String>, kind: LayerKind, layer: impl Layer<T> + 'static) {
+        self.layers.push(NamedLayer { name: name.into(), kind, layer: Box::new(layer) });
+    }
+
+    /// Indices of the layers of `kind`, in order.
+    pub fn find(&self, kind: LayerKind) -> Vec<usize> {
+        (0..self.layers.len()).filter(|&i| self.layers[i].kind == kind).collect()
     }
 
     pub fn forward(&mut self, x: &Tensor<T>, ctx: Ctx) -> Tensor<T> {
@@ -184,7 +215,8 @@ pub fn check_names(names: &[String], tensors: &[NamedTensor]) -> Result<()> {
     Ok(())
 }
 
-/// The settings of the reference architecture that a user can change.
+/// The settings of the reference architecture that a user can change (the CUDA engine and
+/// older callers build from this; everything else builds from a `ModelSpec`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub num_classes: usize,
@@ -204,41 +236,13 @@ impl Default for ModelConfig {
     }
 }
 
-/// The reference model, layer for layer as the PyTorch module:
-///
-/// ```text
-/// conv_block: Conv(1->32, k3) ReLU MaxPool(2)   64x64 -> 62 -> 31
-///             Conv(32->64)    ReLU MaxPool(2)   31 -> 29 -> 14
-///             Conv(64->128)   ReLU MaxPool(2)   14 -> 12 -> 6
-///             Conv(128->256)  ReLU MaxPool(2)    6 -> 4 -> 2
-/// global average pool -> 256, flatten
-/// classifier: Linear(256->128) Dropout(p) Linear(128->classes)
-/// ```
-///
-/// 421,510 parameters for 6 classes. Weights are drawn from `seed` as PyTorch's defaults.
+/// The reference model on 64x64 gray images (`ModelSpec::reference`, drawn in its docs):
+/// 421,510 parameters for 6 classes, weights drawn from `seed` as PyTorch's defaults.
 pub fn reference_model<T: Float>(cfg: &ModelConfig, seed: u64) -> Sequential<T> {
-    let mut m = Sequential::new();
-    let widths = [1, 32, 64, 128, 256];
-    for (i, w) in widths.windows(2).enumerate() {
-        let conv = Conv2d::<T>::new(w[0], w[1], (3, 3), 1, 0);
-        if cfg.fused {
-            let mut block = ConvReluPool::new(conv, MaxPool2d::new(2, 2));
-            block.input_grad = i > 0; // nobody needs the gradient of the images themselves
-            (block.direct, block.winograd) = (!cfg.gemm_only, !cfg.gemm_only);
-            m.push(format!("conv_block.{}", 3 * i), block);
-        } else {
-            m.push(format!("conv_block.{}", 3 * i), conv);
-            m.push(format!("conv_block.{}", 3 * i + 1), Relu::<T>::new());
-            m.push(format!("conv_block.{}", 3 * i + 2), MaxPool2d::new(2, 2));
-        }
-    }
-    m.push("global_pool", GlobalAvgPool2d::new());
-    m.push("flatten", Flatten::new());
-    m.push("classifier.0", Linear::<T>::new(256, 128));
-    m.push("classifier.1", Dropout::<T>::new(cfg.dropout, seed ^ 0xD50F_u64));
-    m.push("classifier.2", Linear::<T>::new(128, cfg.num_classes));
-    init_pytorch_default(&mut m, seed);
-    m
+    let opts = BuildOptions { fused: cfg.fused, gemm_only: cfg.gemm_only };
+    ModelSpec::reference(InputShape::default(), cfg.dropout)
+        .build(cfg.num_classes, opts, seed)
+        .expect("the reference network fits a 64x64 input")
 }
 
 /// PyTorch's default initialisation for Conv2d and Linear: weight from kaiming_uniform with

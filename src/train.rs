@@ -1,8 +1,10 @@
 //! The training loop: data -> batches -> backend steps -> validation -> metrics, plots, model and
-//! checkpoint every epoch -> test-set evaluation and `summary.json` at the end. Also evaluation
-//! of a saved model on a split, and prediction for single images.
+//! checkpoint every epoch -> test-set evaluation and `summary.json` at the end.
 //!
-//! Everything random is derived from the seed: weights (`model::reference_model`), the split,
+//! What it is not: evaluation and prediction (`evaluate`), the model file (`model_file`), the
+//! network (`spec`, built from `--arch`).
+//!
+//! Everything random is derived from the seed: weights (`spec::ModelSpec::build`), the split,
 //! each epoch's order and flips (`data::epoch_order(seed, epoch)`), and dropout
 //! (hash of seed, step, index). So a checkpoint only needs to store *where* the run is (epoch,
 //! batch, step) to continue exactly as the uninterrupted run would have.
@@ -14,15 +16,19 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+pub use crate::backend::check_device;
 use crate::backend::{make_backend, AdamConfig, Backend, Device, NamedTensor, OptimizerState, TrainStats};
 use crate::checkpoint::{self, meta_json, CHECKPOINT_FORMAT, MODEL_FORMAT};
-use crate::data::{self, Dataset, LoadOptions, Split, IMAGE_PIXELS};
-use crate::metrics::{write_metrics_csv, ConfusionMatrix, EpochMetrics};
-use crate::model::{reference_model, ModelConfig};
+pub use crate::data::load_data;
+use crate::data::{self, fingerprint, Dataset, InputShape, Split};
+use crate::evaluate::evaluate;
+pub use crate::metrics::check_output_dir;
+use crate::metrics::{write_metrics_csv, EpochMetrics};
+use crate::model_file::{check_shapes, model_path, SavedModel};
 use crate::optim::LrSchedule;
 use crate::report;
+use crate::spec::{ModelSpec, REFERENCE_DROPOUT};
 
 /// Train / validation / test fractions of each class.
 pub const SPLIT_FRACTIONS: [f64; 3] = [0.7, 0.2, 0.1];
@@ -36,7 +42,17 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
+    /// The reference network's dropout (a written spec has its own `Dropout(p)` layers).
     pub dropout: f64,
+    /// The network: `reference`, or the layers as `--arch` takes them (a spec file is read
+    /// once, at the start, and stored as its layers).
+    #[serde(default = "reference_arch")]
+    pub arch: String,
+    /// The input: `image_size` x `image_size`, 1 (gray) or 3 (RGB) channels.
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    #[serde(default = "default_channels")]
+    pub channels: usize,
     pub schedule: LrSchedule,
     pub seed: u64,
     pub threads: usize,
@@ -46,6 +62,16 @@ pub struct TrainConfig {
     pub skip_bad_images: bool,
     /// Save the first conv layer's filters as a picture after every epoch.
     pub save_filters: bool,
+}
+
+fn reference_arch() -> String {
+    "reference".into()
+}
+fn default_image_size() -> usize {
+    InputShape::default().size
+}
+fn default_channels() -> usize {
+    InputShape::default().channels
 }
 
 impl Default for TrainConfig {
@@ -58,7 +84,10 @@ impl Default for TrainConfig {
             batch_size: 64,
             lr: 1e-3,
             weight_decay: 0.0,
-            dropout: 0.4,
+            dropout: REFERENCE_DROPOUT,
+            arch: reference_arch(),
+            image_size: default_image_size(),
+            channels: default_channels(),
             schedule: LrSchedule::Constant,
             seed: 42,
             threads: 0,
@@ -98,31 +127,20 @@ impl TrainConfig {
                 bail!("{flag}: the path {} is not valid UTF-8; rename it or use a link with a UTF-8 name", p.display());
             }
         }
-        check_device(self.device)
+        // A bad spec fails here, before any data is read.
+        let spec = self.spec()?;
+        spec.check()?;
+        check_device(self.device)?;
+        if self.device == Device::Cuda {
+            crate::backend::cuda_config(&spec, 2)?;
+        }
+        Ok(())
     }
-}
 
-/// Fails at once, before any data is read, when `device` cannot work here: a build without the
-/// `cuda` feature, or (with it) a machine without the driver, NVRTC or a GPU. Opening the GPU
-/// and compiling the kernels is left to the backend.
-pub fn check_device(device: Device) -> Result<()> {
-    if device != Device::Cuda {
-        return Ok(());
-    }
-    #[cfg(not(feature = "cuda"))]
-    bail!("--device cuda: this medcnn was built without CUDA support; rebuild with `cargo build --release --features cuda`");
-    #[cfg(feature = "cuda")]
-    {
-        // SAFETY: only tries to dlopen the driver library.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            bail!("--device cuda: {}", crate::cuda::device::DRIVER_HELP);
-        }
-        crate::cuda::nvrtc::check_available().context("--device cuda")?;
-        match cudarc::driver::CudaContext::device_count() {
-            Ok(n) if n > 0 => Ok(()),
-            Ok(_) => bail!("--device cuda: the CUDA driver sees no GPU (is one visible to nvidia-smi?)"),
-            Err(e) => bail!("--device cuda: the CUDA driver failed to start ({e:?}); is a GPU visible (nvidia-smi)?"),
-        }
+    /// The network this run trains (reads an `@FILE` spec).
+    pub fn spec(&self) -> Result<ModelSpec> {
+        let input = InputShape::new(self.channels, self.image_size)?;
+        ModelSpec::parse(&self.arch, input, self.dropout)
     }
 }
 
@@ -182,56 +200,8 @@ pub enum Outcome {
     Interrupted { checkpoint: PathBuf },
 }
 
-pub fn model_path(out: &Path) -> PathBuf {
-    out.join("model.safetensors")
-}
 pub fn checkpoint_path(out: &Path) -> PathBuf {
     out.join("checkpoint.safetensors")
-}
-
-/// A fingerprint of the images (names and bytes), to make sure a split refers to the same data.
-pub fn data_fingerprint(ds: &Dataset) -> String {
-    let mut h = Sha256::new();
-    for (name, hash) in ds.names.iter().zip(&ds.hashes) {
-        h.update(name.as_bytes());
-        h.update(hash);
-    }
-    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
-}
-
-/// Fails early, before any data is read, if `out` cannot be created or written.
-pub fn check_output_dir(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("output folder {} cannot be created", out.display()))?;
-    let probe = out.join(".medcnn-write-test");
-    std::fs::write(&probe, b"ok").with_context(|| format!("output folder {} is not writable", out.display()))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
-}
-
-/// Loads the data a run names (or `data/`), with the run's limit.
-pub fn load_data(path: Option<&Path>, limit: Option<usize>, skip_bad_images: bool) -> Result<Dataset> {
-    let path = match path {
-        Some(p) => p.to_path_buf(),
-        None => data::find_default_data(Path::new("data"))?,
-    };
-    let t = Instant::now();
-    let ds = data::load_dataset(&path, &LoadOptions { limit_per_class: limit, skip_bad_images })?;
-    let counts = ds.class_counts();
-    println!(
-        "data: {} images from {} in {:.1} s; classes: {}",
-        ds.len(),
-        path.display(),
-        t.elapsed().as_secs_f64(),
-        ds.classes.iter().zip(&counts).map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
-    );
-    let r = &ds.report;
-    if r.converted_to_gray > 0 || r.resized > 0 {
-        println!("data: {} images converted to gray, {} resized to 64x64", r.converted_to_gray, r.resized);
-    }
-    for (file, why) in &r.skipped {
-        println!("data: skipped {file}: {why}");
-    }
-    Ok(ds)
 }
 
 /// The model's metadata: what evaluation and prediction need besides the weights.
@@ -244,7 +214,7 @@ fn model_metadata(
 ) -> Result<BTreeMap<String, String>> {
     let mut m = BTreeMap::new();
     m.insert("split".into(), serde_json::to_string(split)?);
-    m.insert("data_fingerprint".into(), data_fingerprint(ds));
+    m.insert("data_fingerprint".into(), fingerprint(ds));
     m.insert("limit".into(), serde_json::to_string(&cfg.limit)?);
     m.insert("epoch".into(), (epoch + 1).to_string());
     m.insert("val_accuracy".into(), val_acc.to_string());
@@ -268,12 +238,17 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
     };
     cfg.validate()?;
     cfg.threads = rayon::current_num_threads();
+    let spec = cfg.spec()?;
+    // A spec file is read once: the run (and its checkpoint) keeps the layers themselves.
+    cfg.arch = spec.arch_text();
+    println!("model: {} on {} images", cfg.arch, spec.input);
 
-    let ds = load_data(cfg.data.as_deref(), cfg.limit, cfg.skip_bad_images)?;
+    let ds = load_data(cfg.data.as_deref(), cfg.limit, cfg.skip_bad_images, spec.input)?;
     if ds.classes.len() < 2 {
         bail!("the data has {} class(es); training needs at least two", ds.classes.len());
     }
-    let fingerprint = data_fingerprint(&ds);
+    spec.resolve(ds.classes.len())?;
+    let fingerprint = fingerprint(&ds);
     let split = match &resumed {
         Some(r) => {
             if r.fingerprint != fingerprint {
@@ -288,9 +263,8 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
         bail!("the split left no training or no validation images; use more images per class");
     }
 
-    let model_cfg = ModelConfig { num_classes: ds.classes.len(), dropout: cfg.dropout, ..ModelConfig::default() };
     let adam = AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay };
-    let mut backend = make_backend(cfg.device, &model_cfg, cfg.seed, adam)?;
+    let mut backend = make_backend(cfg.device, &spec, ds.classes.len(), cfg.seed, adam)?;
     let mut progress = Progress::default();
     if let Some(r) = resumed {
         backend.import_weights(&r.weights)?;
@@ -311,7 +285,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
     let n_batches = split.train.len().div_ceil(bs);
     let fault_step = fault_nan_at_step()?;
     let step_delay = test_step_delay()?;
-    let (mut x, mut y) = (Vec::with_capacity(bs * IMAGE_PIXELS), Vec::with_capacity(bs));
+    let (mut x, mut y) = (Vec::with_capacity(bs * spec.input.len()), Vec::with_capacity(bs));
     if INTERRUPTED.load(Ordering::SeqCst) {
         // Ctrl-C while the data was loading: nothing was trained, so nothing is saved.
         println!("interrupted before the first step; nothing to save");
@@ -404,7 +378,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
             let meta = model_metadata(&ds, &split, &cfg, epoch, val_acc)?;
             let weights = backend.export_weights()?;
             check_finite(&weights, &progress, &ckpt_path)?;
-            SavedModel::save(&model_path(&cfg.out), &ds.classes, cfg.dropout, &weights, meta)?;
+            SavedModel::save(&model_path(&cfg.out), &ds.classes, &spec, &weights, meta)?;
         }
         write_metrics_csv(&cfg.out.join("metrics.csv"), &progress.history)?;
         report::plot_loss(&progress.history, &cfg.out.join("loss.png"))?;
@@ -424,7 +398,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
     }
 
     // The test set, once, with the best validation epoch's weights.
-    let (best_weights, _) = checkpoint::load(&model_path(&cfg.out), MODEL_FORMAT, &weight_names(&model_cfg))?;
+    let (best_weights, _) = checkpoint::load(&model_path(&cfg.out), MODEL_FORMAT, &spec.param_names())?;
     backend.import_weights(&best_weights)?;
     let (test_loss, test_acc, cm) = evaluate(backend.as_mut(), &ds, &split.test, bs.max(256))?;
     println!(
@@ -495,73 +469,8 @@ fn progress_bar(len: u64, pos: u64, epoch: usize, epochs: usize) -> indicatif::P
     bar
 }
 
-/// Mean loss, accuracy and confusion matrix of the model on `indices`, in evaluation mode.
-pub fn evaluate(
-    backend: &mut dyn Backend,
-    ds: &Dataset,
-    indices: &[usize],
-    batch: usize,
-) -> Result<(f64, f64, ConfusionMatrix)> {
-    let k = ds.classes.len();
-    let mut cm = ConfusionMatrix::new(ds.classes.clone());
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut loss_sum = 0.0;
-    for chunk in indices.chunks(batch.max(1)) {
-        data::fill_batch(ds, chunk, &[], &mut x, &mut y);
-        let logits = backend.predict(&x, chunk.len())?;
-        for (z, &t) in logits.chunks_exact(k).zip(&y) {
-            let (loss, pred) = row_loss_and_argmax(z, t);
-            loss_sum += loss;
-            cm.add(t, pred);
-        }
-    }
-    let n = indices.len().max(1) as f64;
-    Ok((loss_sum / n, cm.accuracy(), cm))
-}
-
-/// Cross-entropy of one row of logits against class `t` (in f64), and the predicted class.
-fn row_loss_and_argmax(z: &[f32], t: usize) -> (f64, usize) {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = m + z.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-    let pred = (0..z.len()).fold(0, |b, j| if z[j] > z[b] { j } else { b });
-    (lse - z[t] as f64, pred)
-}
-
-/// Softmax of one row of logits.
-pub fn softmax(z: &[f32]) -> Vec<f64> {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let e: Vec<f64> = z.iter().map(|&v| (v as f64 - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.into_iter().map(|v| v / s).collect()
-}
-
-/// The parameter names of the reference model, in order.
-pub fn weight_names(cfg: &ModelConfig) -> Vec<String> {
-    weight_shapes(cfg).into_iter().map(|(n, _)| n).collect()
-}
-
-/// The parameter names and shapes of the reference model, in order.
-pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    reference_model::<f32>(cfg, 0).named_params().into_iter().map(|(n, p)| (n, p.value.shape().to_vec())).collect()
-}
-
-/// Checks that each tensor read from `path` has the shape the model needs (names and order were
-/// checked by `checkpoint::load`), naming the file and the tensor when one does not.
-fn check_shapes(path: &Path, expected: &[(String, Vec<usize>)], tensors: &[NamedTensor]) -> Result<()> {
-    for ((name, shape), t) in expected.iter().zip(tensors) {
-        if &t.shape != shape {
-            bail!(
-                "{}: tensor {name} has shape {:?}, the model needs {shape:?} (another architecture or class count?)",
-                path.display(),
-                t.shape
-            );
-        }
-    }
-    Ok(())
-}
-
-fn optimizer_names(cfg: &ModelConfig) -> Vec<String> {
-    weight_names(cfg).iter().flat_map(|n| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")]).collect()
+fn optimizer_names(weights: &[String]) -> Vec<String> {
+    weights.iter().flat_map(|n| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")]).collect()
 }
 
 /// What is left after a divergence: the checkpoint of the last completed epoch, if any.
@@ -658,16 +567,22 @@ pub fn read_checkpoint(path: &Path) -> Result<Resumed> {
     if !path.exists() {
         bail!("--resume: no checkpoint at {} (train without --resume first)", path.display());
     }
-    // The names do not depend on the class count, so `load` checks the format, version, names
-    // and checksum before any metadata is trusted; the shapes are checked after.
-    let names_cfg = ModelConfig::default();
-    let wn = weight_names(&names_cfg);
-    let on = optimizer_names(&names_cfg);
-    let names: Vec<String> = wn.iter().cloned().chain(on.iter().map(|n| format!("optimizer.{n}"))).collect();
-    let (mut tensors, meta) = checkpoint::load(path, CHECKPOINT_FORMAT, &names)?;
+    // The names come from the run's spec (in its config) and do not depend on the class count;
+    // `load` checks the names and the checksum, the shapes are checked after.
+    let mut spec = None;
+    let (mut tensors, meta) = checkpoint::load_with(path, CHECKPOINT_FORMAT, |meta| {
+        let config: TrainConfig = meta_json(meta, "config", path)?;
+        let s = config.spec().with_context(|| format!("{}: the stored model spec", path.display()))?;
+        let names = s.param_names();
+        spec = Some(s);
+        Ok(names.iter().cloned().chain(optimizer_names(&names).iter().map(|n| format!("optimizer.{n}"))).collect())
+    })?;
+    let spec = spec.expect("load_with asked for the names");
+    let wn = spec.param_names();
+    let on = optimizer_names(&wn);
     let moments = tensors.split_off(wn.len());
     let classes = classes_of(path, &tensors)?;
-    let shapes = weight_shapes(&ModelConfig { num_classes: classes, ..names_cfg });
+    let shapes = spec.weight_shapes(classes).with_context(|| path.display().to_string())?;
     check_shapes(path, &shapes, &tensors)?;
     let moment_shapes: Vec<(String, Vec<usize>)> = shapes
         .iter()
@@ -697,146 +612,11 @@ fn classes_of(path: &Path, weights: &[NamedTensor]) -> Result<usize> {
     }
 }
 
-/// A trained model file, read back: weights and what they need to be used.
-pub struct SavedModel {
-    pub path: PathBuf,
-    pub classes: Vec<String>,
-    pub config: ModelConfig,
-    pub weights: Vec<NamedTensor>,
-    pub meta: BTreeMap<String, String>,
-}
-
-impl SavedModel {
-    /// Writes a model file: the weights, the class names and dropout that `load` reads back, and
-    /// `extra` metadata (a training run adds its split, data fingerprint, epoch, ...).
-    pub fn save(
-        path: &Path,
-        classes: &[String],
-        dropout: f64,
-        weights: &[NamedTensor],
-        mut extra: BTreeMap<String, String>,
-    ) -> Result<()> {
-        extra.insert("classes".into(), serde_json::to_string(classes)?);
-        extra.insert("dropout".into(), dropout.to_string());
-        checkpoint::save(path, MODEL_FORMAT, weights, &extra)
-    }
-
-    /// Reads and checks a model file: format, version, checksum, then that the weights have the
-    /// shapes the listed classes need. Every error names the file.
-    pub fn load(path: &Path) -> Result<SavedModel> {
-        if !path.exists() {
-            bail!("model file {} does not exist", path.display());
-        }
-        let (weights, meta) = checkpoint::load(path, MODEL_FORMAT, &weight_names(&ModelConfig::default()))?;
-        let classes: Vec<String> = meta_json(&meta, "classes", path)?;
-        if classes.len() < 2 {
-            bail!("{}: the metadata lists {} classes; a model has at least two", path.display(), classes.len());
-        }
-        let dropout = meta.get("dropout").and_then(|v| v.parse().ok()).unwrap_or(0.4);
-        let config = ModelConfig { num_classes: classes.len(), dropout, ..ModelConfig::default() };
-        check_shapes(path, &weight_shapes(&config), &weights)?;
-        Ok(SavedModel { path: path.to_path_buf(), classes, config, weights, meta })
-    }
-
-    /// A backend on `device` holding these weights.
-    pub fn backend(&self, device: Device) -> Result<Box<dyn Backend>> {
-        let mut b = make_backend(device, &self.config, 0, AdamConfig { lr: 1e-3, weight_decay: 0.0 })?;
-        b.import_weights(&self.weights)?;
-        Ok(b)
-    }
-}
-
-/// `medcnn eval`: accuracy, loss and confusion matrix of a saved model on a split.
-pub fn eval_command(
-    model: &Path,
-    data_path: Option<&Path>,
-    split_name: &str,
-    device: Device,
-    batch: usize,
-) -> Result<()> {
-    if !["train", "val", "test", "all"].contains(&split_name) {
-        bail!("--split must be train, val, test or all, got {split_name}");
-    }
-    check_device(device)?;
-    let saved = SavedModel::load(model)?;
-    let limit: Option<usize> = saved.meta.get("limit").and_then(|v| serde_json::from_str(v).ok()).flatten();
-    let ds = load_data(data_path, if split_name == "all" { None } else { limit }, false)?;
-    if ds.classes != saved.classes {
-        bail!("the data's classes {:?} differ from the model's {:?}", ds.classes, saved.classes);
-    }
-    let indices: Vec<usize> = if split_name == "all" {
-        (0..ds.len()).collect()
-    } else {
-        let split: Split = meta_json(&saved.meta, "split", model)?;
-        if saved.meta.get("data_fingerprint") != Some(&data_fingerprint(&ds)) {
-            bail!("{}: these are not the images the model was trained on, so its {split_name} split cannot be found (use --split all to evaluate every image)", model.display());
-        }
-        match split_name {
-            "train" => split.train,
-            "val" => split.val,
-            "test" => split.test,
-            other => bail!("--split must be train, val, test or all, got {other}"),
-        }
-    };
-    let mut backend = saved.backend(device)?;
-    let (loss, acc, cm) = evaluate(backend.as_mut(), &ds, &indices, batch)?;
-    println!("{split_name}: {} images, loss {loss:.4}, accuracy {:.2}%", indices.len(), 100.0 * acc);
-    println!("{}", cm.table());
-    Ok(())
-}
-
-/// One image's prediction.
-#[derive(Clone, Debug, Serialize)]
-pub struct Prediction {
-    pub file: String,
-    pub class: String,
-    pub probability: f64,
-    pub probabilities: BTreeMap<String, f64>,
-}
-
-/// Reads, decodes (gray, 64x64) and normalises an image file for the model.
-pub fn read_image_input(path: &Path) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
-    let (pixels, _) = data::decode_image(&bytes, &path.display().to_string())?;
-    let mut x = vec![0.0; IMAGE_PIXELS];
-    data::normalize_into(&pixels, &mut x);
-    Ok(x)
-}
-
-/// `medcnn predict`: the class and the probabilities for each image.
-pub fn predict_command(model: &Path, images: &[PathBuf], device: Device, json: bool) -> Result<()> {
-    check_device(device)?;
-    let saved = SavedModel::load(model)?;
-    let mut backend = saved.backend(device)?;
-    let mut out = Vec::new();
-    for path in images {
-        let x = read_image_input(path)?;
-        let p = softmax(&backend.predict(&x, 1)?);
-        let best = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
-        out.push(Prediction {
-            file: path.display().to_string(),
-            class: saved.classes[best].clone(),
-            probability: p[best],
-            probabilities: saved.classes.iter().cloned().zip(p.iter().copied()).collect(),
-        });
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        for p in &out {
-            let all: Vec<String> = saved.classes.iter().map(|c| format!("{c} {:.4}", p.probabilities[c])).collect();
-            println!("{}: {} ({:.2}%)  [{}]", p.file, p.class, 100.0 * p.probability, all.join(", "));
-        }
-    }
-    Ok(())
-}
-
-/// The first conv layer's filters as a grid picture.
+/// The first conv layer's filters as a grid picture (nothing for a network without a conv).
 fn save_first_layer_filters(backend: &mut dyn Backend, path: &Path) -> Result<()> {
     let weights = backend.export_weights()?;
-    let w = &weights[0]; // conv_block.0.weight (32, 1, 3, 3)
-    let (kh, kw) = (w.shape[2], w.shape[3]);
-    let per = w.shape[1] * kh * kw;
-    let tiles: Vec<Vec<f32>> = w.data.chunks_exact(per).map(|c| c[..kh * kw].to_vec()).collect();
-    report::save_gray_grid(&tiles, kw, kh, 8, 16, path)
+    match weights.iter().find(|w| w.shape.len() == 4) {
+        Some(w) => report::save_filter_grid(w, path),
+        None => Ok(()),
+    }
 }

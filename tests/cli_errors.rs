@@ -421,7 +421,7 @@ fn resaved(
         })
         .collect();
     // The checksum covers the tensors in the model's order (as the library saves them).
-    let weights = medcnn::train::weight_names(&medcnn::model::ModelConfig::default());
+    let weights = medcnn::model_file::weight_names(&medcnn::model::ModelConfig::default());
     let order: Vec<String> = weights
         .iter()
         .cloned()

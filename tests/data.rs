@@ -139,7 +139,7 @@ fn load(path: &Path) -> anyhow::Result<Dataset> {
 }
 
 fn skipping() -> LoadOptions {
-    LoadOptions { limit_per_class: None, skip_bad_images: true }
+    LoadOptions { limit_per_class: None, skip_bad_images: true, ..Default::default() }
 }
 
 fn load_err(path: &Path) -> String {
@@ -253,12 +253,12 @@ fn a_wrapper_folder_is_stepped_into() {
 #[test]
 fn limit_per_class_keeps_the_first_files_by_name() {
     let dir = tiny_folder("limit");
-    let opts = LoadOptions { limit_per_class: Some(2), skip_bad_images: false };
+    let opts = LoadOptions { limit_per_class: Some(2), skip_bad_images: false, ..Default::default() };
     let ds = load_dataset(dir.path(), &opts).unwrap();
     assert_eq!(ds.class_counts(), [2, 2, 2]);
     assert_eq!(ds.names[..2], ["AbdomenCT/000.png", "AbdomenCT/001.jpeg"]);
     assert_eq!(ds.names[4..], ["ChestCT/000.jpeg", "ChestCT/001.png"]);
-    let zero = LoadOptions { limit_per_class: Some(0), skip_bad_images: false };
+    let zero = LoadOptions { limit_per_class: Some(0), skip_bad_images: false, ..Default::default() };
     assert!(load_dataset(dir.path(), &zero).is_err());
 }
 
@@ -465,6 +465,8 @@ fn synthetic(counts: &[usize], same_hash: &[(usize, usize)]) -> Dataset {
     }
     Dataset {
         classes: (0..counts.len()).map(|c| format!("C{c}")).collect(),
+        shape: Default::default(),
+        stored_channels: 1,
         images: vec![0; labels.len() * IMAGE_PIXELS],
         names: (0..labels.len()).map(|i| format!("C/{i}")).collect(),
         labels,

@@ -278,7 +278,7 @@ fn kill_9_at_random_moments_then_resume_matches() {
                     last_step = r.progress.step;
                 }
                 if model.exists() {
-                    medcnn::train::SavedModel::load(&model)
+                    medcnn::model_file::SavedModel::load(&model)
                         .unwrap_or_else(|e| panic!("after kill {kills} the model does not load: {e:#}"));
                 }
                 log.push((delay.unwrap().as_millis(), resume, last_step));

@@ -13,7 +13,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
-use super::decode::{IMAGE_PIXELS, IMAGE_SIZE};
 use super::load::Dataset;
 
 /// Separate random streams for the two uses, so the order and the flips are independent.
@@ -30,8 +29,9 @@ pub fn normalize_into(pixels: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Fills `x` with the images `indices` as an NCHW batch (`len x 1 x 64 x 64`) and `y` with
-/// their labels. `hflip[i]` mirrors image `i` left-right; pass `&[]` for no flips at all.
+/// Fills `x` with the images `indices` as an NCHW batch (`len x C x S x S`, the dataset's
+/// input shape) and `y` with their labels. A gray image for a three-channel input becomes three
+/// equal channels. `hflip[i]` mirrors image `i` left-right; pass `&[]` for no flips at all.
 ///
 /// Panics if an index is out of range or `hflip` is neither empty nor as long as `indices`.
 pub fn fill_batch(ds: &Dataset, indices: &[usize], hflip: &[bool], x: &mut Vec<f32>, y: &mut Vec<usize>) {
@@ -41,21 +41,25 @@ pub fn fill_batch(ds: &Dataset, indices: &[usize], hflip: &[bool], x: &mut Vec<f
         hflip.len(),
         indices.len()
     );
+    let (len, stored) = (ds.shape.len(), ds.image_len());
     x.clear();
-    x.resize(indices.len() * IMAGE_PIXELS, 0.0);
+    x.resize(indices.len() * len, 0.0);
     y.clear();
-    for (slot, (k, &i)) in x.chunks_exact_mut(IMAGE_PIXELS).zip(indices.iter().enumerate()) {
-        normalize_into(ds.image(i), slot);
+    for (slot, (k, &i)) in x.chunks_exact_mut(len).zip(indices.iter().enumerate()) {
+        // One stored plane for C channels: normalise it into each channel's place.
+        for part in slot.chunks_exact_mut(stored) {
+            normalize_into(ds.image(i), part);
+        }
         if hflip.get(k).copied().unwrap_or(false) {
-            mirror_rows(slot);
+            mirror_rows(slot, ds.shape.size);
         }
         y.push(ds.labels[i] as usize);
     }
 }
 
-/// Mirrors one 64x64 image left-right in place (each row reversed).
-fn mirror_rows(image: &mut [f32]) {
-    for row in image.chunks_exact_mut(IMAGE_SIZE) {
+/// Mirrors an image (any number of planes of rows of `side` values) left-right in place.
+fn mirror_rows(image: &mut [f32], side: usize) {
+    for row in image.chunks_exact_mut(side) {
         row.reverse();
     }
 }

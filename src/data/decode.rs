@@ -1,9 +1,12 @@
-//! Decoding one image file (JPEG or PNG bytes) into 64x64 8-bit gray pixels.
+//! Decoding one image file (JPEG or PNG bytes) into the model's input pixels: 8-bit, square,
+//! one channel (gray) or three (RGB, planar). The default is MedNIST's 64x64 gray.
 //!
 //! What it is: a pure function from bytes to pixels, with limits so that a hostile file
 //! (a "decompression bomb" claiming to be 100,000 x 100,000 pixels) is an error, not an
-//! out-of-memory crash. Colour and 16-bit images are converted to 8-bit gray; other sizes are
-//! resized. The caller learns which of the two happened through [`DecodeNote`].
+//! out-of-memory crash. For a one-channel model colour and 16-bit images are converted to 8-bit
+//! gray; for a three-channel model a colour image keeps its colours and a gray one stays one
+//! plane (the batch repeats it into three equal channels). Other sizes are resized. The caller
+//! learns what happened through [`DecodeNote`].
 //!
 //! What it is not: it does not read files, walk folders or know about classes
 //! (see `folder`, `archive` and `load`), and it does not normalise to floats (see `batch`).
@@ -12,32 +15,133 @@ use std::io::Cursor;
 
 use anyhow::{bail, Result};
 use image::imageops::{self, FilterType};
-use image::{DynamicImage, GrayImage, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, GrayImage, ImageFormat, ImageReader, Limits, RgbImage};
+use serde::{Deserialize, Serialize};
 
-/// Images are `IMAGE_SIZE` x `IMAGE_SIZE` 8-bit gray (MedNIST's native size).
+/// The default input: `IMAGE_SIZE` x `IMAGE_SIZE` 8-bit gray (MedNIST's native size).
 pub const IMAGE_SIZE: usize = 64;
-/// Pixels (and bytes) in one image: 64 * 64 = 4096.
+/// Pixels (and bytes) in one default image: 64 * 64 = 4096.
 pub const IMAGE_PIXELS: usize = IMAGE_SIZE * IMAGE_SIZE;
+
+/// The largest `--image-size` accepted (a 1024 x 1024 x 3 image is 12 MiB as f32).
+pub const MAX_INPUT_SIZE: usize = 1024;
+
+/// What a model takes: `channels` planes (1 = gray, 3 = RGB) of `size` x `size` pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InputShape {
+    pub channels: usize,
+    pub size: usize,
+}
+
+impl Default for InputShape {
+    /// MedNIST's 64x64 gray.
+    fn default() -> Self {
+        InputShape { channels: 1, size: IMAGE_SIZE }
+    }
+}
+
+impl InputShape {
+    /// Checks the shape a user asked for, naming the flag.
+    pub fn new(channels: usize, size: usize) -> Result<InputShape> {
+        if channels != 1 && channels != 3 {
+            bail!("--channels must be 1 (gray) or 3 (RGB), got {channels}");
+        }
+        if !(1..=MAX_INPUT_SIZE).contains(&size) {
+            bail!("--image-size must be between 1 and {MAX_INPUT_SIZE}, got {size}");
+        }
+        Ok(InputShape { channels, size })
+    }
+    /// Pixels of one plane.
+    pub fn plane(&self) -> usize {
+        self.size * self.size
+    }
+    /// Values of one normalised input image: channels * size * size.
+    pub fn len(&self) -> usize {
+        self.channels * self.plane()
+    }
+    /// The per-image shape `[C, H, W]`.
+    pub fn chw(&self) -> [usize; 3] {
+        [self.channels, self.size, self.size]
+    }
+}
+
+impl std::fmt::Display for InputShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.channels == 1 { "gray" } else { "RGB" };
+        write!(f, "{}x{} {kind}", self.size, self.size)
+    }
+}
 
 /// The largest width or height we agree to decode.
 const MAX_DIMENSION: u32 = 8192;
 /// The most memory the decoder may allocate for one image.
 const MAX_ALLOC_BYTES: u64 = 256 * 1024 * 1024;
 
-/// What [`decode_image`] had to do to get a 64x64 gray image.
+/// What [`decode_image`] had to do to get the model's input.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecodeNote {
-    /// The file was colour (RGB/RGBA), had alpha, or was 16-bit: it was converted to 8-bit gray.
+    /// The file was colour (RGB/RGBA), had alpha, or was 16-bit, and the model takes gray: it
+    /// was converted to 8-bit gray.
     pub converted_to_gray: bool,
-    /// The file was not 64x64: it was resized (triangle filter).
+    /// The file was not the model's size: it was resized (triangle filter).
     pub resized: bool,
+    /// The pixels returned are three planes (R, G, B) rather than one gray plane: only for a
+    /// three-channel model and a colour file.
+    pub colour: bool,
 }
 
-/// Decodes JPEG or PNG `bytes` into `IMAGE_PIXELS` row-major gray pixels.
+/// Decodes JPEG or PNG `bytes` into `IMAGE_PIXELS` row-major gray pixels (the default input).
 ///
 /// `name` is only used in error messages. The format is taken from the bytes themselves,
 /// not the file name, so a text file called `x.jpeg` is reported as "not an image".
 pub fn decode_image(bytes: &[u8], name: &str) -> Result<(Vec<u8>, DecodeNote)> {
+    decode_image_as(bytes, name, InputShape::default())
+}
+
+/// Decodes `bytes` for a model taking `shape`: `size` x `size`, row-major, one gray plane, or
+/// (three channels and a colour file; `note.colour` says so) three planes R, G, B.
+/// A gray file for a three-channel model stays one plane: [`expand_channels`] repeats it.
+pub fn decode_image_as(bytes: &[u8], name: &str, shape: InputShape) -> Result<(Vec<u8>, DecodeNote)> {
+    let image = decode_file(bytes, name)?;
+    let side = shape.size as u32;
+    let resized = image.width() != side || image.height() != side;
+    if shape.channels == 3 && is_colour(&image) {
+        let rgb = image.to_rgb8();
+        let rgb = if resized { imageops::resize(&rgb, side, side, FilterType::Triangle) } else { rgb };
+        let note = DecodeNote { converted_to_gray: false, resized, colour: true };
+        return Ok((planar(&rgb), note));
+    }
+    let (gray, converted_to_gray) = to_gray(image);
+    let gray = if resized { imageops::resize(&gray, side, side, FilterType::Triangle) } else { gray };
+    // A gray-with-alpha or 16-bit gray file read for a three-channel model is still gray.
+    let converted_to_gray = converted_to_gray && shape.channels == 1;
+    Ok((gray.into_raw(), DecodeNote { converted_to_gray, resized, colour: false }))
+}
+
+/// Repeats one gray plane into `channels` equal planes (a gray image for an RGB model).
+pub fn expand_channels(gray: &[u8], channels: usize) -> Vec<u8> {
+    gray.repeat(channels)
+}
+
+/// True for files with colour channels (RGB, RGBA, in 8 or 16 bits).
+fn is_colour(image: &DynamicImage) -> bool {
+    image.color().has_color()
+}
+
+/// Interleaved RGB (HWC) to three planes R, G, B (CHW), the layout of the model's input.
+fn planar(rgb: &RgbImage) -> Vec<u8> {
+    let plane = (rgb.width() * rgb.height()) as usize;
+    let mut out = vec![0u8; 3 * plane];
+    for (i, p) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = p.0[c];
+        }
+    }
+    out
+}
+
+/// The decoded file, any size and colour type; errors name the file.
+fn decode_file(bytes: &[u8], name: &str) -> Result<DynamicImage> {
     if bytes.is_empty() {
         bail!("{name}: file is empty (0 bytes), not an image");
     }
@@ -46,10 +150,7 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<(Vec<u8>, DecodeNote)> {
         Err(e) if e.is::<TooLarge>() => bail!("{name}: {e}"),
         Err(e) => return Err(e.context(describe_undecodable(bytes, name))),
     };
-    let (gray, converted_to_gray) = to_gray(image);
-    let (gray, resized) = to_standard_size(gray);
-    let note = DecodeNote { converted_to_gray, resized };
-    Ok((gray.into_raw(), note))
+    Ok(image)
 }
 
 /// A bug in a third-party decoder triggered by a hostile file should be an error for that
@@ -139,15 +240,5 @@ fn to_gray(image: DynamicImage) -> (GrayImage, bool) {
     match image {
         DynamicImage::ImageLuma8(gray) => (gray, false),
         other => (other.to_luma8(), true),
-    }
-}
-
-/// Resizes to `IMAGE_SIZE` x `IMAGE_SIZE`; the flag says whether a resize was needed.
-fn to_standard_size(gray: GrayImage) -> (GrayImage, bool) {
-    let side = IMAGE_SIZE as u32;
-    if gray.dimensions() == (side, side) {
-        (gray, false)
-    } else {
-        (imageops::resize(&gray, side, side, FilterType::Triangle), true)
     }
 }

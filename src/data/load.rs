@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::archive;
-use super::decode::{decode_image, DecodeNote, IMAGE_PIXELS};
+use super::decode::{decode_image_as, expand_channels, DecodeNote, InputShape};
 use super::folder;
 
 /// No image file may be larger than this (MedNIST's are about 2 KiB).
@@ -33,6 +33,8 @@ pub struct LoadOptions {
     pub limit_per_class: Option<usize>,
     /// Skip an undecodable image (and record it in [`LoadReport::skipped`]) instead of failing.
     pub skip_bad_images: bool,
+    /// The model's input: every image is decoded (and resized) to it. Default 64x64 gray.
+    pub shape: InputShape,
 }
 
 /// What the loader had to do to the files it was given.
@@ -40,19 +42,25 @@ pub struct LoadOptions {
 pub struct LoadReport {
     /// Images that were colour or 16-bit and were converted to 8-bit gray.
     pub converted_to_gray: usize,
-    /// Images that were not 64x64 and were resized.
+    /// Images that were not the input size and were resized.
     pub resized: usize,
     /// Files that were skipped (only with `skip_bad_images`): `(file name, reason)`.
     pub skipped: Vec<(String, String)>,
 }
 
-/// Every image in memory, as 64x64 8-bit gray, with its label.
+/// Every image in memory, at the input size, with its label.
 #[derive(Clone, Debug)]
 pub struct Dataset {
     /// Class names sorted in byte order: `AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT`.
     /// A label is an index into this list.
     pub classes: Vec<String>,
-    /// `len() * 64 * 64` pixels; image `i` is `images[i*4096 .. (i+1)*4096]`, row-major.
+    /// The model input the images were decoded for.
+    pub shape: InputShape,
+    /// Planes stored per image: `shape.channels`, except 1 when every image is gray (MedNIST
+    /// is), so a three-channel model on gray data holds one plane and the batch repeats it.
+    pub stored_channels: usize,
+    /// `len() * stored_channels * size * size` pixels; image `i` is the `i`-th run of
+    /// [`Dataset::image_len`] bytes, planes one after the other, each row-major.
     pub images: Vec<u8>,
     /// One label per image.
     pub labels: Vec<u8>,
@@ -75,9 +83,15 @@ impl Dataset {
         self.labels.is_empty()
     }
 
-    /// The 4096 gray pixels of image `i`, row-major. Panics if `i >= len()`.
+    /// Bytes stored per image: `stored_channels * size * size` (4096 for MedNIST at 64x64 gray).
+    pub fn image_len(&self) -> usize {
+        self.stored_channels * self.shape.plane()
+    }
+
+    /// The stored pixels of image `i` (see [`Dataset::stored_channels`]). Panics if `i >= len()`.
     pub fn image(&self, i: usize) -> &[u8] {
-        &self.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]
+        let n = self.image_len();
+        &self.images[i * n..(i + 1) * n]
     }
 
     /// How many images each class has, indexed by label.
@@ -181,8 +195,8 @@ pub fn load_dataset(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
         .enumerate()
         .flat_map(|(label, files)| files.into_iter().map(move |f| (label as u8, f)))
         .collect();
-    let decoded: Vec<Result<Decoded>> = ordered.par_iter().map(|(_, file)| decode_source(file)).collect();
-    assemble(classes, &ordered, decoded, opts.skip_bad_images)
+    let decoded: Vec<Result<Decoded>> = ordered.par_iter().map(|(_, file)| decode_source(file, opts.shape)).collect();
+    assemble(classes, opts.shape, &ordered, decoded, opts.skip_bad_images)
 }
 
 /// Finds the image files under `path`, choosing the reader by what `path` is.
@@ -224,9 +238,9 @@ struct Decoded {
 }
 
 /// Reads (if needed), hashes and decodes one file. Runs on a rayon worker.
-fn decode_source(file: &SourceFile) -> Result<Decoded> {
+fn decode_source(file: &SourceFile, shape: InputShape) -> Result<Decoded> {
     let bytes = file.bytes()?;
-    let (pixels, note) = decode_image(&bytes, &file.name())?;
+    let (pixels, note) = decode_image_as(&bytes, &file.name(), shape)?;
     Ok(Decoded { pixels, note, hash: sha256(&bytes) })
 }
 
@@ -242,13 +256,24 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// order, so the error is the same on every run) stops the load unless `skip_bad` is set.
 fn assemble(
     classes: Vec<String>,
+    shape: InputShape,
     ordered: &[(u8, SourceFile)],
-    decoded: Vec<Result<Decoded>>,
+    mut decoded: Vec<Result<Decoded>>,
     skip_bad: bool,
 ) -> Result<Dataset> {
+    // Gray files stay one plane unless a colour file makes every image three.
+    let colour = decoded.iter().any(|d| d.as_ref().is_ok_and(|d| d.note.colour));
+    let stored_channels = if colour { 3 } else { 1 };
+    if colour {
+        for d in decoded.iter_mut().flatten().filter(|d| !d.note.colour) {
+            d.pixels = expand_channels(&d.pixels, 3);
+        }
+    }
     let mut ds = Dataset {
         classes,
-        images: Vec::with_capacity(ordered.len() * IMAGE_PIXELS),
+        shape,
+        stored_channels,
+        images: Vec::with_capacity(ordered.len() * stored_channels * shape.plane()),
         labels: Vec::with_capacity(ordered.len()),
         names: Vec::with_capacity(ordered.len()),
         hashes: Vec::with_capacity(ordered.len()),
@@ -301,4 +326,50 @@ pub fn find_default_data(dir: &Path) -> Result<PathBuf> {
         archive.display(),
         folder.display()
     )
+}
+
+/// A fingerprint of the images (names and bytes), to make sure a split refers to the same data.
+/// It does not depend on the input size: the same files give the same split at any size.
+pub fn fingerprint(ds: &Dataset) -> String {
+    let mut h = Sha256::new();
+    for (name, hash) in ds.names.iter().zip(&ds.hashes) {
+        h.update(name.as_bytes());
+        h.update(hash);
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Loads the data a command names (or `data/`) for a model taking `shape`, with a limit per
+/// class, and says what it found.
+pub fn load_data(
+    path: Option<&Path>,
+    limit: Option<usize>,
+    skip_bad_images: bool,
+    shape: InputShape,
+) -> Result<Dataset> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => find_default_data(Path::new("data"))?,
+    };
+    let t = std::time::Instant::now();
+    let ds = load_dataset(&path, &LoadOptions { limit_per_class: limit, skip_bad_images, shape })?;
+    let counts = ds.class_counts();
+    println!(
+        "data: {} images from {} in {:.1} s; classes: {}",
+        ds.len(),
+        path.display(),
+        t.elapsed().as_secs_f64(),
+        ds.classes.iter().zip(&counts).map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
+    );
+    let r = &ds.report;
+    if r.converted_to_gray > 0 || r.resized > 0 {
+        println!(
+            "data: {} images converted to gray, {} resized to {}x{}",
+            r.converted_to_gray, r.resized, shape.size, shape.size
+        );
+    }
+    for (file, why) in &r.skipped {
+        println!("data: skipped {file}: {why}");
+    }
+    Ok(ds)
 }

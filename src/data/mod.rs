@@ -3,7 +3,7 @@
 //! What it is:
 //! - [`mod@fetch`] downloads `MedNIST.tar.gz` (checking its md5) or imports a local copy.
 //! - [`load`] turns a folder of class folders, or the `.tar.gz` itself, into a [`Dataset`]:
-//!   every image as 64x64 8-bit gray, a label, a name and a sha256 of the file.
+//!   every image at the model's input size (64x64 8-bit gray by default), a label, a name and a sha256 of the file.
 //!   [`folder`] and [`archive`] only *find* the files; [`decode`] turns bytes into pixels.
 //! - [`split`] makes a seeded, stratified, duplicate-aware train/val/test [`Split`].
 //! - [`batch`] turns a list of indices into an NCHW `f32` batch in `[-1, 1]`,
@@ -35,7 +35,7 @@ pub mod load;
 pub mod split;
 
 pub use batch::{epoch_order, fill_batch, flip_mask, normalize_into};
-pub use decode::{decode_image, DecodeNote, IMAGE_PIXELS, IMAGE_SIZE};
+pub use decode::{decode_image, decode_image_as, expand_channels, DecodeNote, InputShape, IMAGE_PIXELS, IMAGE_SIZE};
 pub use fetch::{fetch, file_md5, import_archive, MEDNIST_MD5, MEDNIST_URL};
-pub use load::{find_default_data, load_dataset, Dataset, LoadOptions, LoadReport};
+pub use load::{find_default_data, fingerprint, load_data, load_dataset, Dataset, LoadOptions, LoadReport};
 pub use split::{split_dataset, Split};

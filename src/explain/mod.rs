@@ -5,16 +5,20 @@
 //! (dropout off) and the score z_t taken before the softmax:
 //! - saliency: |dz_t / dx| per pixel. One forward, then backward from dy = one-hot(t) on the
 //!   logits; the first layer's dx is the gradient.
-//! - Grad-CAM (Selvaraju et al. 2017): A = the activations after the last conv layer's ReLU
-//!   (`conv_block.10`, 256 x 4 x 4 for a 64x64 input) and dA = dz_t / dA, read off the same
-//!   backward pass where it crosses that layer. alpha_k = mean over space of dA_k, and
-//!   cam = ReLU(sum_k alpha_k A_k): the places whose features push the score of t up.
-//!   The 4x4 map is upsampled bilinearly to the image and scaled to [0, 1] by its minimum and
-//!   maximum (as pytorch-grad-cam does), so it shows where the evidence is relatively strongest.
+//!   With three input channels a pixel's saliency is the largest |gradient| of its channels.
+//! - Grad-CAM (Selvaraju et al. 2017): A = the activations of the last conv layer (after its
+//!   ReLU when one follows it: `conv_block.10`, 256 x 4 x 4 for the reference on 64x64) and
+//!   dA = dz_t / dA, read off the same backward pass where it crosses that layer.
+//!   alpha_k = mean over space of dA_k, and cam = ReLU(sum_k alpha_k A_k): the places whose
+//!   features push the score of t up. The map is upsampled bilinearly to the image and scaled to
+//!   [0, 1] by its minimum and maximum (as pytorch-grad-cam does), so it shows where the
+//!   evidence is relatively strongest. A network without a conv layer has no Grad-CAM (the map
+//!   is left at zero and `gradcam_layer` says so); its saliency is as for any other.
 //!
-//! What it is not: it trains nothing and needs the layer-by-layer model (`reference_model`
-//! without fused conv blocks, as [`cpu_model`] builds it), since it reads the activations and
-//! gradients between the conv, the ReLU and the pool. Parameter gradients are cleared after use.
+//! What it is not: it trains nothing and needs the layer-by-layer model (built without fused
+//! conv blocks, as [`cpu_model`] does), since it reads the activations and gradients between
+//! the conv, the ReLU and the pool. Layers are found by kind (`model::LayerKind`). Parameter
+//! gradients are cleared after use.
 
 pub mod render;
 
@@ -23,11 +27,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::NamedTensor;
-use crate::data::{IMAGE_PIXELS, IMAGE_SIZE};
+use crate::data::InputShape;
+use crate::layers::cross_entropy::{argmax, softmax};
 use crate::layers::Ctx;
-use crate::model::{reference_model, ModelConfig, Sequential};
+use crate::model::{reference_model, LayerKind, ModelConfig, Sequential};
+use crate::model_file::SavedModel;
+use crate::spec::BuildOptions;
 use crate::tensor::{from_vec, slice, slice_mut, Float, Tensor};
-use crate::train::SavedModel;
 use render::{colorize, gray_rgb, inferno, jet, overlay, Align, Canvas, DARK_RGB, GRAY_RGB, WHITE_RGB};
 
 /// How much of the jet colour a Grad-CAM overlay mixes over the gray image.
@@ -70,39 +76,44 @@ pub struct Backprop<T: Float> {
     pub target: usize,
     /// dz_target / dx, one value per input pixel.
     pub input_grad: Vec<T>,
-    /// Index into `model.layers` of the layer Grad-CAM reads (the ReLU after the last conv).
+    /// Index into `model.layers` of the layer Grad-CAM reads (the last conv, or the ReLU right
+    /// after it); the last layer when the network has no conv (then A is the logits).
     pub cam_layer: usize,
+    /// False for a network without a conv layer: no Grad-CAM.
+    pub has_cam: bool,
     /// That layer's output A (1, C, h, w) and dz_target / dA, same shape.
     pub activations: Tensor<T>,
     pub activation_grad: Tensor<T>,
 }
 
-/// The index of the layer Grad-CAM reads: the ReLU right after the last `Conv2d`.
-/// Errors for a model without one (e.g. one built with fused conv blocks).
-pub fn gradcam_layer<T: Float>(model: &Sequential<T>) -> Result<usize> {
-    let last_conv = model.layers.iter().rposition(|l| l.layer.describe().starts_with("Conv2d("));
-    match last_conv {
-        Some(i) if model.layers.get(i + 1).is_some_and(|l| l.layer.describe() == "ReLU") => Ok(i + 1),
-        _ => bail!(
-            "Grad-CAM needs a model whose last conv layer is followed by a separate ReLU layer (the layer-by-layer reference model, not the fused one)"
-        ),
+/// The index of the layer Grad-CAM reads: the last `Conv2d`, or the ReLU right after it;
+/// `None` for a network without a conv. Errors for a model with fused conv blocks, whose conv
+/// outputs are never materialised.
+pub fn gradcam_layer<T: Float>(model: &Sequential<T>) -> Result<Option<usize>> {
+    if !model.find(LayerKind::ConvReluPool).is_empty() {
+        bail!("Grad-CAM needs the layer-by-layer model (its conv outputs), not one with fused conv blocks");
     }
+    let Some(&i) = model.find(LayerKind::Conv2d).last() else { return Ok(None) };
+    Ok(Some(if model.layers.get(i + 1).is_some_and(|l| l.kind == LayerKind::Relu) { i + 1 } else { i }))
 }
 
-/// The side of the model's square input: `len` must be 64 x 64 (what the model was built for;
-/// any other size would not fit its conv and pooling layers).
-fn square_side(len: usize) -> Result<usize> {
-    ensure!(len == IMAGE_PIXELS, "the input has {len} values, expected {IMAGE_SIZE} x {IMAGE_SIZE} = {IMAGE_PIXELS}");
-    Ok(IMAGE_SIZE)
+/// Checks that `len` values are one image of the model's input.
+fn check_input(len: usize, input: InputShape) -> Result<()> {
+    let [c, h, w] = input.chw();
+    ensure!(len == input.len(), "the input has {len} values, the model takes {c} x {h} x {w} = {}", input.len());
+    Ok(())
 }
 
-/// Runs `x` (one 64x64 gray image, normalised as for training) forward in evaluation mode
-/// and back from the logit of `target` (default: the predicted class).
+/// Runs `x` (one image of the model's input shape, normalised as for training) forward in
+/// evaluation mode and back from the logit of `target` (default: the predicted class).
 pub fn backprop_target<T: Float>(model: &mut Sequential<T>, x: &[T], target: Option<usize>) -> Result<Backprop<T>> {
-    let side = square_side(x.len())?;
-    let cam_layer = gradcam_layer(model)?;
+    check_input(x.len(), model.input)?;
     let n = model.layers.len();
-    let input = from_vec(&[1, 1, side, side], x.to_vec());
+    ensure!(n > 0, "the model has no layers");
+    let found = gradcam_layer(model)?;
+    let cam_layer = found.unwrap_or(n - 1);
+    let [c, h, w] = model.input.chw();
+    let input = from_vec(&[1, c, h, w], x.to_vec());
     let activations = model.forward_range(&input, 0..cam_layer + 1, Ctx::eval());
     let logits_t = model.forward_range(&activations, cam_layer + 1..n, Ctx::eval());
     let logits = slice(&logits_t).to_vec();
@@ -119,7 +130,15 @@ pub fn backprop_target<T: Float>(model: &mut Sequential<T>, x: &[T], target: Opt
     let activation_grad = model.backward_range(&dy, cam_layer + 1..n);
     let dx = model.backward_range(&activation_grad, 0..cam_layer + 1);
     model.zero_grad();
-    Ok(Backprop { logits, target, input_grad: slice(&dx).to_vec(), cam_layer, activations, activation_grad })
+    Ok(Backprop {
+        logits,
+        target,
+        input_grad: slice(&dx).to_vec(),
+        cam_layer,
+        has_cam: found.is_some(),
+        activations,
+        activation_grad,
+    })
 }
 
 /// Grad-CAM at the layer's resolution: ReLU(sum_k alpha_k A_k) with alpha_k the spatial mean
@@ -184,31 +203,28 @@ pub fn normalise_min_max(values: &[f32]) -> Vec<f32> {
     values.iter().map(|&v| if v.is_finite() { ((v - lo) / span).clamp(0.0, 1.0) } else { 0.0 }).collect()
 }
 
-fn argmax<T: Float>(v: &[T]) -> usize {
-    (0..v.len()).fold(0, |b, j| if v[j] > v[b] { j } else { b })
-}
-
-/// Softmax in f64.
-pub fn softmax64(z: &[f64]) -> Vec<f64> {
-    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = z.iter().map(|&v| (v - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.into_iter().map(|v| v / s).collect()
-}
-
-/// Saliency and Grad-CAM of one image `x` (a square gray image normalised as for training,
-/// 4096 values for MedNIST) for class `target`, or the predicted class when `None`.
+/// Saliency and Grad-CAM of one image `x` (normalised as for training, in the model's input
+/// shape: 4096 values for MedNIST) for class `target`, or the predicted class when `None`.
 pub fn explain<T: Float>(model: &mut Sequential<T>, x: &[f32], target: Option<usize>) -> Result<Explanation> {
-    let side = square_side(x.len())?;
+    let input = model.input;
+    check_input(x.len(), input)?;
+    let side = input.size;
     let xt: Vec<T> = x.iter().map(|&v| T::f(v as f64)).collect();
     let b = backprop_target(model, &xt, target)?;
     let logits: Vec<f64> = b.logits.iter().map(|v| v.as_f64()).collect();
-    let saliency: Vec<f32> = b.input_grad.iter().map(|g| g.as_f64().abs() as f32).collect();
-    let s = b.activations.shape();
-    let (h, w) = (s[2], s[3]);
-    let raw = gradcam_map(&b.activations, &b.activation_grad);
+    // One value per pixel: the largest |gradient| over the input channels.
+    let plane = input.plane();
+    let saliency: Vec<f32> = (0..plane)
+        .map(|i| (0..input.channels).map(|c| b.input_grad[c * plane + i].as_f64().abs()).fold(0.0, f64::max) as f32)
+        .collect();
+    let (raw, (h, w), layer) = if b.has_cam {
+        let s = b.activations.shape();
+        (gradcam_map(&b.activations, &b.activation_grad), (s[2], s[3]), model.layers[b.cam_layer].name.clone())
+    } else {
+        (vec![0.0], (1, 1), "none (the network has no conv layer)".to_string())
+    };
     Ok(Explanation {
-        probs: softmax64(&logits),
+        probs: softmax(&logits),
         class: argmax(&b.logits),
         target: b.target,
         side,
@@ -216,22 +232,21 @@ pub fn explain<T: Float>(model: &mut Sequential<T>, x: &[f32], target: Option<us
         gradcam: normalise_min_max(&upsample_bilinear(&raw, h, w, side, side)),
         gradcam_raw: raw,
         gradcam_shape: (h, w),
-        gradcam_layer: model.layers[b.cam_layer].name.clone(),
+        gradcam_layer: layer,
         logits,
     })
 }
 
-/// The layer-by-layer CPU model (the reference, unfused) holding a saved model's weights.
+/// The layer-by-layer CPU model holding a saved model's weights.
 pub fn cpu_model(saved: &SavedModel) -> Result<Sequential<f32>> {
-    model_from_weights(&saved.config, &saved.weights)
+    saved.cpu_model(BuildOptions::default())
 }
 
-/// `reference_model(cfg)` with `weights` (named and ordered as `named_params`) copied in;
-/// checks that Grad-CAM can read it.
+/// The layer-by-layer reference model (`reference_model(cfg)`, 64x64 gray) with `weights`
+/// (named and ordered as `named_params`) copied in.
 pub fn model_from_weights<T: Float>(cfg: &ModelConfig, weights: &[NamedTensor]) -> Result<Sequential<T>> {
-    let mut model = reference_model::<T>(cfg, 0);
+    let mut model = reference_model::<T>(&ModelConfig { fused: false, ..cfg.clone() }, 0);
     model.import_weights(weights)?;
-    gradcam_layer(&model)?;
     Ok(model)
 }
 
@@ -266,7 +281,8 @@ fn check_pixels(pixels: &[u8], e: &Explanation, scale: usize) -> Result<()> {
 /// The Grad-CAM map `cam` (values in [0, 1]) in jet colours over the gray image `pixels`
 /// (same square size), `scale` times larger, as PNG bytes.
 pub fn heatmap_overlay_png(pixels: &[u8], cam: &[f32], scale: usize) -> Result<Vec<u8>> {
-    let side = square_side(pixels.len())?;
+    let side = (pixels.len() as f64).sqrt().round() as usize;
+    ensure!(side * side == pixels.len() && side > 0, "the image has {} pixels, not a square", pixels.len());
     ensure!(cam.len() == pixels.len(), "the map has {} values for {} pixels", cam.len(), pixels.len());
     ensure!((1..=32).contains(&scale), "scale must be 1 to 32, got {scale}");
     let mut c = Canvas::new(side * scale, side * scale, WHITE_RGB)?;
@@ -365,7 +381,7 @@ pub struct ExplainArgs {
     /// A trained model (model.safetensors from `medcnn train`).
     #[arg(long)]
     pub model: PathBuf,
-    /// Image files (JPEG or PNG; converted to 64x64 gray as for training).
+    /// Image files (JPEG or PNG; converted to the model's input size and channels as for training).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Explain this class (name or index) instead of the predicted one.
@@ -374,7 +390,7 @@ pub struct ExplainArgs {
     /// Where to write the pictures.
     #[arg(long, default_value = "outputs/explain")]
     pub out: PathBuf,
-    /// Each 64x64 panel is drawn this many times larger.
+    /// Each panel (the model's input size) is drawn this many times larger.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub scale: u64,
 }
@@ -406,19 +422,31 @@ fn short_name(path: &Path) -> String {
     parts[parts.len().saturating_sub(2)..].join("/")
 }
 
-/// Image file bytes (JPEG or PNG) as the model sees them: the 64x64 gray pixels (for the
-/// pictures) and the normalised input (for [`explain`]). `name` is for error messages.
-pub fn decode_for_model(bytes: &[u8], name: &str) -> Result<(Vec<u8>, Vec<f32>)> {
-    let (pixels, _) = crate::data::decode_image(bytes, name)?;
-    let mut x = vec![0.0; pixels.len()];
-    crate::data::normalize_into(&pixels, &mut x);
-    Ok((pixels, x))
+/// Image file bytes (JPEG or PNG) as a model taking `input` sees them: one gray plane for the
+/// pictures (the luma of a colour image) and the normalised input (for [`explain`]).
+/// `name` is for error messages.
+pub fn decode_for_model(bytes: &[u8], name: &str, input: InputShape) -> Result<(Vec<u8>, Vec<f32>)> {
+    let (planes, x) = crate::evaluate::normalised_input(bytes, name, input)?;
+    Ok((display_gray(&planes, input.plane()), x))
 }
 
-/// Reads an image file as the model sees it: the 64x64 gray pixels and the normalised input.
-pub fn read_image(path: &Path) -> Result<(Vec<u8>, Vec<f32>)> {
+/// One gray plane to draw: the image itself, or the luma (ITU-R 601) of three planes R, G, B.
+pub fn display_gray(planes: &[u8], plane: usize) -> Vec<u8> {
+    if planes.len() != 3 * plane {
+        return planes[..plane.min(planes.len())].to_vec();
+    }
+    (0..plane)
+        .map(|i| {
+            let (r, g, b) = (planes[i] as f32, planes[plane + i] as f32, planes[2 * plane + i] as f32);
+            (0.299 * r + 0.587 * g + 0.114 * b).round().clamp(0.0, 255.0) as u8
+        })
+        .collect()
+}
+
+/// Reads an image file as a model taking `input` sees it: see [`decode_for_model`].
+pub fn read_image(path: &Path, input: InputShape) -> Result<(Vec<u8>, Vec<f32>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
-    decode_for_model(&bytes, &path.display().to_string())
+    decode_for_model(&bytes, &path.display().to_string(), input)
 }
 
 /// Runs `medcnn explain`.
@@ -426,10 +454,10 @@ pub fn run(args: &ExplainArgs) -> Result<()> {
     let saved = SavedModel::load(&args.model)?;
     let mut model = cpu_model(&saved)?;
     let target = args.target.as_deref().map(|t| parse_class(t, &saved.classes)).transpose()?;
-    crate::train::check_output_dir(&args.out)?;
+    crate::metrics::check_output_dir(&args.out)?;
     let mut taken = std::collections::HashSet::new();
     for path in &args.images {
-        let (pixels, x) = read_image(path)?;
+        let (pixels, x) = read_image(path, saved.spec.input)?;
         let e = explain(&mut model, &x, target)?;
         let picture = render_explanation(&pixels, &e, &saved.classes, args.scale as usize, Some(&short_name(path)))?;
         let out = args.out.join(output_name(path, &mut taken));

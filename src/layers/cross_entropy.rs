@@ -68,5 +68,28 @@ impl<T: Float> SoftmaxCrossEntropy<T> {
 /// The index of the largest logit of each row (the predicted class).
 pub fn argmax_rows<T: Float>(logits: &Tensor<T>) -> Vec<usize> {
     let k = logits.shape()[1];
-    slice(logits).chunks_exact(k).map(|z| (0..k).fold(0, |best, j| if z[j] > z[best] { j } else { best })).collect()
+    slice(logits).chunks_exact(k).map(argmax).collect()
+}
+
+/// The index of the largest value, the first of equal ones (as `torch.argmax`); 0 when empty.
+/// The one argmax of the crate: every predicted class comes from here.
+pub fn argmax<T: PartialOrd>(v: &[T]) -> usize {
+    (0..v.len()).fold(0, |best, j| if v[j] > v[best] { j } else { best })
+}
+
+/// Softmax of one row of logits, in f64: p_k = exp(z_k - m) / sum_j exp(z_j - m) with
+/// m = max z (the same log-sum-exp shift as the loss, so nothing overflows). The one softmax
+/// of the crate for reporting probabilities.
+pub fn softmax<T: Float>(z: &[T]) -> Vec<f64> {
+    let m = z.iter().fold(f64::NEG_INFINITY, |a, b| a.max(b.as_f64()));
+    let e: Vec<f64> = z.iter().map(|v| (v.as_f64() - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// The cross-entropy of one row against class `t`, in f64 (`lse - z_t`, as in the loss).
+pub fn row_loss<T: Float>(z: &[T], t: usize) -> f64 {
+    let m = z.iter().fold(f64::NEG_INFINITY, |a, b| a.max(b.as_f64()));
+    let lse = m + z.iter().map(|v| (v.as_f64() - m).exp()).sum::<f64>().ln();
+    lse - z[t].as_f64()
 }

@@ -1,4 +1,4 @@
-//! Tiled grayscale maps (conv filters, feature maps) saved as one PNG.
+//! Tiled grayscale or colour maps (conv filters, feature maps) saved as one PNG.
 
 use std::path::Path;
 
@@ -32,15 +32,36 @@ pub fn save_gray_grid(
     scale: usize,
     path: &Path,
 ) -> anyhow::Result<()> {
+    save_grid(images, 1, w, h, cols, scale, path)
+}
+
+/// [`save_gray_grid`] for `channels` = 1 (gray) or 3 (colour) planes per tile: a colour tile is
+/// `3 * w * h` values, planes R, G, B, min-max normalised over all three together (so a filter's
+/// colours keep their balance).
+pub fn save_grid(
+    images: &[Vec<f32>],
+    channels: usize,
+    w: usize,
+    h: usize,
+    cols: usize,
+    scale: usize,
+    path: &Path,
+) -> anyhow::Result<()> {
     if images.is_empty() {
         bail!("save_gray_grid: no images to tile");
     }
+    ensure!(channels == 1 || channels == 3, "save_grid: tiles have 1 or 3 channels, not {channels}");
     ensure!(
         w > 0 && h > 0 && cols > 0 && scale > 0,
         "save_gray_grid: w, h, cols and scale must be positive (got w={w}, h={h}, cols={cols}, scale={scale})"
     );
     for (i, img) in images.iter().enumerate() {
-        ensure!(img.len() == w * h, "save_gray_grid: image {i} has {} values, expected {w}x{h} = {}", img.len(), w * h);
+        ensure!(
+            img.len() == channels * w * h,
+            "save_gray_grid: image {i} has {} values, expected {channels}x{w}x{h} = {}",
+            img.len(),
+            channels * w * h
+        );
     }
     let n = images.len();
     let c = cols.min(n);
@@ -62,14 +83,32 @@ pub fn save_gray_grid(
                 _ => 128,
             }
         };
+        let plane = w * h;
         for y in 0..th {
-            let row = &img[(y / scale) * w..(y / scale + 1) * w];
             let start = ((oy + y) * width + ox) * 3;
             for (x, px) in buf[start..start + tw * 3].chunks_exact_mut(3).enumerate() {
-                let g = gray(row[x / scale]);
-                px.copy_from_slice(&[g, g, g]);
+                let at = (y / scale) * w + x / scale;
+                if channels == 1 {
+                    let g = gray(img[at]);
+                    px.copy_from_slice(&[g, g, g]);
+                } else {
+                    px.copy_from_slice(&[gray(img[at]), gray(img[plane + at]), gray(img[2 * plane + at])]);
+                }
             }
         }
     }
     save_rgb_png(path, width as u32, height as u32, buf)
+}
+
+/// A conv layer's filters `(OC, C, KH, KW)` as a grid, 8 per row: in colour when the layer reads
+/// three channels (an RGB input's first layer), else each filter's first input channel in gray.
+pub fn save_filter_grid(weight: &crate::backend::NamedTensor, path: &Path) -> anyhow::Result<()> {
+    let [_, c, kh, kw] = weight.shape[..] else {
+        bail!("{}: a conv weight has 4 dimensions, this one {:?}", weight.name, weight.shape);
+    };
+    let channels = if c == 3 { 3 } else { 1 };
+    let per = c * kh * kw;
+    let tiles: Vec<Vec<f32>> = weight.data.chunks_exact(per).map(|f| f[..channels * kh * kw].to_vec()).collect();
+    let scale = (48 / kh.max(kw)).clamp(2, 16);
+    save_grid(&tiles, channels, kw, kh, 8, scale, path)
 }

@@ -26,7 +26,7 @@ mod grid;
 pub use bench::{plot_bench, BenchBar};
 pub use confusion::plot_confusion;
 pub use curves::{plot_accuracy, plot_loss};
-pub use grid::{save_gray_grid, GRID_GAP};
+pub use grid::{save_filter_grid, save_gray_grid, save_grid, GRID_GAP};
 
 /// DejaVu Sans (Bitstream Vera licence, see `DejaVuSans-LICENSE.txt`).
 static FONT_BYTES: &[u8] = include_bytes!("DejaVuSans.ttf");

@@ -31,13 +31,15 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::backend::check_device;
 use crate::backend::{Device, NamedTensor};
-use crate::data::{decode_image, normalize_into, DecodeNote, IMAGE_PIXELS, IMAGE_SIZE};
+use crate::data::{decode_image_as, DecodeNote, InputShape};
 use crate::explain::{cpu_model, explain, heatmap_overlay_png, parse_class};
+use crate::layers::cross_entropy::{argmax, softmax};
 use crate::layers::Ctx;
 use crate::model::Sequential;
+use crate::model_file::SavedModel;
 use crate::tensor::{from_vec, slice};
-use crate::train::{check_device, softmax, SavedModel};
 use http::{Request, Response};
 
 /// The page, embedded in the binary.
@@ -173,13 +175,14 @@ pub fn start_with(cfg: ServeConfig) -> Result<ServerHandle> {
     let model = cpu_model(&saved).with_context(|| format!("{}: building the CPU model", cfg.model.display()))?;
     let gpu = match cfg.device {
         Device::Cpu => None,
-        Device::Cuda => Some(GpuPredictor::start(copy_saved(&saved))?),
+        Device::Cuda => Some(GpuPredictor::start(saved.clone())?),
     };
     let model_id = weights_id(&saved.weights);
     let app = Arc::new(App {
         model: Mutex::new(model),
         gpu,
         classes: saved.classes.clone(),
+        input: saved.spec.input,
         model_id: model_id.clone(),
         model_file: cfg.model.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         device: cfg.device,
@@ -260,17 +263,6 @@ pub fn weights_id(weights: &[NamedTensor]) -> String {
     h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// A copy of a loaded model (`SavedModel` is not `Clone`), for the device thread.
-fn copy_saved(s: &SavedModel) -> SavedModel {
-    SavedModel {
-        path: s.path.clone(),
-        classes: s.classes.clone(),
-        config: s.config.clone(),
-        weights: s.weights.clone(),
-        meta: s.meta.clone(),
-    }
-}
-
 type GpuJob = (Vec<f32>, SyncSender<Result<Vec<f32>>>);
 
 /// A backend (CUDA) owned by one thread; requests reach it through a channel, one at a time.
@@ -324,6 +316,8 @@ struct App {
     model: Mutex<Sequential<f32>>,
     gpu: Option<GpuPredictor>,
     classes: Vec<String>,
+    /// The model's input: uploads are decoded and resized to it.
+    input: InputShape,
     model_id: String,
     model_file: String,
     device: Device,
@@ -385,7 +379,8 @@ impl App {
                 "classes": self.classes,
                 "device": self.device.to_string(),
                 "max_upload_bytes": self.max_upload,
-                "image_size": IMAGE_SIZE,
+                "image_size": self.input.size,
+                "channels": self.input.channels,
                 "uptime_s": self.started.elapsed().as_secs_f64(),
             }),
         )
@@ -409,9 +404,10 @@ impl App {
         if bytes.is_empty() {
             return Err(Response::error(400, format!("{name}: no image in the request (the body is empty)")));
         }
-        let (pixels, note) = decode_image(bytes, &name).map_err(|e| Response::error(400, format!("{e:#}")))?;
-        let mut x = vec![0.0; IMAGE_PIXELS];
-        normalize_into(&pixels, &mut x);
+        let (_, note) =
+            decode_image_as(bytes, &name, self.input).map_err(|e| Response::error(400, format!("{e:#}")))?;
+        let (pixels, x) = crate::explain::decode_for_model(bytes, &name, self.input)
+            .map_err(|e| Response::error(400, format!("{e:#}")))?;
         Ok(Upload { name, bytes: bytes.len(), pixels, x, note })
     }
 
@@ -424,7 +420,8 @@ impl App {
         if let Some(gpu) = &self.gpu {
             return gpu.predict(x.to_vec());
         }
-        let input = from_vec(&[1, 1, IMAGE_SIZE, IMAGE_SIZE], x.to_vec());
+        let [c, h, w] = self.input.chw();
+        let input = from_vec(&[1, c, h, w], x.to_vec());
         let out = self.model().forward(&input, Ctx::eval());
         Ok(slice(&out).to_vec())
     }
@@ -448,7 +445,7 @@ impl App {
             return Response::error(500, "the model produced invalid scores");
         }
         let p = softmax(&logits);
-        let best = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
+        let best = argmax(&p);
         let probabilities: serde_json::Map<String, serde_json::Value> =
             self.classes.iter().zip(&p).map(|(c, &v)| (c.clone(), json!(v))).collect();
         Response::json(

@@ -247,7 +247,8 @@ pub fn random_model_file(path: &Path, seed: u64) -> Vec<medcnn::model::NamedTens
     let cfg = ModelConfig { num_classes: MEDNIST_CLASSES.len(), ..ModelConfig::default() };
     let weights = reference_model::<f32>(&cfg, seed).export_weights();
     let classes: Vec<String> = MEDNIST_CLASSES.iter().map(|c| c.to_string()).collect();
-    medcnn::train::SavedModel::save(path, &classes, cfg.dropout, &weights, Default::default()).unwrap();
+    let spec = medcnn::spec::ModelSpec::reference(Default::default(), cfg.dropout);
+    medcnn::model_file::SavedModel::save(path, &classes, &spec, &weights, Default::default()).unwrap();
     weights
 }
 
