@@ -418,7 +418,7 @@ pub fn max_pool_params(
     ceil_mode: bool,
 ) -> Result<PoolParams> {
     let pool = crate::layers::MaxPool2d::with_options(k, stride, pad, ceil_mode);
-    pool_params(planes, (h, w), (pool.out_len(h), pool.out_len(w)), k, stride, pad)
+    pool_params(planes, (h, w), pool.out_hw(h, w), k, stride, pad)
 }
 
 /// Average-pool parameters (no padding, floor mode).

@@ -645,7 +645,7 @@ fn argmax_flips<E: Exec>(dev: &mut Engine<E>, cfg: &ModelConfig, seed: u64, x: &
         let r = probe.forward_range(&xt, 0..3 * block + 2, Ctx::eval());
         let (c, h, w) = (r.shape()[1], r.shape()[2], r.shape()[3]);
         let pool = layers::MaxPool2d::new(2, 2);
-        let (p, q) = (pool.out_len(h), pool.out_len(w));
+        let (p, q) = pool.out_hw(h, w);
         let mut y = vec![0.0f32; p * q];
         let mut arg = vec![0u32; p * q];
         let dev_arg = dev.pool_argmax(block)?;

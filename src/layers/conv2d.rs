@@ -1,12 +1,14 @@
 //! 2-D convolution (cross-correlation, as in PyTorch), any kernel size, stride and zero padding,
-//! with bias. CPU path: im2col + GEMM per image, images in parallel with rayon.
+//! each given per axis (height, width), with bias. CPU path: im2col + GEMM per image, images in
+//! parallel with rayon. Not here: dilation and groups (PyTorch's other two arguments).
 //!
 //! Shapes: x (N, C, H, W), weight (OC, C, KH, KW), bias (OC), y (N, OC, OH, OW),
-//! OH = (H + 2P - KH) / S + 1, OW likewise.
+//! OH = floor((H + 2PH - KH) / SH) + 1, OW = floor((W + 2PW - KW) / SW) + 1.
 //!
 //! The math. Write K = C*KH*KW and L = OH*OW. im2col unrolls the receptive field of every output
-//! pixel of one image into a column: col (K, L), col[(c,i,j), (oh,ow)] = x[c, oh*S-P+i, ow*S-P+j]
-//! (0 outside the image). Then the convolution is one matrix product per image:
+//! pixel of one image into a column: col (K, L),
+//! col[(c,i,j), (oh,ow)] = x[c, oh*SH-PH+i, ow*SW-PW+j] (0 outside the image). Then the
+//! convolution is one matrix product per image:
 //!
 //!   y_n = W col_n + b          W viewed as (OC, K), y_n as (OC, L)
 //!
@@ -22,10 +24,11 @@
 
 use rayon::prelude::*;
 
-use super::{batch_ranges, nchw, out_len, split_by_ranges, Ctx, Layer, Param};
+use super::{batch_ranges, nchw, out_len, split_by_ranges, Ctx, Hw, Layer, Param};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
-/// The sizes of one convolution, shared by im2col, col2im and the layer.
+/// The sizes of one convolution, shared by im2col, col2im and the layer: input (C, H, W),
+/// kernel (KH, KW), vertical and horizontal stride (SH, SW) and padding (PH, PW), output (OH, OW).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
     pub c: usize,
@@ -33,18 +36,27 @@ pub struct ConvGeometry {
     pub w: usize,
     pub kh: usize,
     pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
     pub oh: usize,
     pub ow: usize,
 }
 
 impl ConvGeometry {
+    /// Any kernel, stride and padding per axis. Panics if the kernel is larger than the padded
+    /// input or a stride is 0 (`layers::window_out_len` is the check that does not panic).
+    pub fn with_hw(c: usize, h: usize, w: usize, kernel: Hw, stride: Hw, pad: Hw) -> Self {
+        assert!(stride.h > 0 && stride.w > 0, "conv stride must be positive");
+        let oh = out_len(h, kernel.h, stride.h, pad.h);
+        let ow = out_len(w, kernel.w, stride.w, pad.w);
+        let (kh, kw, sh, sw, ph, pw) = (kernel.h, kernel.w, stride.h, stride.w, pad.h, pad.w);
+        ConvGeometry { c, h, w, kh, kw, sh, sw, ph, pw, oh, ow }
+    }
+    /// The same stride and padding on both axes (the CUDA kernels' case).
     pub fn new(c: usize, h: usize, w: usize, kh: usize, kw: usize, stride: usize, pad: usize) -> Self {
-        assert!(stride > 0, "conv stride must be positive");
-        let oh = out_len(h, kh, stride, pad);
-        let ow = out_len(w, kw, stride, pad);
-        ConvGeometry { c, h, w, kh, kw, stride, pad, oh, ow }
+        Self::with_hw(c, h, w, Hw { h: kh, w: kw }, Hw::square(stride), Hw::square(pad))
     }
     /// Rows of col: K = C*KH*KW.
     pub fn k(&self) -> usize {
@@ -74,24 +86,24 @@ pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T], ld: usize) {
     let l = g.l();
     for c in 0..g.c {
         for i in 0..g.kh {
-            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.stride, g.pad);
+            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.sh, g.ph);
             for j in 0..g.kw {
-                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.stride, g.pad);
+                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.sw, g.pw);
                 let row = &mut col[((c * g.kh + i) * g.kw + j) * ld..][..l];
                 row[..oh_lo * g.ow].fill(T::zero());
                 row[oh_hi * g.ow..].fill(T::zero());
                 for oh in oh_lo..oh_hi {
-                    let ih = oh * g.stride + i - g.pad;
+                    let ih = oh * g.sh + i - g.ph;
                     let xrow = &x[(c * g.h + ih) * g.w..][..g.w];
                     let out = &mut row[oh * g.ow..][..g.ow];
                     out[..ow_lo].fill(T::zero());
                     out[ow_hi..].fill(T::zero());
                     if ow_hi > ow_lo {
-                        let first = ow_lo * g.stride + j - g.pad;
-                        if g.stride == 1 {
+                        let first = ow_lo * g.sw + j - g.pw;
+                        if g.sw == 1 {
                             out[ow_lo..ow_hi].copy_from_slice(&xrow[first..first + ow_hi - ow_lo]);
                         } else {
-                            for (o, v) in out[ow_lo..ow_hi].iter_mut().zip(xrow[first..].iter().step_by(g.stride)) {
+                            for (o, v) in out[ow_lo..ow_hi].iter_mut().zip(xrow[first..].iter().step_by(g.sw)) {
                                 *o = *v;
                             }
                         }
@@ -107,29 +119,38 @@ pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T], ld: usize) {
     let l = g.l();
     for c in 0..g.c {
         for i in 0..g.kh {
-            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.stride, g.pad);
+            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.sh, g.ph);
             for j in 0..g.kw {
-                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.stride, g.pad);
+                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.sw, g.pw);
                 if ow_hi <= ow_lo {
                     continue;
                 }
                 let row = &dcol[((c * g.kh + i) * g.kw + j) * ld..][..l];
                 for oh in oh_lo..oh_hi {
-                    let ih = oh * g.stride + i - g.pad;
+                    let ih = oh * g.sh + i - g.ph;
                     let dxrow = &mut dx[(c * g.h + ih) * g.w..][..g.w];
-                    let first = ow_lo * g.stride + j - g.pad;
+                    let first = ow_lo * g.sw + j - g.pw;
                     let d = &row[oh * g.ow + ow_lo..oh * g.ow + ow_hi];
-                    if g.stride == 1 {
+                    if g.sw == 1 {
                         // Contiguous: a plain slice add, which the compiler vectorises.
                         dxrow[first..first + d.len()].iter_mut().zip(d).for_each(|(x, v)| *x += *v);
                     } else {
-                        for (x, v) in dxrow[first..].iter_mut().step_by(g.stride).zip(d) {
+                        for (x, v) in dxrow[first..].iter_mut().step_by(g.sw).zip(d) {
                             *x += *v;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// A stride or padding in `describe`: `2` when square (today's spelling), `2x1` otherwise.
+fn axes(v: Hw) -> String {
+    if v.is_square() {
+        v.h.to_string()
+    } else {
+        format!("{}x{}", v.h, v.w)
     }
 }
 
@@ -144,11 +165,11 @@ pub fn conv_forward_image<T: Float>(g: &ConvGeometry, w: &[T], b: &[T], x: &[T],
 }
 
 pub struct Conv2d<T: Float> {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub kernel: (usize, usize),
-    pub stride: usize,
-    pub padding: usize,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: Hw,
+    stride: Hw,
+    padding: Hw,
     /// (OC, C, KH, KW)
     pub weight: Param<T>,
     /// (OC)
@@ -171,23 +192,53 @@ impl<T: Float> Conv2d<T> {
     }
 
     /// A zero-initialised layer; `model::init_pytorch_default` gives PyTorch's initialisation.
-    pub fn new(in_channels: usize, out_channels: usize, kernel: (usize, usize), stride: usize, padding: usize) -> Self {
+    /// Kernel, stride and padding take an int (both axes) or an (h, w) pair, as in PyTorch's
+    /// `nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: impl Into<Hw>,
+        stride: impl Into<Hw>,
+        padding: impl Into<Hw>,
+    ) -> Self {
+        let (kernel, stride, padding) = (kernel.into(), stride.into(), padding.into());
+        assert!(kernel.h > 0 && kernel.w > 0, "Conv2d: kernel size must be positive, got {kernel}");
+        assert!(stride.h > 0 && stride.w > 0, "Conv2d: stride must be positive, got {stride}");
         Conv2d {
             in_channels,
             out_channels,
             kernel,
             stride,
             padding,
-            weight: Param::new(zeros(&[out_channels, in_channels, kernel.0, kernel.1])),
+            weight: Param::new(zeros(&[out_channels, in_channels, kernel.h, kernel.w])),
             bias: Param::new(zeros(&[out_channels])),
             x: None,
         }
     }
 
+    pub fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+    /// (KH, KW)
+    pub fn kernel(&self) -> Hw {
+        self.kernel
+    }
+    /// (SH, SW)
+    pub fn stride(&self) -> Hw {
+        self.stride
+    }
+    /// (PH, PW), zeros added on each side.
+    pub fn padding(&self) -> Hw {
+        self.padding
+    }
+
     pub fn geometry(&self, input: &[usize]) -> ConvGeometry {
         assert_eq!(input.len(), 4, "Conv2d: expected an (N, C, H, W) input, got {input:?}");
         assert_eq!(input[1], self.in_channels, "Conv2d: expected {} input channels, got {input:?}", self.in_channels);
-        ConvGeometry::new(input[1], input[2], input[3], self.kernel.0, self.kernel.1, self.stride, self.padding)
+        ConvGeometry::with_hw(input[1], input[2], input[3], self.kernel, self.stride, self.padding)
     }
 }
 
@@ -195,7 +246,12 @@ impl<T: Float> Layer<T> for Conv2d<T> {
     fn describe(&self) -> String {
         format!(
             "Conv2d({}->{}, k{}x{}, s{}, p{})",
-            self.in_channels, self.out_channels, self.kernel.0, self.kernel.1, self.stride, self.padding
+            self.in_channels,
+            self.out_channels,
+            self.kernel.h,
+            self.kernel.w,
+            axes(self.stride),
+            axes(self.padding)
         )
     }
 
@@ -282,15 +338,24 @@ mod tests {
     /// col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)> for any x, c.
     #[test]
     fn col2im_is_the_adjoint_of_im2col() {
-        let g = ConvGeometry::new(2, 5, 7, 3, 2, 2, 1);
+        for g in [
+            ConvGeometry::new(2, 5, 7, 3, 2, 2, 1),
+            ConvGeometry::with_hw(2, 6, 5, Hw { h: 2, w: 4 }, Hw { h: 1, w: 3 }, Hw { h: 1, w: 2 }),
+            ConvGeometry::with_hw(1, 7, 4, Hw { h: 5, w: 1 }, Hw { h: 3, w: 1 }, Hw { h: 2, w: 0 }),
+        ] {
+            adjoint(&g);
+        }
+    }
+
+    fn adjoint(g: &ConvGeometry) {
         let x: Vec<f64> = (0..g.c * g.h * g.w).map(|i| (i as f64 * 0.37).sin()).collect();
         let c: Vec<f64> = (0..g.k() * g.l()).map(|i| (i as f64 * 0.11).cos()).collect();
         let mut col = vec![0.0; g.k() * g.l()];
-        im2col(&g, &x, &mut col, g.l());
+        im2col(g, &x, &mut col, g.l());
         let mut back = vec![0.0; x.len()];
-        col2im(&g, &c, &mut back, g.l());
+        col2im(g, &c, &mut back, g.l());
         let lhs: f64 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
-        assert!((lhs - rhs).abs() < 1e-10, "{lhs} vs {rhs}");
+        assert!((lhs - rhs).abs() < 1e-10, "{g:?}: {lhs} vs {rhs}");
     }
 }

@@ -15,8 +15,13 @@
 //! and dc feeds the convolution's backward unchanged: dW += dc col^T, db += sum dc,
 //! dx = col2im(W^T dc).
 //!
-//! Three ways to compute it, one per shape of block in the model (each checked against the
-//! im2col + GEMM way written here, which also serves every other shape):
+//! Any conv (kernel, stride, padding per axis) and any max pool (kernel, stride, -inf padding,
+//! ceil mode per axis) fuse: the pooling window is clipped to the conv plane exactly as
+//! `MaxPool2d` clips it to its input, so padding never wins, and every window holds at least one
+//! conv value (see `max_pool2d.rs`); `ConvReluPool::can_fuse` says so in code.
+//!
+//! Three ways to compute it (`ConvAlgo`), one per shape of block in the model (each checked
+//! against the im2col + GEMM way written here, which also serves every other shape):
 //! - one input channel, 3x3, pool 2: `direct_conv.rs` (the first block; K = 9 is a poor GEMM);
 //! - several channels, 3x3, pool 2: `winograd.rs`, F(2x2, 3x3), forward and backward (the
 //!   other three blocks; 2.25x fewer multiplies);
@@ -25,14 +30,14 @@
 use rayon::prelude::*;
 
 use super::conv2d::{col2im, im2col, ConvGeometry};
-use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Layer, MaxPool2d, Param};
+use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Hw, Layer, MaxPool2d, Param};
 use super::{direct_conv, winograd};
 use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
 
 /// The three ways to compute a block; all keep the same winners (`argmax`), so any backward
 /// can follow any forward.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Path {
+pub enum ConvAlgo {
     /// One input channel: `direct_conv.rs`.
     Direct,
     /// Several channels, 3x3, pool 2: `winograd.rs`.
@@ -61,8 +66,9 @@ pub struct ConvReluPool<T: Float> {
 }
 
 impl<T: Float> ConvReluPool<T> {
+    /// The block `conv` + ReLU + `pool`, for any pair `can_fuse` accepts (today: all).
     pub fn new(conv: Conv2d<T>, pool: MaxPool2d) -> Self {
-        assert_eq!(pool.padding, 0, "ConvReluPool: pooling with padding is not fused");
+        assert!(Self::can_fuse(&conv, &pool), "ConvReluPool: this conv and pool do not fuse");
         ConvReluPool { conv, pool, input_grad: true, direct: true, winograd: true, x: None, argmax: Vec::new() }
     }
 
@@ -73,34 +79,50 @@ impl<T: Float> ConvReluPool<T> {
         &self.argmax
     }
 
-    /// Which way this input goes (see the module docs). Forward and backward both ask.
-    fn path(&self, input: &[usize]) -> Path {
+    /// Whether the fused block computes conv + ReLU + pool exactly as the three layers in a row.
+    ///
+    /// It does for every conv and every max pool: the GEMM path takes any conv geometry
+    /// (`im2col` is the plain layer's), and its ReLU + pool step clips each window to the conv
+    /// plane as `MaxPool2d` does (padding is -inf, so it never wins; each window holds at least
+    /// one conv value, since it starts inside the plane or the left padding and the padding is
+    /// at most half the kernel). The fast paths only run where their shapes apply
+    /// (`ConvReluPool::algo`). So this is always true; it exists so that a caller who builds a
+    /// block from a model spec asks instead of assuming, and a future restriction has one place.
+    pub fn can_fuse(conv: &Conv2d<T>, pool: &MaxPool2d) -> bool {
+        let _ = (conv, pool);
+        true
+    }
+
+    /// Which way an input of this shape goes (see the module docs). Forward and backward both
+    /// ask; the backward of `Direct` with `input_grad` set runs the GEMM way (the direct
+    /// backward has no dx).
+    pub fn algo(&self, input: &[usize]) -> ConvAlgo {
         if self.direct && direct_conv::worthwhile::<T>() && direct_conv::applies(&self.conv, &self.pool, input) {
-            Path::Direct
+            ConvAlgo::Direct
         } else if self.winograd && winograd::applies(&self.conv, &self.pool, input) {
-            Path::Winograd
+            ConvAlgo::Winograd
         } else {
-            Path::Gemm
+            ConvAlgo::Gemm
         }
     }
 
     fn pooled(&self, g: &ConvGeometry) -> (usize, usize) {
-        (self.pool.out_len(g.oh), self.pool.out_len(g.ow))
+        self.pool.out_hw(g.oh, g.ow)
     }
 
     /// The forward pass proper: y and the winners (kept in `self.argmax`), not the input.
     fn conv_relu_pool(&mut self, x: &Tensor<T>) -> Tensor<T> {
         let (n, c, h, w) = nchw("ConvReluPool", x);
         let g = self.conv.geometry(x.shape());
-        let (oc, k, l, (ph, pw)) = (self.conv.out_channels, g.k(), g.l(), self.pooled(&g));
+        let (oc, k, l, (ph, pw)) = (self.conv.out_channels(), g.k(), g.l(), self.pooled(&g));
         let gsize = group_size(l, n);
         let mut y = zeros(&[n, oc, ph, pw]);
         let mut argmax = std::mem::take(&mut self.argmax);
         argmax.resize(n * oc * ph * pw, 0);
         let (wt, b, pool) = (slice(&self.conv.weight.value), slice(&self.conv.bias.value), &self.pool);
         let out = oc * ph * pw;
-        match self.path(x.shape()) {
-            Path::Direct => {
+        match self.algo(x.shape()) {
+            ConvAlgo::Direct => {
                 // One image per task, straight from the pixels (see `direct_conv.rs`).
                 let plan = direct_conv::Plan::new(&g);
                 slice_mut(&mut y)
@@ -112,7 +134,7 @@ impl<T: Float> ConvReluPool<T> {
                         |scratch, ((yi, ai), xi)| direct_conv::forward(&plan, xi, wt, b, yi, ai, scratch),
                     );
             }
-            Path::Winograd => {
+            ConvAlgo::Winograd => {
                 // F(2x2, 3x3) Winograd, one group of images per task (see `winograd.rs`).
                 let plan = winograd::Plan::new(&g, oc, n);
                 let u = winograd::transform_weights(&plan, wt);
@@ -125,7 +147,7 @@ impl<T: Float> ConvReluPool<T> {
                         |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
                     );
             }
-            Path::Gemm => {
+            ConvAlgo::Gemm => {
                 // One group of images per task: conv (OC, G*L) = W col + b, then ReLU + pool per plane.
                 slice_mut(&mut y)
                     .par_chunks_mut(gsize * out)
@@ -161,11 +183,12 @@ impl<T: Float> ConvReluPool<T> {
 // `!(v <= best)` rather than `v > best`: the two differ for NaN, which must win (and spread).
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn relu_pool_plane<T: Float>(p: &MaxPool2d, g: &ConvGeometry, c: &[T], y: &mut [T], arg: &mut [u32]) {
-    let (ph, pw) = (p.out_len(g.oh), p.out_len(g.ow));
+    let (ph, pw) = p.out_hw(g.oh, g.ow);
     // `best <= 0` is false for NaN, which then propagates (a diverged run must show it).
-    if p.kernel == 2 && p.stride == 2 {
-        // The model's case: 2x2 windows that never leave the plane (floor mode). Written without
-        // branches (selects only), since which candidate wins is data-dependent and unpredictable.
+    if (p.kernel(), p.stride(), p.padding(), p.ceil_mode()) == (Hw::square(2), Hw::square(2), Hw::square(0), false) {
+        // The model's case: 2x2 windows that never leave the plane (floor mode, no padding).
+        // Written without branches (selects only), since which candidate wins is data-dependent
+        // and unpredictable.
         for i in 0..ph {
             let top = 2 * i * g.ow;
             let rows = (&c[top..][..2 * pw], &c[top + g.ow..][..2 * pw]);
@@ -195,12 +218,11 @@ fn relu_pool_plane<T: Float>(p: &MaxPool2d, g: &ConvGeometry, c: &[T], y: &mut [
         y[at] = if dead { T::zero() } else { m };
         arg[at] = if dead { DEAD } else { best as u32 };
     };
+    // Any other pool: each window clipped to the plane, as `max_pool_plane` does.
     for i in 0..ph {
-        let h0 = i * p.stride;
-        let h1 = (h0 + p.kernel).min(g.oh);
+        let (h0, h1) = p.rows(i, g.oh);
         for j in 0..pw {
-            let w0 = j * p.stride;
-            let w1 = (w0 + p.kernel).min(g.ow);
+            let (w0, w1) = p.cols(j, g.ow);
             let mut best = h0 * g.ow + w0;
             for r in h0..h1 {
                 for s in w0..w1 {
@@ -233,11 +255,10 @@ fn sum_live<T: Float>(dy: &[T], arg: &[u32]) -> T {
 /// Whether a block is the shape both fast paths need: a 3x3, stride-1, unpadded conv, then
 /// 2x2 pooling with stride 2 in floor mode, on an (N, C, H, W) input of at least 4x4.
 pub(crate) fn conv3x3_pool2<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
+    let (one, two, zero) = (Hw::square(1), Hw::square(2), Hw::square(0));
     input.len() == 4
-        && conv.kernel == (3, 3)
-        && conv.stride == 1
-        && conv.padding == 0
-        && (pool.kernel, pool.stride, pool.padding, pool.ceil_mode) == (2, 2, 0, false)
+        && (conv.kernel(), conv.stride(), conv.padding()) == (Hw::square(3), one, zero)
+        && (pool.kernel(), pool.stride(), pool.padding(), pool.ceil_mode()) == (two, two, zero, false)
         && input[2] >= 4
         && input[3] >= 4
 }
@@ -265,7 +286,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
     fn output_shape(&self, input: &[usize]) -> Vec<usize> {
         let g = self.conv.geometry(input);
         let (ph, pw) = self.pooled(&g);
-        vec![input[0], self.conv.out_channels, ph, pw]
+        vec![input[0], self.conv.out_channels(), ph, pw]
     }
 
     fn flops(&self, input: &[usize]) -> u64 {
@@ -288,7 +309,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let x = self.x.as_ref().expect("ConvReluPool::backward called before forward");
         let (n, c, h, w) = nchw("ConvReluPool", x);
         let g = self.conv.geometry(x.shape());
-        let (oc, k, l) = (self.conv.out_channels, g.k(), g.l());
+        let (oc, k, l) = (self.conv.out_channels(), g.k(), g.l());
         let (ph, pw) = self.pooled(&g);
         assert_eq!(dy.shape(), &[n, oc, ph, pw], "ConvReluPool: dy shape");
         let wt = slice(&self.conv.weight.value);
@@ -303,25 +324,27 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
         let (xs, dys, args) = (slice(x), slice(dy), &self.argmax);
         let out = oc * ph * pw;
-        let path = match self.path(x.shape()) {
+        let algo = match self.algo(x.shape()) {
             // The direct backward computes dW and db only: a one-channel block asked for dx
             // (not the model's first) takes im2col + GEMM, which reads the same winners.
-            Path::Direct if input_grad => Path::Gemm,
-            p => p,
+            ConvAlgo::Direct if input_grad => ConvAlgo::Gemm,
+            a => a,
         };
-        let wplan = winograd::Plan::new(&g, oc, n);
-        let u = if path == Path::Winograd { winograd::transform_weights(&wplan, wt) } else { Vec::new() };
-        let plan = direct_conv::Plan::new(&g);
+        // Each fast path's plan only where it runs (a plan of another shape may not exist:
+        // Winograd's needs at least one 2x2 tile).
+        let wplan = (algo == ConvAlgo::Winograd).then(|| winograd::Plan::new(&g, oc, n));
+        let u = wplan.as_ref().map(|p| winograd::transform_weights(p, wt)).unwrap_or_default();
+        let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&g));
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
             .zip(dx_parts)
             .map(|(r, dx_part)| {
                 let mut dw = vec![T::zero(); oc * k];
                 let mut db = vec![T::zero(); oc];
-                if path == Path::Winograd {
+                if let Some(wplan) = &wplan {
                     // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
                     let mut mw = vec![T::zero(); 16 * oc * c];
-                    let mut scratch = vec![T::zero(); winograd::backward_scratch(&wplan)];
+                    let mut scratch = vec![T::zero(); winograd::backward_scratch(wplan)];
                     let mut first = r.start;
                     while first < r.end {
                         let gs = wplan.group.min(r.end - first);
@@ -333,22 +356,22 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                         );
                         let at = (first - r.start) * img;
                         let dxg = if input_grad { Some(&mut dx_part[at..at + gs * img]) } else { None };
-                        winograd::backward_group(&wplan, &u, xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
+                        winograd::backward_group(wplan, &u, xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
                         first += gs;
                     }
-                    winograd::finish_weight_grad(&wplan, &mw, &mut dw);
+                    winograd::finish_weight_grad(wplan, &mw, &mut dw);
                     return (dw, db);
                 }
-                if path == Path::Direct {
+                if let Some(plan) = &plan {
                     // dW and db straight from the pixels (see `direct_conv.rs`).
                     let mut scratch = vec![T::zero(); plan.scratch()];
                     for i in r.clone() {
                         let (xi, dyi, ai) = (&xs[i * img..][..img], &dys[i * out..][..out], &args[i * out..][..out]);
-                        direct_conv::backward(&plan, xi, dyi, ai, &mut dw, &mut db, &mut scratch);
+                        direct_conv::backward(plan, xi, dyi, ai, &mut dw, &mut db, &mut scratch);
                     }
                     return (dw, db);
                 }
-                // Path::Gemm
+                // ConvAlgo::Gemm
                 let mut col = vec![T::zero(); k * gsize * l];
                 let mut dcol = vec![T::zero(); if input_grad { k * gsize * l } else { 0 }];
                 let mut dc = vec![T::zero(); oc * gsize * l + 1];

@@ -1,12 +1,15 @@
 //! 2-D max pooling with PyTorch's semantics: kernel, stride, implicit -inf padding and floor or
-//! ceil mode. The gradient is routed to the input that won each window.
+//! ceil mode, each per axis (height, width). The gradient is routed to the input that won each
+//! window. Not here: dilation and `return_indices`.
 //!
-//! Shapes: x (N, C, H, W) -> y (N, C, OH, OW) with OH = floor((H + 2P - K) / S) + 1 (floor
-//! mode); ceil mode rounds up but, as PyTorch does, drops a last window that would start in
-//! the right padding.
+//! Shapes: x (N, C, H, W) -> y (N, C, OH, OW) with OH = floor((H + 2PH - KH) / SH) + 1 (floor
+//! mode), OW likewise; ceil mode rounds up but, as PyTorch does, drops a last window that would
+//! start in the right padding (`layers::window_out_len`).
 //!
-//! The math. y[n,c,oh,ow] = max over the window of x. The max is piecewise the identity of one
-//! input, its argmax a*, so dy/dx = 1 at a* and 0 elsewhere:
+//! The math. y[n,c,oh,ow] = max over the window of x. The padding is -inf, so it never wins:
+//! the max runs over the window clipped to the input, which is never empty (a window starts
+//! inside the input or the left padding, and the padding is at most half the kernel). The max
+//! is piecewise the identity of one input, its argmax a*, so dy/dx = 1 at a* and 0 elsewhere:
 //!
 //!   dx[n, c, a*(oh, ow)] += dy[n, c, oh, ow]
 //!
@@ -15,62 +18,100 @@
 
 use rayon::prelude::*;
 
-use super::{nchw, Ctx, Layer};
+use super::{nchw, window_out_len, Ctx, Hw, Layer};
 use crate::tensor::{slice, slice_mut, zeros, Float, Tensor};
 
 pub struct MaxPool2d {
-    pub kernel: usize,
-    pub stride: usize,
-    pub padding: usize,
-    pub ceil_mode: bool,
+    kernel: Hw,
+    stride: Hw,
+    padding: Hw,
+    ceil_mode: bool,
     /// For each output, the flat index (ih * W + iw) of its argmax within its (H, W) plane.
     argmax: Vec<u32>,
     input_shape: Vec<usize>,
 }
 
 impl MaxPool2d {
-    /// PyTorch's `MaxPool2d(kernel, stride)` (floor mode, no padding).
-    pub fn new(kernel: usize, stride: usize) -> Self {
+    /// PyTorch's `MaxPool2d(kernel, stride)` (floor mode, no padding). Kernel and stride take an
+    /// int or an (h, w) pair.
+    pub fn new(kernel: impl Into<Hw>, stride: impl Into<Hw>) -> Self {
         Self::with_options(kernel, stride, 0, false)
     }
 
-    pub fn with_options(kernel: usize, stride: usize, padding: usize, ceil_mode: bool) -> Self {
-        assert!(kernel > 0 && stride > 0, "MaxPool2d: kernel and stride must be positive");
-        assert!(2 * padding <= kernel, "MaxPool2d: padding must be at most half the kernel (as in PyTorch)");
+    /// PyTorch's `MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)`. Panics on a zero
+    /// kernel or stride, or a padding over half the kernel on either axis (PyTorch refuses those
+    /// too); a model spec checks them first and says which layer is wrong.
+    pub fn with_options(kernel: impl Into<Hw>, stride: impl Into<Hw>, padding: impl Into<Hw>, ceil_mode: bool) -> Self {
+        let (kernel, stride, padding) = (kernel.into(), stride.into(), padding.into());
+        assert!(
+            kernel.h > 0 && kernel.w > 0 && stride.h > 0 && stride.w > 0,
+            "MaxPool2d: kernel ({kernel}) and stride ({stride}) must be positive"
+        );
+        assert!(
+            2 * padding.h <= kernel.h && 2 * padding.w <= kernel.w,
+            "MaxPool2d: padding {padding} must be at most half the kernel {kernel} (as in PyTorch)"
+        );
         MaxPool2d { kernel, stride, padding, ceil_mode, argmax: Vec::new(), input_shape: Vec::new() }
     }
 
-    /// Output length along one axis of length `len`.
-    pub fn out_len(&self, len: usize) -> usize {
-        let span = len + 2 * self.padding;
-        assert!(span >= self.kernel, "MaxPool2d: window {} larger than input {len}", self.kernel);
-        let steps = span - self.kernel;
-        let mut out = if self.ceil_mode { steps.div_ceil(self.stride) } else { steps / self.stride } + 1;
-        if self.ceil_mode && (out - 1) * self.stride >= len + self.padding {
-            out -= 1;
-        }
-        out
+    pub fn kernel(&self) -> Hw {
+        self.kernel
+    }
+    pub fn stride(&self) -> Hw {
+        self.stride
+    }
+    pub fn padding(&self) -> Hw {
+        self.padding
+    }
+    pub fn ceil_mode(&self) -> bool {
+        self.ceil_mode
     }
 
-    /// The input indices [lo, hi) covered by window `o` along an axis of length `len`.
-    #[inline]
-    fn window(&self, o: usize, len: usize) -> (usize, usize) {
-        let start = (o * self.stride) as isize - self.padding as isize;
-        let lo = start.max(0) as usize;
-        let hi = ((start + self.kernel as isize) as usize).min(len);
-        (lo, hi)
+    /// The output (OH, OW) of an (H, W) input, or None when the window is larger than the
+    /// padded input on either axis.
+    pub fn checked_out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let oh = window_out_len(h, self.kernel.h, self.stride.h, self.padding.h, self.ceil_mode)?;
+        let ow = window_out_len(w, self.kernel.w, self.stride.w, self.padding.w, self.ceil_mode)?;
+        Some((oh, ow))
     }
+
+    /// The output (OH, OW) of an (H, W) input. Panics when the window does not fit.
+    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        self.checked_out_hw(h, w).unwrap_or_else(|| {
+            panic!("MaxPool2d: window {} (padding {}) larger than the {h}x{w} input", self.kernel, self.padding)
+        })
+    }
+
+    /// The input rows [lo, hi) covered by window row `o` of an input `len` rows high.
+    #[inline]
+    pub(crate) fn rows(&self, o: usize, len: usize) -> (usize, usize) {
+        clip(o * self.stride.h, self.kernel.h, self.padding.h, len)
+    }
+
+    /// The input columns [lo, hi) covered by window column `o` of an input `len` wide.
+    #[inline]
+    pub(crate) fn cols(&self, o: usize, len: usize) -> (usize, usize) {
+        clip(o * self.stride.w, self.kernel.w, self.padding.w, len)
+    }
+}
+
+/// The window [start - pad, start - pad + k) of padded coordinates, clipped to the input [0, len).
+#[inline]
+fn clip(start: usize, k: usize, pad: usize, len: usize) -> (usize, usize) {
+    let lo = start.saturating_sub(pad);
+    let hi = (start + k).saturating_sub(pad).min(len);
+    (lo, hi)
 }
 
 /// Forward of one (H, W) plane: writes y (OH, OW) and the argmax of every window.
 // `!(v <= best)` rather than `v > best`: the two differ for NaN, which must win (as in PyTorch).
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn max_pool_plane<T: Float>(p: &MaxPool2d, x: &[T], h: usize, w: usize, y: &mut [T], arg: &mut [u32]) {
-    let (oh, ow) = (p.out_len(h), p.out_len(w));
+    let (oh, ow) = p.out_hw(h, w);
     for i in 0..oh {
-        let (h0, h1) = p.window(i, h);
+        let (h0, h1) = p.rows(i, h);
         for j in 0..ow {
-            let (w0, w1) = p.window(j, w);
+            let (w0, w1) = p.cols(j, w);
             let mut best = h0 * w + w0;
             for ih in h0..h1 {
                 for iw in w0..w1 {
@@ -88,6 +129,7 @@ pub fn max_pool_plane<T: Float>(p: &MaxPool2d, x: &[T], h: usize, w: usize, y: &
 
 impl<T: Float> Layer<T> for MaxPool2d {
     fn describe(&self) -> String {
+        // `k2, s2, p0` for square settings, `k(3, 2)` for pairs.
         format!(
             "MaxPool2d(k{}, s{}, p{}{})",
             self.kernel,
@@ -98,12 +140,13 @@ impl<T: Float> Layer<T> for MaxPool2d {
     }
 
     fn output_shape(&self, s: &[usize]) -> Vec<usize> {
-        vec![s[0], s[1], self.out_len(s[2]), self.out_len(s[3])]
+        let (oh, ow) = self.out_hw(s[2], s[3]);
+        vec![s[0], s[1], oh, ow]
     }
 
     fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
         let (n, c, h, w) = nchw("MaxPool2d", x);
-        let (oh, ow) = (self.out_len(h), self.out_len(w));
+        let (oh, ow) = self.out_hw(h, w);
         let mut y = zeros(&[n, c, oh, ow]);
         let mut argmax = std::mem::take(&mut self.argmax);
         argmax.resize(n * c * oh * ow, 0);
@@ -144,13 +187,14 @@ mod tests {
     #[test]
     fn output_sizes_follow_pytorch() {
         // torch.nn.MaxPool2d(2, 2) on 62 -> 31, 29 -> 14 (floor), ceil_mode on 29 -> 15.
-        assert_eq!(MaxPool2d::new(2, 2).out_len(62), 31);
-        assert_eq!(MaxPool2d::new(2, 2).out_len(29), 14);
-        assert_eq!(MaxPool2d::with_options(2, 2, 0, true).out_len(29), 15);
+        assert_eq!(MaxPool2d::new(2, 2).out_hw(62, 29), (31, 14));
+        assert_eq!(MaxPool2d::with_options(2, 2, 0, true).out_hw(29, 29), (15, 15));
         // ceil mode must not start a window in the padding: k2 s2 p1 on 5 -> 3, not 4
         // (the 4th window would start at padded index 6 = 5 + 1, all padding).
-        assert_eq!(MaxPool2d::with_options(2, 2, 1, true).out_len(5), 3);
-        assert_eq!(MaxPool2d::with_options(3, 2, 1, true).out_len(6), 4);
+        assert_eq!(MaxPool2d::with_options(2, 2, 1, true).out_hw(5, 6), (3, 4));
+        // Per axis: torch.nn.MaxPool2d((3, 2), (2, 1), (1, 0))(torch.zeros(1, 1, 7, 5)) is 4x4.
+        assert_eq!(MaxPool2d::with_options((3, 2), (2, 1), (1, 0), false).out_hw(7, 5), (4, 4));
+        assert_eq!(MaxPool2d::new(3, 1).checked_out_hw(2, 5), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub mod winograd;
 
 pub use avg_pool2d::{AvgPool2d, GlobalAvgPool2d};
 pub use conv2d::Conv2d;
-pub use conv_block::ConvReluPool;
+pub use conv_block::{ConvAlgo, ConvReluPool};
 pub use cross_entropy::SoftmaxCrossEntropy;
 pub use dropout::Dropout;
 pub use flatten::Flatten;
@@ -140,10 +140,79 @@ pub(crate) fn nchw<T: Float>(layer: &str, x: &Tensor<T>) -> (usize, usize, usize
     (s[0], s[1], s[2], s[3])
 }
 
-/// Output length of a sliding window: floor((len + 2*pad - k) / stride) + 1 (PyTorch's floor mode).
+/// A (height, width) pair: a kernel size, stride or padding.
+///
+/// PyTorch takes either an int (the same on both axes) or an `(h, w)` tuple; `From` does the
+/// same here, so `Conv2d::new(1, 32, 3, 1, 0)` and `Conv2d::new(1, 32, (3, 5), (2, 1), (1, 2))`
+/// both read as they would in PyTorch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Hw {
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Hw {
+    /// The same value on both axes (PyTorch's int argument).
+    pub const fn square(n: usize) -> Hw {
+        Hw { h: n, w: n }
+    }
+    pub fn is_square(&self) -> bool {
+        self.h == self.w
+    }
+}
+
+impl From<usize> for Hw {
+    fn from(n: usize) -> Hw {
+        Hw::square(n)
+    }
+}
+
+impl From<(usize, usize)> for Hw {
+    fn from((h, w): (usize, usize)) -> Hw {
+        Hw { h, w }
+    }
+}
+
+/// PyTorch's spelling: `3` when square, `(3, 5)` otherwise.
+impl std::fmt::Display for Hw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_square() {
+            write!(f, "{}", self.h)
+        } else {
+            write!(f, "({}, {})", self.h, self.w)
+        }
+    }
+}
+
+/// Output length of a sliding window as PyTorch computes it, or None when the window is
+/// larger than the padded input (or the stride is 0).
+///
+/// Floor mode: floor((len + 2*pad - k) / stride) + 1, the number of window starts
+/// 0, stride, 2*stride, ... (in padded coordinates) whose window fits in the padded input.
+///
+/// ceil_mode: round up instead, so a last, partial window that hangs over the right edge is
+/// kept; but the last window must start inside the input or the left padding, i.e.
+/// (out - 1) * stride < len + pad, else it is dropped (PyTorch's `pooling_output_shape`).
+/// A window starting in the right padding would see nothing but padding.
+pub fn window_out_len(len: usize, k: usize, stride: usize, pad: usize, ceil_mode: bool) -> Option<usize> {
+    let span = len + 2 * pad;
+    if stride == 0 || k == 0 || span < k {
+        return None;
+    }
+    let steps = span - k;
+    let mut out = if ceil_mode { steps.div_ceil(stride) } else { steps / stride } + 1;
+    if ceil_mode && (out - 1) * stride >= len + pad {
+        out -= 1;
+    }
+    Some(out)
+}
+
+/// Output length of a sliding window in floor mode (a convolution's): floor((len + 2*pad - k)
+/// / stride) + 1. Panics when the window is larger than the padded input; `window_out_len` is
+/// the checked form.
 pub fn out_len(len: usize, k: usize, stride: usize, pad: usize) -> usize {
-    assert!(len + 2 * pad >= k, "window {k} larger than padded input {}", len + 2 * pad);
-    (len + 2 * pad - k) / stride + 1
+    window_out_len(len, k, stride, pad, false)
+        .unwrap_or_else(|| panic!("window {k} (stride {stride}) larger than padded input {}", len + 2 * pad))
 }
 
 #[cfg(test)]
@@ -156,5 +225,33 @@ mod tests {
         assert_eq!(r, vec![0..4, 4..7, 7..10]);
         assert_eq!(batch_ranges(2, 8), vec![0..1, 1..2]);
         assert_eq!(batch_ranges(0, 2), vec![0..0]);
+    }
+
+    #[test]
+    fn hw_reads_and_prints_like_pytorch() {
+        assert_eq!(Hw::from(3), Hw { h: 3, w: 3 });
+        assert_eq!(Hw::from((3, 5)), Hw { h: 3, w: 5 });
+        assert_eq!(Hw::square(2).to_string(), "2");
+        assert_eq!(Hw::from((3, 5)).to_string(), "(3, 5)");
+        assert!(Hw::square(4).is_square() && !Hw::from((1, 2)).is_square());
+    }
+
+    /// Sizes checked against torch 2.x (`nn.MaxPool2d(k, s, p, ceil_mode=c)(torch.zeros(1, 1, n, n)).shape`
+    /// and `nn.Conv2d`'s formula).
+    #[test]
+    fn window_out_len_follows_pytorch() {
+        assert_eq!(window_out_len(62, 2, 2, 0, false), Some(31));
+        assert_eq!(window_out_len(29, 2, 2, 0, false), Some(14));
+        assert_eq!(window_out_len(29, 2, 2, 0, true), Some(15));
+        // The 4th window would start at padded index 6 = len + pad: all padding, dropped.
+        assert_eq!(window_out_len(5, 2, 2, 1, true), Some(3));
+        assert_eq!(window_out_len(6, 3, 2, 1, true), Some(4));
+        assert_eq!(window_out_len(7, 3, 2, 1, true), Some(4));
+        assert_eq!(window_out_len(5, 5, 1, 2, false), Some(5));
+        assert_eq!(window_out_len(2, 3, 1, 0, false), None);
+        assert_eq!(window_out_len(2, 3, 1, 0, true), None);
+        assert_eq!(window_out_len(1, 3, 1, 1, false), Some(1));
+        assert_eq!(window_out_len(4, 2, 0, 0, false), None);
+        assert_eq!(out_len(7, 3, 2, 1), 4);
     }
 }
