@@ -228,14 +228,15 @@ pub fn table(r: &BenchReport) -> String {
         "machine: {} ({} cores), {} threads; device: {}; batch {}\nmodel: {} on {} images\n\n",
         r.machine.cpu, r.machine.cores, r.machine.threads, r.device, r.batch_size, r.arch, r.input
     );
+    let width = r.layers.iter().map(|l| l.layer.len()).max().unwrap_or(0).max(26);
     s += &format!(
-        "{:<14} {:<26} {:<18} {:>10} {:>9} {:>10} {:>9}\n",
+        "{:<14} {:<width$} {:<18} {:>10} {:>9} {:>10} {:>9}\n",
         "layer", "", "input", "fwd ms", "GFLOP/s", "bwd ms", "GFLOP/s"
     );
     for l in &r.layers {
         let g = |v: f64| if v > 0.0 { format!("{v:.1}") } else { "-".into() };
         s += &format!(
-            "{:<14} {:<26} {:<18} {:>10.3} {:>9} {:>10.3} {:>9}\n",
+            "{:<14} {:<width$} {:<18} {:>10.3} {:>9} {:>10.3} {:>9}\n",
             l.name,
             l.layer,
             format!("{:?}", l.input),
@@ -247,7 +248,7 @@ pub fn table(r: &BenchReport) -> String {
     }
     let (f, b): (f64, f64) =
         (r.layers.iter().map(|l| l.forward_ms).sum(), r.layers.iter().map(|l| l.backward_ms).sum());
-    s += &format!("{:<14} {:<26} {:<18} {:>10.3} {:>9} {:>10.3}\n\n", "sum", "", "", f, "", b);
+    s += &format!("{:<14} {:<width$} {:<18} {:>10.3} {:>9} {:>10.3}\n\n", "sum", "", "", f, "", b);
     s += &format!(
         "training step: {:.2} ms = {:.0} images/s ({:.1} GFLOP/s, {:.1} MFLOP per image forward)\ninference: {:.0} images/s\n",
         r.train_step_ms,

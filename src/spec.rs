@@ -25,11 +25,10 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use crate::data::InputShape;
-use crate::layers::{ConvReluPool, Dropout, Flatten, GlobalAvgPool2d, Linear, Relu};
+pub use crate::layers::{window_out_len, Hw};
+use crate::layers::{AvgPool2d, Conv2d, ConvReluPool, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, Relu};
 use crate::model::{init_pytorch_default, LayerKind, Sequential};
 use crate::tensor::Float;
-use compat::{avg_pool, conv, max_pool};
-pub use compat::{window_out_len, Hw};
 
 /// The reference network's dropout probability (`--dropout`'s default).
 pub const REFERENCE_DROPOUT: f64 = 0.4;
@@ -241,13 +240,13 @@ impl ModelSpec {
             let name = info.name.clone();
             match info.spec {
                 LayerSpec::Conv2d { out_channels, kernel, stride, padding } => {
-                    let conv = conv::<T>(info.input[0], out_channels, kernel, stride, padding)?;
+                    let conv = Conv2d::<T>::new(info.input[0], out_channels, kernel, stride, padding);
                     let pool = match (infos.get(i + 1).map(|l| l.spec), infos.get(i + 2).map(|l| l.spec)) {
-                        (Some(LayerSpec::Relu), Some(LayerSpec::MaxPool2d(p))) if opts.fused => Some(max_pool(&p)?),
+                        (Some(LayerSpec::Relu), Some(LayerSpec::MaxPool2d(p))) if opts.fused => Some(max_pool(&p)),
                         _ => None,
                     };
                     match pool {
-                        Some(pool) if compat::can_fuse(&conv, &pool) => {
+                        Some(pool) if ConvReluPool::can_fuse(&conv, &pool) => {
                             let mut block = ConvReluPool::new(conv, pool);
                             block.input_grad = i > 0; // nobody needs the gradient of the images
                             (block.direct, block.winograd) = (!opts.gemm_only, !opts.gemm_only);
@@ -258,8 +257,12 @@ impl ModelSpec {
                         _ => m.push_kind(name, LayerKind::Conv2d, conv),
                     }
                 }
-                LayerSpec::MaxPool2d(p) => m.push_kind(name, LayerKind::MaxPool2d, max_pool(&p)?),
-                LayerSpec::AvgPool2d(p) => m.push_kind(name, LayerKind::AvgPool2d, avg_pool(&p)?),
+                LayerSpec::MaxPool2d(p) => m.push_kind(name, LayerKind::MaxPool2d, max_pool(&p)),
+                LayerSpec::AvgPool2d(p) => m.push_kind(
+                    name,
+                    LayerKind::AvgPool2d,
+                    AvgPool2d::with_options(p.kernel, p.stride, p.padding, p.ceil_mode),
+                ),
                 LayerSpec::AdaptiveAvgPool2d => m.push_kind(name, LayerKind::GlobalAvgPool2d, GlobalAvgPool2d::new()),
                 LayerSpec::Relu => m.push_kind(name, LayerKind::Relu, Relu::<T>::new()),
                 LayerSpec::Dropout { p } => {
@@ -463,6 +466,10 @@ impl fmt::Display for LayerSpec {
             LayerSpec::Linear { out_features: None } => f.write_str("Linear"),
         }
     }
+}
+
+fn max_pool(p: &PoolSpec) -> MaxPool2d {
+    MaxPool2d::with_options(p.kernel, p.stride, p.padding, p.ceil_mode)
 }
 
 fn py_hw(v: Hw) -> String {
@@ -854,77 +861,6 @@ fn boolean(v: Value, what: &str) -> Result<bool> {
 /// Reads a spec file for tests and tools: the same as `--arch @FILE`.
 pub fn read_spec_file(path: &Path, input: InputShape) -> Result<ModelSpec> {
     ModelSpec::parse(&format!("@{}", path.display()), input, REFERENCE_DROPOUT)
-}
-
-/// TEMPORARY: the layers' square-only constructors, until pair arguments land in `layers`.
-mod compat {
-    use anyhow::{bail, Result};
-    use serde::{Deserialize, Serialize};
-
-    use crate::layers::{AvgPool2d, Conv2d, ConvReluPool, MaxPool2d};
-    use crate::tensor::Float;
-
-    /// A (height, width) pair: a kernel size, stride or padding.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-    pub struct Hw {
-        pub h: usize,
-        pub w: usize,
-    }
-    impl Hw {
-        pub const fn square(n: usize) -> Hw {
-            Hw { h: n, w: n }
-        }
-        pub fn is_square(&self) -> bool {
-            self.h == self.w
-        }
-    }
-    impl std::fmt::Display for Hw {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            if self.is_square() {
-                write!(f, "{}", self.h)
-            } else {
-                write!(f, "({}, {})", self.h, self.w)
-            }
-        }
-    }
-    pub fn window_out_len(len: usize, k: usize, stride: usize, pad: usize, ceil_mode: bool) -> Option<usize> {
-        let span = len + 2 * pad;
-        if span < k {
-            return None;
-        }
-        let steps = span - k;
-        let mut out = if ceil_mode { steps.div_ceil(stride) } else { steps / stride } + 1;
-        if ceil_mode && (out - 1) * stride >= len + pad {
-            out -= 1;
-        }
-        Some(out)
-    }
-    fn square(v: Hw, what: &str) -> Result<usize> {
-        if !v.is_square() {
-            bail!("{what} {v}: rectangular sizes are not supported yet");
-        }
-        Ok(v.h)
-    }
-    pub fn conv<T: Float>(c: usize, oc: usize, k: Hw, s: Hw, p: Hw) -> Result<Conv2d<T>> {
-        Ok(Conv2d::new(c, oc, (k.h, k.w), square(s, "stride")?, square(p, "padding")?))
-    }
-    pub fn max_pool(p: &super::PoolSpec) -> Result<MaxPool2d> {
-        let (k, s, pad) = (square(p.kernel, "kernel")?, square(p.stride, "stride")?, square(p.padding, "padding")?);
-        Ok(MaxPool2d::with_options(k, s, pad, p.ceil_mode))
-    }
-    pub fn avg_pool(p: &super::PoolSpec) -> Result<AvgPool2d> {
-        if p.padding != Hw::square(0) || p.ceil_mode {
-            bail!("AvgPool2d padding and ceil_mode are not supported yet");
-        }
-        Ok(AvgPool2d::new(square(p.kernel, "kernel")?, square(p.stride, "stride")?))
-    }
-    pub fn can_fuse<T: Float>(_conv: &Conv2d<T>, pool: &MaxPool2d) -> bool {
-        pool.padding == 0 && !pool.ceil_mode
-    }
-    #[allow(dead_code)]
-    fn _unused<T: Float>(c: Conv2d<T>, p: MaxPool2d) -> ConvReluPool<T> {
-        ConvReluPool::new(c, p)
-    }
 }
 
 #[cfg(test)]
