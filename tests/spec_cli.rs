@@ -252,3 +252,82 @@ fn model_files_without_a_spec_load_as_the_reference() {
     assert_eq!(saved.spec.input, medcnn::data::InputShape { channels: 1, size: 64 });
     assert_eq!(saved.weights, weights);
 }
+
+/// The Python that runs the PyTorch checks: `MEDCNN_PYTHON`, else `python3`.
+fn python_with_torch() -> Option<String> {
+    let py = std::env::var("MEDCNN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import torch, safetensors, PIL, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+/// `arch --pytorch` is a module PyTorch runs: it loads a medcnn model file with
+/// `strict=True` and gives medcnn's probabilities for the same image (an RGB image at the
+/// model's size, so no resize is involved). Needs torch: skipped (said out loud) without it,
+/// a failure when MEDCNN_REQUIRE_TORCH=1.
+#[test]
+fn pytorch_runs_the_printed_module_on_the_saved_weights() {
+    let Some(py) = python_with_torch() else {
+        let why = "skipped: no Python with torch, safetensors, PIL and numpy (set MEDCNN_PYTHON)";
+        assert!(std::env::var_os("MEDCNN_REQUIRE_TORCH").is_none(), "MEDCNN_REQUIRE_TORCH is set but {why}");
+        println!("{why}");
+        return;
+    };
+    use medcnn::data::InputShape;
+    use medcnn::spec::{BuildOptions, ModelSpec};
+    let tmp = TempDir::new("spec-torch");
+    let input = InputShape::new(3, 24).unwrap();
+    let arch = "Conv2d(6, (3, 5), stride=(1, 2), padding=(1, 2)) ReLU MaxPool2d(3, stride=2, padding=1, ceil_mode=True) \
+                Conv2d(8, 3, padding=1) ReLU AvgPool2d(2, ceil_mode=True) Flatten Linear(12) ReLU Dropout(p=0.3) Linear";
+    let spec = ModelSpec::parse(arch, input, 0.4).unwrap();
+    let classes: Vec<String> = ["A", "B", "C", "D"].iter().map(|c| c.to_string()).collect();
+    let weights = spec.build::<f32>(4, BuildOptions::default(), 9).unwrap().export_weights();
+    let model = tmp.join("model.safetensors");
+    medcnn::model_file::SavedModel::save(&model, &classes, &spec, &weights, Default::default()).unwrap();
+    let img = tmp.join("x.png");
+    image::RgbImage::from_fn(24, 24, |x, y| image::Rgb([(x * 10) as u8, (y * 10) as u8, ((x * y) % 256) as u8]))
+        .save(&img)
+        .unwrap();
+    let pred = assert_ok(&medcnn(&["predict", "--model", model.to_str().unwrap(), "--json", img.to_str().unwrap()]));
+    let v: serde_json::Value = serde_json::from_str(&pred).unwrap();
+    let ours: Vec<f64> = classes.iter().map(|c| v[0]["probabilities"][c].as_f64().unwrap()).collect();
+    let module = tmp.join("net.py");
+    let src = assert_ok(&medcnn(&[
+        "arch",
+        "--arch",
+        arch,
+        "--image-size",
+        "24",
+        "--channels",
+        "3",
+        "--classes",
+        "4",
+        "--pytorch",
+    ]));
+    std::fs::write(&module, src).unwrap();
+    let script = r#"
+import sys, json, numpy as np, torch
+from PIL import Image
+from safetensors.torch import load_file
+scope = {}
+exec(open(sys.argv[1]).read(), scope)
+model = scope["model"]
+model.load_state_dict(load_file(sys.argv[2]), strict=True)
+model.eval()
+x = np.asarray(Image.open(sys.argv[3]).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
+with torch.no_grad():
+    p = torch.softmax(model(torch.from_numpy(x)[None]), dim=1)[0]
+print(json.dumps([float(v) for v in p]))
+"#;
+    let out = std::process::Command::new(&py)
+        .args(["-c", script, module.to_str().unwrap(), model.to_str().unwrap(), img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = assert_ok(&out);
+    let theirs: Vec<f64> = serde_json::from_str(stdout.trim()).unwrap();
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!((a - b).abs() < 1e-5, "medcnn {ours:?} vs PyTorch {theirs:?}");
+    }
+}
