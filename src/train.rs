@@ -212,7 +212,7 @@ pub fn check_output_dir(out: &Path) -> Result<()> {
 pub fn load_data(path: Option<&Path>, limit: Option<usize>, skip_bad_images: bool) -> Result<Dataset> {
     let path = match path {
         Some(p) => p.to_path_buf(),
-        None => data::find_default_data(Path::new("data"))?,
+        None => data::find_or_fetch_default_data(Path::new("data"))?,
     };
     let t = Instant::now();
     let ds = data::load_dataset(&path, &LoadOptions { limit_per_class: limit, skip_bad_images })?;
