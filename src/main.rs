@@ -83,7 +83,7 @@ enum Command {
     Eval {
         #[arg(long)]
         model: PathBuf,
-        /// A folder of class folders or a MedNIST .tar.gz (default: data/).
+        /// A folder of class folders or a MedNIST .tar.gz (default: data/, where MedNIST is downloaded when missing).
         #[arg(long)]
         data: Option<PathBuf>,
         /// train, val, test (the model's own split) or all.
@@ -161,7 +161,7 @@ enum DataCommand {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// A folder of class folders or a MedNIST .tar.gz (default: data/).
+    /// A folder of class folders or a MedNIST .tar.gz (default: data/, where MedNIST is downloaded when missing).
     #[arg(long)]
     data: Option<PathBuf>,
     #[arg(long, default_value = "outputs")]

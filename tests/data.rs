@@ -628,14 +628,11 @@ fn epoch_order_and_flips_are_seeded_per_epoch() {
 // The real archive, when present
 // ---------------------------------------------------------------------------------------
 
-/// Loads `../shared/data/MedNIST.tar.gz` when it exists (skipped silently otherwise).
+/// Loads the real archive (`common::real_archive`): skipped, saying so, when this machine has
+/// none, and a failure under MEDCNN_REQUIRE_DATA=1.
 #[test]
 fn real_mednist_archive() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/MedNIST.tar.gz");
-    if !path.is_file() {
-        eprintln!("skipped: {} not found", path.display());
-        return;
-    }
+    let Some(path) = common::real_archive() else { return };
     let start = std::time::Instant::now();
     let ds = load(&path).unwrap();
     let load_s = start.elapsed().as_secs_f64();

@@ -1,4 +1,5 @@
-//! Tests of `medcnn::data::fetch` and `import_archive` against a tiny HTTP server on loopback.
+//! Tests of `medcnn::data::fetch`, `import_archive` and the download a plain `medcnn train` does
+//! when it finds no data (`find_or_fetch_default_data`), against a tiny HTTP server on loopback.
 //!
 //! What it is: a std-only HTTP/1.1 server on `127.0.0.1:0` in a thread, serving a small
 //! MedNIST-like `.tar.gz` built here: `/good` (the archive), `/corrupt` (one byte changed),
@@ -22,7 +23,7 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use image::{DynamicImage, GrayImage, ImageFormat};
 use md5::{Digest, Md5};
-use medcnn::data::{fetch, file_md5, import_archive, load_dataset, LoadOptions};
+use medcnn::data::{fetch, file_md5, find_or_fetch_default_data, import_archive, load_dataset, LoadOptions};
 
 // ---------------------------------------------------------------------------------------
 // Fixtures
@@ -294,4 +295,77 @@ fn import_refuses_bad_archives_and_leaves_nothing() {
         assert!(format!("{err:#}").contains(needle), "{}: {err:#}", path.display());
         assert!(files_in(dest.path()).is_empty());
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// `medcnn train` with no data: download into data/, then train
+// ---------------------------------------------------------------------------------------
+
+/// Runs `medcnn ARGS` in `cwd` with MedNIST's URL and md5 pointed at the test server.
+fn medcnn_with_mirror(cwd: &Path, url: &str, md5: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env("MEDCNN_MEDNIST_URL", url)
+        .env("MEDCNN_MEDNIST_MD5", md5)
+        .output()
+        .expect("run medcnn")
+}
+
+/// The README's first command, `medcnn train` with nothing given, in a folder with no data:
+/// it says it is downloading, puts the archive in data/ (md5-checked) and trains on it.
+#[test]
+fn train_with_no_data_downloads_into_data_then_trains() {
+    let good = archive(&["A", "B", "C"], 10);
+    let server = TestServer::start(good.clone());
+    let cwd = TempDir::new("train-fetch");
+    let args = ["train", "--epochs", "1", "--batch-size", "8", "--threads", "2", "--out", "out"];
+    let out = medcnn_with_mirror(cwd.path(), &server.url("/good"), &md5_hex(&good), &args);
+    let stdout = common::assert_ok(&out);
+    assert!(
+        stdout.contains("data: no MedNIST in data (")
+            && stdout.contains(&format!("downloading it from {}", server.url("/good"))),
+        "no message saying it downloads:\n{stdout}"
+    );
+    assert_eq!(files_in(&cwd.join("data")), ["MedNIST.tar.gz"]);
+    assert_eq!(std::fs::read(cwd.join("data/MedNIST.tar.gz")).unwrap(), good);
+    assert!(stdout.contains("data: 30 images from data/MedNIST.tar.gz"), "{stdout}");
+    assert!(cwd.join("out/model.safetensors").is_file(), "it trained:\n{stdout}");
+
+    // The second time the archive is there: no download (the server's files are not asked for).
+    let again = medcnn_with_mirror(cwd.path(), &server.url("/missing"), "0", &args);
+    let stdout = common::assert_ok(&again);
+    assert!(!stdout.contains("downloading"), "{stdout}");
+}
+
+/// A corrupted download (md5 mismatch) or a failed one (404) stops `train` with an error that
+/// names the URL and the problem, and leaves no data/ folder behind, so the next run tries again.
+#[test]
+fn train_with_a_bad_download_fails_clearly_and_leaves_nothing() {
+    let good = archive(&["A", "B"], 4);
+    let server = TestServer::start(good.clone());
+    let expected = md5_hex(&good);
+    let args = ["train", "--epochs", "1", "--threads", "2", "--out", "out"];
+    for (route, needles) in [("/corrupt", vec!["md5", expected.as_str()]), ("/missing", vec!["404"])] {
+        let cwd = TempDir::new("train-fetch-bad");
+        let url = server.url(route);
+        let out = medcnn_with_mirror(cwd.path(), &url, &expected, &args);
+        let mut want = vec![url.as_str(), "no MedNIST data in data"];
+        want.extend(needles);
+        common::assert_fails(&out, &want);
+        assert!(!cwd.join("data").exists(), "{route}: data/ left behind: {:?}", files_in(&cwd.join("data")));
+        assert!(!cwd.join("out/model.safetensors").exists());
+    }
+}
+
+/// The library call: a data folder that holds the archive or a MedNIST/ folder is used as it is,
+/// with no download.
+#[test]
+fn find_or_fetch_uses_what_is_there() {
+    let dir = TempDir::new("find-or-fetch");
+    std::fs::write(dir.join("MedNIST.tar.gz"), b"anything").unwrap();
+    assert_eq!(find_or_fetch_default_data(dir.path()).unwrap(), dir.join("MedNIST.tar.gz"));
+    let folder = TempDir::new("find-or-fetch-folder");
+    std::fs::create_dir(folder.join("MedNIST")).unwrap();
+    assert_eq!(find_or_fetch_default_data(folder.path()).unwrap(), folder.join("MedNIST"));
 }

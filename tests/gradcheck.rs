@@ -14,6 +14,11 @@
 //! so a large h keeps rounding tiny. A step that crosses a kink (a ReLU changing sign, a max-pool
 //! changing its winner) shows up as (L+ - L0) != (L0 - L-); the checker then shrinks h.
 //!
+//! Gradients accumulate: `backward` must *add* dL/dW and dL/db to `Param::grad` (the contract in
+//! `layers/mod.rs`). So every parameter gradient is filled with seeded random values before
+//! `backward`, and `grad - prefill` is what is compared with the finite differences; a backward
+//! that writes `grad = ...` instead of `grad += ...` fails, and a test makes sure it does.
+//!
 //! The relative error of an element is |analytic - numeric| / max(|analytic|, |numeric|) (0 when
 //! both are exactly 0). Each layer's maximum over every element of dx, dW and db must be <= 1e-6.
 //!
@@ -69,8 +74,15 @@ fn every_layer_matches_finite_differences() {
     direct_no_dx.input_grad = false;
     // Several channels, 3x3, pool 2/2 and at least 16 windows: the Winograd forward (`winograd.rs`).
     let mut winograd = ConvReluPool::new(Conv2d::<f64>::new(3, 2, (3, 3), 1, 0), MaxPool2d::new(2, 2));
+    // The model's other blocks never skip dx, but each path's no-dx branch is checked too.
+    let mut winograd_no_dx = ConvReluPool::new(Conv2d::<f64>::new(2, 3, (3, 3), 1, 0), MaxPool2d::new(2, 2));
+    winograd_no_dx.input_grad = false;
+    let mut gemm_no_dx = ConvReluPool::new(Conv2d::<f64>::new(2, 3, (3, 3), 1, 1), MaxPool2d::new(2, 2));
+    gemm_no_dx.input_grad = false;
     let mut direct_rng = Lcg(43);
-    for l in [&mut direct as &mut dyn Layer<f64>, &mut direct_no_dx, &mut winograd] {
+    for l in
+        [&mut direct as &mut dyn Layer<f64>, &mut direct_no_dx, &mut winograd, &mut winograd_no_dx, &mut gemm_no_dx]
+    {
         for p in l.params_mut() {
             p.value = direct_rng.tensor(p.value.shape());
         }
@@ -101,6 +113,8 @@ fn every_layer_matches_finite_differences() {
         ("ConvReluPool 1->3 k3 direct", Box::new(direct), direct_rng.tensor(&[2, 1, 9, 12])),
         ("ConvReluPool 1->4 k3 direct, no dx", Box::new(direct_no_dx), direct_rng.tensor(&[3, 1, 13, 11])),
         ("ConvReluPool 3->2 k3 Winograd", Box::new(winograd), direct_rng.tensor(&[2, 3, 11, 12])),
+        ("ConvReluPool 2->3 k3 Winograd, no dx", Box::new(winograd_no_dx), direct_rng.tensor(&[3, 2, 10, 11])),
+        ("ConvReluPool 2->3 k3 p1 GEMM, no dx", Box::new(gemm_no_dx), direct_rng.tensor(&[3, 2, 7, 6])),
     ];
 
     println!(
@@ -202,6 +216,66 @@ fn a_wrong_backward_fails_the_checker() {
     println!("\nflipped-kernel backward: dx max rel {:.2e} (must be large), dw {:.2e}", worst[0].err, worst[1].err);
     assert!(worst[0].err > 1e-2, "the checker missed a flipped kernel in dx: {:.3e}", worst[0].err);
     assert!(worst[1].err <= TOLERANCE, "dw is untouched by the flip and must still pass");
+}
+
+/// A layer whose backward breaks the accumulation contract: it writes `grad = dL/dW` (clearing
+/// the gradient first, then running the real backward) instead of adding to it. dx is right.
+struct Overwriting(Box<dyn Layer<f64>>);
+impl Layer<f64> for Overwriting {
+    fn describe(&self) -> String {
+        format!("{} with an overwriting backward", self.0.describe())
+    }
+    fn forward(&mut self, x: &Tensor<f64>, ctx: Ctx) -> Tensor<f64> {
+        self.0.forward(x, ctx)
+    }
+    fn backward(&mut self, dy: &Tensor<f64>) -> Tensor<f64> {
+        for p in self.0.params_mut() {
+            p.grad.fill(0.0); // the bug: what the caller accumulated so far is lost
+        }
+        self.0.backward(dy)
+    }
+    fn output_shape(&self, s: &[usize]) -> Vec<usize> {
+        self.0.output_shape(s)
+    }
+    fn params(&self) -> Vec<&medcnn::layers::Param<f64>> {
+        self.0.params()
+    }
+    fn params_mut(&mut self) -> Vec<&mut medcnn::layers::Param<f64>> {
+        self.0.params_mut()
+    }
+}
+
+/// `grad = ...` instead of `grad += ...` is caught in every layer with parameters, on each of
+/// the fused block's three paths, while dx (which backward returns, never accumulates) passes.
+#[test]
+fn an_overwriting_backward_fails_the_checker() {
+    let mut rng = Lcg(9);
+    let fused = |c, pad| ConvReluPool::new(Conv2d::<f64>::new(c, 3, (3, 3), 1, pad), MaxPool2d::new(2, 2));
+    // The direct path's own backward runs only when dx is not wanted (the model's first block).
+    let no_dx = |mut b: ConvReluPool<f64>| {
+        b.input_grad = false;
+        b
+    };
+    let cases: Vec<(&str, Box<dyn Layer<f64>>, Vec<usize>)> = vec![
+        ("Conv2d", Box::new(Conv2d::<f64>::new(2, 3, (3, 3), 1, 1)), vec![2, 2, 5, 6]),
+        ("Linear", Box::new(Linear::<f64>::new(7, 5)), vec![3, 7]),
+        ("ConvReluPool GEMM", Box::new(fused(2, 1)), vec![3, 2, 7, 6]),
+        ("ConvReluPool direct, no dx", Box::new(no_dx(fused(1, 0))), vec![2, 1, 9, 12]),
+        ("ConvReluPool Winograd", Box::new(fused(3, 0)), vec![2, 3, 11, 12]),
+    ];
+    for (name, mut inner, shape) in cases {
+        for p in inner.params_mut() {
+            p.value = rng.tensor(p.value.shape());
+        }
+        let x = rng.tensor(&shape);
+        let mut bad = Overwriting(inner);
+        let worst = check(&mut bad, &x, Ctx::eval(), 2, usize::MAX);
+        println!("overwriting {name:<22}: dx {:.2e}, dw {:.2e}, db {:.2e}", worst[0].err, worst[1].err, worst[2].err);
+        assert!(worst[0].err <= TOLERANCE, "{name}: dx is not accumulated and must still pass");
+        for (what, w) in [("dw", worst[1]), ("db", worst[2])] {
+            assert!(w.err > 1e-2, "{name}: the checker missed an overwritten {what}: {:.3e}", w.err);
+        }
+    }
 }
 
 /// The fused model (conv + ReLU + pool as one layer, images grouped into shared GEMMs) that the

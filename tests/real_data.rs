@@ -1,29 +1,18 @@
-//! The real MedNIST archive (`../shared/data/MedNIST.tar.gz`), end to end through the real
+//! The real MedNIST archive, end to end through the real
 //! binary: a short training (300 images per class, 3 epochs) must pass 90% validation accuracy,
 //! and `medcnn eval` of the saved model must reproduce the test accuracy the run reported.
 //!
-//! Skipped (with a message) when the archive is absent, unless MEDCNN_REQUIRE_DATA=1 (CI).
+//! Finds the archive with `common::real_archive` (`$MEDCNN_MEDNIST`, `data/`, `../shared/data/`);
+//! skipped, saying so, when there is none, and a failure under MEDCNN_REQUIRE_DATA=1 (CI).
+
+mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 
-fn archive() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/MedNIST.tar.gz");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("MEDCNN_REQUIRE_DATA").as_deref() != Ok("1"),
-        "MEDCNN_REQUIRE_DATA=1 but {} is missing",
-        p.display()
-    );
-    eprintln!("SKIP: {} not found", p.display());
-    None
-}
-
 #[test]
 fn short_real_training_passes_90_percent_and_eval_agrees() {
-    let Some(data) = archive() else { return };
+    let Some(data) = common::real_archive() else { return };
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("real-data-run");
     let _ = std::fs::remove_dir_all(&out);
     let bin = env!("CARGO_BIN_EXE_medcnn");

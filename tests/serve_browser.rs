@@ -6,7 +6,7 @@
 //! Chromium is driven through chromedriver's WebDriver HTTP API (plain JSON over HTTP, with
 //! ureq). Without `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian's `chromium` and
 //! `chromium-driver` packages; `MEDCNN_CHROMIUM` and `MEDCNN_CHROMEDRIVER` override the paths)
-//! the test prints SKIP and passes, unless `MEDCNN_REQUIRE_CHROMIUM=1`, as in CI.
+//! the test prints `skipped: why` and passes, unless `MEDCNN_REQUIRE_CHROMIUM=1` (CI), when it fails.
 //!
 //! The README's screenshot is made by the ignored test `readme_screenshot`:
 //! `MEDCNN_SCREENSHOT_MODEL=model.safetensors MEDCNN_SCREENSHOT_IMAGES=a.jpeg,b.jpeg
@@ -54,7 +54,7 @@ fn agent() -> ureq::Agent {
     http_agent()
 }
 
-/// Chromium and chromedriver, or `None` (after printing SKIP) when they are not installed.
+/// Chromium and chromedriver, or `None` (after printing `skipped: ...`) when they are not installed.
 fn browser_tools() -> Option<(PathBuf, PathBuf)> {
     let path = |var: &str, default: &str| PathBuf::from(std::env::var(var).unwrap_or_else(|_| default.to_string()));
     let chromium = path("MEDCNN_CHROMIUM", "/usr/bin/chromium");
@@ -64,13 +64,10 @@ fn browser_tools() -> Option<(PathBuf, PathBuf)> {
     if missing.is_empty() {
         return Some((chromium, driver));
     }
-    if std::env::var("MEDCNN_REQUIRE_CHROMIUM").as_deref() == Ok("1") {
-        panic!(
-            "MEDCNN_REQUIRE_CHROMIUM=1 but {} missing (apt-get install -y chromium chromium-driver)",
-            missing.join(" and ")
-        );
-    }
-    println!("SKIP: {} not installed (apt-get install -y chromium chromium-driver)", missing.join(" and "));
+    common::skip_unless_required(
+        "CHROMIUM",
+        format!("{} not installed (apt-get install -y chromium chromium-driver)", missing.join(" and ")),
+    );
     None
 }
 

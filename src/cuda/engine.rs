@@ -5,7 +5,8 @@
 //!
 //! Layout. Parameters, gradients and both moments are each one flat buffer (tensors in
 //! `Sequential::named_params` order, each at a 256-byte aligned offset), so zeroing is never
-//! needed (backward overwrites every gradient) and Adam is one launch. Image activations are
+//! needed (backward overwrites every gradient; the CPU layers accumulate instead, see
+//! `layers/mod.rs`) and Adam is one launch. Image activations are
 //! channel-major (C, N, H, W) so each convolution is one GEMM over the whole batch (see
 //! `kernels/conv2d.cu`); the input (1, N, 64, 64) is the same in both layouts. After the
 //! global pool the features are (256, N), and the linear layers' transposed GEMMs read them as

@@ -4,7 +4,8 @@
 //! What it is: a streaming HTTP(S) download with `ureq` and an `indicatif` progress bar,
 //! written to `MedNIST.tar.gz.part` and renamed to `MedNIST.tar.gz` only once it is complete
 //! and verified, so a half-finished or corrupted download never looks like the real thing.
-//! `import_archive` does the same for a copy the user already has.
+//! `import_archive` does the same for a copy the user already has, and
+//! `find_or_fetch_default_data` downloads MedNIST when `train` finds no data.
 //!
 //! What it is not: it does not extract or decode anything (`load` reads the archive as it
 //! is) and does not retry or resume; run it again.
@@ -19,12 +20,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 use md5::{Digest, Md5};
 
 use super::archive;
+use super::load::find_default_data;
 
 /// Where MONAI publishes MedNIST.
 pub const MEDNIST_URL: &str =
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/MedNIST.tar.gz";
 /// The md5 MONAI publishes for that file.
 pub const MEDNIST_MD5: &str = "0bc7306e7427e00ad1c5526a6677552d";
+
+/// Set to use a mirror of MedNIST instead of MONAI's release when `train` downloads it.
+pub const MEDNIST_URL_ENV: &str = "MEDCNN_MEDNIST_URL";
+/// The md5 the mirror's file must have (default: [`MEDNIST_MD5`], a true mirror's).
+pub const MEDNIST_MD5_ENV: &str = "MEDCNN_MEDNIST_MD5";
 
 /// The file name the archive gets in the data folder.
 const ARCHIVE_NAME: &str = "MedNIST.tar.gz";
@@ -48,6 +55,40 @@ pub fn fetch(url: &str, expected_md5: Option<&str>, dest_dir: &Path, progress: b
         None => check_archive(part.path())?,
     }
     part.rename_to(&dest_dir.join(ARCHIVE_NAME))
+}
+
+/// The data a plain `medcnn train` uses: `dir/MedNIST.tar.gz` or `dir/MedNIST/` when one is
+/// there (see [`find_default_data`]); otherwise MedNIST is first downloaded into `dir`, exactly
+/// as `medcnn data fetch` does (md5-checked, with a progress bar on a terminal), saying so.
+///
+/// The download comes from MONAI's release, or from `$MEDCNN_MEDNIST_URL` (a mirror) checked
+/// against `$MEDCNN_MEDNIST_MD5` (default: the release's md5). A failed or corrupted download
+/// is an error naming the URL, and leaves nothing in `dir`: no archive, no `.part` file, and not
+/// even `dir` itself when this call created it.
+pub fn find_or_fetch_default_data(dir: &Path) -> Result<PathBuf> {
+    if let Ok(found) = find_default_data(dir) {
+        return Ok(found);
+    }
+    let url = std::env::var(MEDNIST_URL_ENV).unwrap_or_else(|_| MEDNIST_URL.to_string());
+    let md5 = std::env::var(MEDNIST_MD5_ENV).unwrap_or_else(|_| MEDNIST_MD5.to_string());
+    println!(
+        "data: no MedNIST in {} (neither MedNIST.tar.gz nor MedNIST/): downloading it from {url} \
+         (about 60 MB, md5-checked); `--data PATH` trains on a copy you already have",
+        dir.display()
+    );
+    let existed = dir.exists();
+    match fetch(&url, Some(&md5), dir, true) {
+        Ok(path) => {
+            println!("data: saved {}", path.display());
+            Ok(path)
+        }
+        Err(e) => {
+            if !existed {
+                let _ = fs::remove_dir(dir); // only if still empty, which fetch leaves it
+            }
+            Err(e.context(format!("no MedNIST data in {} and the download failed", dir.display())))
+        }
+    }
 }
 
 /// Copies the local archive `from` to `dest_dir/MedNIST.tar.gz` (via a `.part` file and a

@@ -349,7 +349,7 @@ pub fn load_data(
 ) -> Result<Dataset> {
     let path = match path {
         Some(p) => p.to_path_buf(),
-        None => find_default_data(Path::new("data"))?,
+        None => super::fetch::find_or_fetch_default_data(Path::new("data"))?,
     };
     let t = std::time::Instant::now();
     let ds = load_dataset(&path, &LoadOptions { limit_per_class: limit, skip_bad_images, shape })?;

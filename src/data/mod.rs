@@ -1,7 +1,8 @@
 //! The data layer: everything between MedNIST on disk and a normalised `f32` batch.
 //!
 //! What it is:
-//! - [`mod@fetch`] downloads `MedNIST.tar.gz` (checking its md5) or imports a local copy.
+//! - [`mod@fetch`] downloads `MedNIST.tar.gz` (checking its md5) or imports a local copy;
+//!   [`find_or_fetch_default_data`] finds `data/` or downloads into it (a plain `medcnn train`).
 //! - [`load`] turns a folder of class folders, or the `.tar.gz` itself, into a [`Dataset`]:
 //!   every image at the model's input size (64x64 8-bit gray by default), a label, a name and a sha256 of the file.
 //!   [`folder`] and [`archive`] only *find* the files; [`decode`] turns bytes into pixels.
@@ -15,7 +16,7 @@
 //! The usual path:
 //! ```no_run
 //! use medcnn::data;
-//! let path = data::find_default_data(std::path::Path::new("data"))?;
+//! let path = data::find_or_fetch_default_data(std::path::Path::new("data"))?;
 //! let ds = data::load_dataset(&path, &data::LoadOptions::default())?;
 //! let split = data::split_dataset(&ds, 42, [0.7, 0.2, 0.1]);
 //! let order = data::epoch_order(split.train.len(), 42, 0);
@@ -36,6 +37,9 @@ pub mod split;
 
 pub use batch::{epoch_order, fill_batch, flip_mask, normalize_into};
 pub use decode::{decode_image, decode_image_as, expand_channels, DecodeNote, InputShape, IMAGE_PIXELS, IMAGE_SIZE};
-pub use fetch::{fetch, file_md5, import_archive, MEDNIST_MD5, MEDNIST_URL};
+pub use fetch::{
+    fetch, file_md5, find_or_fetch_default_data, import_archive, MEDNIST_MD5, MEDNIST_MD5_ENV, MEDNIST_URL,
+    MEDNIST_URL_ENV,
+};
 pub use load::{find_default_data, fingerprint, load_data, load_dataset, Dataset, LoadOptions, LoadReport};
 pub use split::{split_dataset, Split};

@@ -6,6 +6,15 @@
 //!   *accumulates* (`+=`) dL/dw and dL/db into the layer's `Param::grad`, so gradients of
 //!   several backward calls add up until `zero_grad`.
 //!
+//! Who accumulates gradients and who overwrites them (said here once for the whole crate):
+//! - **Accumulate**: every layer in this folder, hence `model::Sequential` and the CPU backend
+//!   (`backend::CpuBackend`), in f32 and f64. `CpuBackend::train_step` calls `zero_grad` before
+//!   each backward, so a step's gradient is that batch's alone. `tests/gradcheck.rs` proves the
+//!   `+=`: it fills every gradient with random values before `backward` and checks the difference.
+//! - **Overwrite**: the CUDA engine (`cuda::engine`, on a GPU and in the CPU emulator). Its
+//!   backward stores every gradient buffer afresh each step (GEMMs with beta = 0, bias sums with
+//!   beta = 0), so it never zeroes them, and two backward calls there do not add up.
+//!
 //! Shapes are NCHW for images and (N, features) after `Flatten`. This is the CPU path, the
 //! reference that every CUDA kernel (`kernels/*.cu`) is tested against.
 
@@ -213,6 +222,31 @@ pub fn window_out_len(len: usize, k: usize, stride: usize, pad: usize, ceil_mode
 pub fn out_len(len: usize, k: usize, stride: usize, pad: usize) -> usize {
     window_out_len(len, k, stride, pad, false)
         .unwrap_or_else(|| panic!("window {k} (stride {stride}) larger than padded input {}", len + 2 * pad))
+}
+
+/// The unit tests' form of `tests/common::skip_unless_required`: a test that cannot do its job
+/// on this machine prints `skipped: WHY` and returns, unless `MEDCNN_REQUIRE_<THING>=1` (CI sets
+/// `MEDCNN_REQUIRE_AVX512`), when it fails with the same reason.
+#[cfg(test)]
+pub(crate) fn skip_unless_required(thing: &str, why: &str) {
+    let var = format!("MEDCNN_REQUIRE_{thing}");
+    if std::env::var(&var).as_deref() == Ok("1") {
+        panic!("{var}=1 but {why}");
+    }
+    eprintln!("skipped: {why} (set {var}=1 to make this a failure)");
+}
+
+/// Whether this CPU runs the AVX-512F code (the fast paths of `direct_conv` and `winograd`).
+#[cfg(test)]
+pub(crate) fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -90,11 +90,24 @@ pub fn check(layer: &mut dyn Layer<f64>, x: &Tensor<f64>, ctx: Ctx, seed: u64, m
             }
         })
         .collect();
-    for p in layer.params_mut() {
-        p.grad.fill(0.0);
-    }
+    // The contract is grad += dL/dW, not grad = dL/dW: start every gradient at seeded random
+    // values and check what backward *added*. A backward that overwrites fails (see
+    // `an_overwriting_backward_fails_the_checker` in gradcheck.rs).
+    let prefill: Vec<Vec<f64>> = layer
+        .params_mut()
+        .into_iter()
+        .map(|p| {
+            p.grad = rng.tensor(p.grad.shape());
+            p.grad.as_slice().unwrap().to_vec()
+        })
+        .collect();
     let dx = layer.backward(&from_vec(y0.shape(), w.clone()));
-    let grads: Vec<Vec<f64>> = layer.params().iter().map(|p| p.grad.as_slice().unwrap().to_vec()).collect();
+    let grads: Vec<Vec<f64>> = layer
+        .params()
+        .iter()
+        .zip(&prefill)
+        .map(|(p, pre)| p.grad.iter().zip(pre).map(|(g, pre)| g - pre).collect())
+        .collect();
 
     let pick = |n: usize, rng: &mut Lcg| -> Vec<usize> {
         if n <= max_per_tensor {

@@ -1,6 +1,7 @@
 //! Helpers shared by the test files (each includes this with `mod common;`): temp folders
 //! under `CARGO_TARGET_TMPDIR`, a small deterministic random generator, tiny image datasets
-//! made with the `image` crate, tiny `.tar.gz` archives, and running the real `medcnn` binary.
+//! made with the `image` crate, tiny `.tar.gz` archives, running the real `medcnn` binary, and
+//! the one way a test says it cannot do its job (`skip_unless_required`).
 
 #![allow(dead_code)]
 
@@ -263,4 +264,38 @@ pub fn http_agent() -> ureq::Agent {
         .timeout_global(Some(std::time::Duration::from_secs(60)))
         .build()
         .into()
+}
+
+/// A test that cannot do its job here (no compiler, no GPU, no data...) calls this instead of
+/// passing quietly: it prints `skipped: WHY` on stderr and returns, so the caller returns too,
+/// unless `MEDCNN_REQUIRE_<THING>=1` is set (CI sets the ones its machines must have), when it
+/// fails the test with the same reason. A skip is never a pass that counts as proof.
+///
+/// The variables: `GXX` (the kernel emulator's C++ compiler), `NVRTC`, `GPU`, `CHROMIUM`,
+/// `DATA` (the real MedNIST archive). The unit tests in `src/` use the same rule
+/// (`layers::skip_unless_required`, for `AVX512`).
+#[track_caller]
+pub fn skip_unless_required(thing: &str, why: impl std::fmt::Display) {
+    let var = format!("MEDCNN_REQUIRE_{thing}");
+    if std::env::var(&var).as_deref() == Ok("1") {
+        panic!("{var}=1 but {why}");
+    }
+    eprintln!("skipped: {why} (set {var}=1 to make this a failure)");
+}
+
+/// The real MedNIST archive, if this machine has it: `$MEDCNN_MEDNIST` when set, else
+/// `data/MedNIST.tar.gz` (where `medcnn train` downloads it), else `../shared/data/MedNIST.tar.gz`
+/// (beside the checkout). `None` after `skip_unless_required("DATA", ...)` otherwise.
+pub fn real_archive() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates: Vec<PathBuf> = match std::env::var_os("MEDCNN_MEDNIST") {
+        Some(p) => vec![PathBuf::from(p)],
+        None => vec![root.join("data/MedNIST.tar.gz"), root.join("../shared/data/MedNIST.tar.gz")],
+    };
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Some(found.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    skip_unless_required("DATA", format!("no MedNIST archive (looked for {})", looked.join(" and ")));
+    None
 }
