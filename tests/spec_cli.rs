@@ -270,9 +270,7 @@ fn python_with_torch() -> Option<String> {
 #[test]
 fn pytorch_runs_the_printed_module_on_the_saved_weights() {
     let Some(py) = python_with_torch() else {
-        let why = "skipped: no Python with torch, safetensors, PIL and numpy (set MEDCNN_PYTHON)";
-        assert!(std::env::var_os("MEDCNN_REQUIRE_TORCH").is_none(), "MEDCNN_REQUIRE_TORCH is set but {why}");
-        println!("{why}");
+        common::skip_unless_required("TORCH", "no Python with torch, safetensors, PIL and numpy (set MEDCNN_PYTHON)");
         return;
     };
     use medcnn::data::InputShape;
