@@ -20,3 +20,4 @@ pub mod report;
 pub mod serve;
 pub mod tensor;
 pub mod train;
+pub mod web;
