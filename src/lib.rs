@@ -18,6 +18,8 @@ pub mod model;
 pub mod optim;
 pub mod report;
 pub mod serve;
+pub mod stats;
 pub mod tensor;
 pub mod train;
+pub mod watch;
 pub mod web;

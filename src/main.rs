@@ -144,6 +144,9 @@ struct TrainArgs {
     /// Continue from OUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
+    /// Per-layer statistics (OUT/layer_stats.csv, .png) every N steps (default: about 4 per epoch).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stats_every: Option<u64>,
 }
 
 fn parse_schedule(s: &str) -> std::result::Result<LrSchedule, String> {
@@ -188,6 +191,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 augment: a.augment,
                 skip_bad_images: a.skip_bad_images,
                 save_filters: a.save_filters,
+                stats_every: a.stats_every,
+                dashboard: None,
             };
             cfg.validate()?;
             ctrlc::set_handler(|| {

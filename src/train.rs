@@ -23,6 +23,7 @@ use crate::metrics::{write_metrics_csv, ConfusionMatrix, EpochMetrics};
 use crate::model::{reference_model, ModelConfig};
 use crate::optim::LrSchedule;
 use crate::report;
+use crate::watch::Watch;
 
 /// Train / validation / test fractions of each class.
 pub const SPLIT_FRACTIONS: [f64; 3] = [0.7, 0.2, 0.1];
@@ -46,6 +47,12 @@ pub struct TrainConfig {
     pub skip_bad_images: bool,
     /// Save the first conv layer's filters as a picture after every epoch.
     pub save_filters: bool,
+    /// Steps between two per-layer statistics steps (`None`: about four per epoch).
+    #[serde(default)]
+    pub stats_every: Option<u64>,
+    /// Serve the live dashboard on this address while training (`--dashboard`).
+    #[serde(default)]
+    pub dashboard: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -67,6 +74,8 @@ impl Default for TrainConfig {
             augment: false,
             skip_bad_images: false,
             save_filters: false,
+            stats_every: None,
+            dashboard: None,
         }
     }
 }
@@ -262,7 +271,15 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
     let resumed = if resume { Some(read_checkpoint(&ckpt_path)?) } else { None };
     let mut cfg = match &resumed {
         Some(r) => {
-            TrainConfig { epochs: cfg_in.epochs, out: cfg_in.out.clone(), threads: cfg_in.threads, ..r.config.clone() }
+            let (stats_every, dashboard) = (cfg_in.stats_every, cfg_in.dashboard.clone());
+            TrainConfig {
+                epochs: cfg_in.epochs,
+                out: cfg_in.out.clone(),
+                threads: cfg_in.threads,
+                stats_every,
+                dashboard,
+                ..r.config.clone()
+            }
         }
         None => cfg_in.clone(),
     };
@@ -309,6 +326,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
 
     let bs = cfg.batch_size;
     let n_batches = split.train.len().div_ceil(bs);
+    let mut watch = Watch::new(&cfg, &ds, split.val.first().copied(), n_batches, &progress, &backend.describe())?;
     let fault_step = fault_nan_at_step()?;
     let step_delay = test_step_delay()?;
     let (mut x, mut y) = (Vec::with_capacity(bs * IMAGE_PIXELS), Vec::with_capacity(bs));
@@ -341,9 +359,12 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
             }
             progress.step += 1;
             progress.batch += 1;
+            watch.after_step(backend.as_mut(), &progress, &x, y.len())?;
             let interrupted = INTERRUPTED.load(Ordering::SeqCst);
             if progress.batch % 20 == 0 || progress.batch == n_batches || interrupted {
-                absorb(&mut progress, backend.take_train_stats()?, epoch, &ckpt_path)?;
+                let sums = backend.take_train_stats()?;
+                watch.train_point(&progress, &sums);
+                absorb(&mut progress, sums, epoch, &ckpt_path)?;
                 let secs = seconds_before + t0.elapsed().as_secs_f64();
                 bar.set_position(progress.batch as u64);
                 bar.set_message(format!(
@@ -364,7 +385,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
         bar.finish_and_clear();
         let train_seconds = seconds_before + t0.elapsed().as_secs_f64();
 
-        let (val_loss, val_acc, _) = evaluate(backend.as_mut(), &ds, &split.val, bs.max(256))?;
+        let (val_loss, val_acc, val_cm) = evaluate(backend.as_mut(), &ds, &split.val, bs.max(256))?;
         let row = EpochMetrics {
             epoch: epoch + 1,
             train_loss: progress.loss_sum / progress.images.max(1) as f64,
@@ -397,6 +418,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
                 last_good(&ckpt_path)
             );
         }
+        watch.end_epoch(backend.as_mut(), &row, &val_cm)?;
         progress.history.push(row);
         if best {
             progress.best_val_acc = val_acc;
