@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
+pub mod dashboard;
 pub mod data;
 pub mod explain;
 pub mod inspect;

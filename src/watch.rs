@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::backend::{Backend, TrainStats};
+use crate::dashboard::{Dashboard, RunInfo};
 use crate::data::Dataset;
 use crate::metrics::{ConfusionMatrix, EpochMetrics};
 use crate::stats::{StatsLog, StatsRow};
@@ -24,6 +25,7 @@ use crate::train::{Progress, TrainConfig};
 pub struct Watch {
     log: StatsLog,
     out: PathBuf,
+    dashboard: Option<Dashboard>,
     /// Seconds spent in statistics steps, for the end-of-run line.
     stats_seconds: f64,
 }
@@ -56,8 +58,23 @@ impl Watch {
         } else {
             StatsLog::new(every)
         };
-        let _ = (ds, val_image, device);
-        Ok(Watch { log, out: cfg.out.clone(), stats_seconds: 0.0 })
+        let dashboard = match &cfg.dashboard {
+            None => None,
+            Some(addr) => {
+                let info = RunInfo {
+                    epochs: cfg.epochs,
+                    steps_per_epoch,
+                    batch_size: cfg.batch_size,
+                    classes: ds.classes.clone(),
+                    device: device.to_string(),
+                };
+                let image = val_image.map(|i| ds.image(i).to_vec());
+                let mut d = Dashboard::start(addr, info, image, progress).context("--dashboard")?;
+                d.publish_stats(&log.rows);
+                Some(d)
+            }
+        };
+        Ok(Watch { log, out: cfg.out.clone(), dashboard, stats_seconds: 0.0 })
     }
 
     /// After a step; `p.step` counts it already, `x` is its batch of `n` images.
@@ -67,13 +84,21 @@ impl Watch {
             let stats = backend.layer_stats(x, n).context("collecting the layer statistics")?;
             self.log.rows.push(StatsRow { step: p.step, epoch: p.epoch + 1, stats });
             self.stats_seconds += t.elapsed().as_secs_f64();
+            if let Some(d) = &mut self.dashboard {
+                d.publish_stats(&self.log.rows);
+            }
+        }
+        if let Some(d) = &mut self.dashboard {
+            d.step(p, n);
         }
         Ok(())
     }
 
     /// Where the loop takes the backend's loss sums: `s` covers the steps since the last call.
     pub fn train_point(&mut self, p: &Progress, s: &TrainStats) {
-        let _ = (p, s);
+        if let Some(d) = &mut self.dashboard {
+            d.train_point(p, s);
+        }
     }
 
     /// After validation: the statistics files, and the epoch's numbers, filters, feature maps
@@ -83,12 +108,25 @@ impl Watch {
             self.log.write_csv(&self.out.join("layer_stats.csv"))?;
             crate::report::plot_layer_stats(&self.log.rows, &self.out.join("layer_stats.png"))?;
         }
-        let _ = (backend, row, cm);
+        if let Some(d) = &mut self.dashboard {
+            let weights = backend.export_weights()?;
+            d.end_epoch(row, cm, &weights);
+        }
         Ok(())
     }
 
     /// Seconds the statistics steps took so far.
     pub fn stats_seconds(&self) -> f64 {
         self.stats_seconds
+    }
+}
+
+impl Drop for Watch {
+    /// The run is over (finished, interrupted or failed): the dashboard says so and keeps
+    /// serving until `dashboard::linger` returns.
+    fn drop(&mut self) {
+        if let Some(d) = self.dashboard.take() {
+            d.finish();
+        }
     }
 }
