@@ -13,6 +13,7 @@ pub use crate::model::{check_names, NamedTensor};
 use crate::model::{ModelConfig, Sequential};
 use crate::optim::Adam;
 use crate::spec::{BuildOptions, ModelSpec};
+use crate::stats::{output_stats, param_stats, AdamStep, LayerStats};
 use crate::tensor::{from_vec, slice, Tensor};
 
 /// Side length of the reference's default input (64x64 gray, MedNIST's size).
@@ -79,6 +80,14 @@ pub trait Backend {
 
     fn export_optimizer(&mut self) -> Result<OptimizerState>;
     fn import_optimizer(&mut self, state: &OptimizerState) -> Result<()>;
+
+    /// Per-layer statistics of the step just taken (`crate::stats`): each parameter's norm, its
+    /// gradient's norm and the last Adam update's ratio to it; each layer's output on `x`, the
+    /// batch of `n` images just trained on. Called every `--stats-every` steps only (a GPU
+    /// copies what it needs to the host here). The default reports nothing.
+    fn layer_stats(&mut self, _x: &[f32], _n: usize) -> Result<LayerStats> {
+        Ok(LayerStats::default())
+    }
 }
 
 /// Makes the backend for `device`, with the network of `spec` for `classes` classes,
@@ -260,5 +269,30 @@ impl Backend for CpuBackend {
         self.adam.m = state.moments.iter().step_by(2).map(|t| t.data.clone()).collect();
         self.adam.v = state.moments.iter().skip(1).step_by(2).map(|t| t.data.clone()).collect();
         Ok(())
+    }
+
+    /// Parameters from the model and Adam's state; outputs from one more forward pass over `x`
+    /// in evaluation mode (dropout off), observed layer by layer.
+    fn layer_stats(&mut self, x: &[f32], n: usize) -> Result<LayerStats> {
+        let adam = AdamStep::of(&self.adam);
+        fn moment(all: &[Vec<f32>], i: usize) -> &[f32] {
+            all.get(i).map_or(&[][..], |m| &m[..])
+        }
+        let params = (self.model.named_params().into_iter().enumerate())
+            .map(|(i, (name, p))| {
+                param_stats(
+                    &name,
+                    slice(&p.value),
+                    slice(&p.grad),
+                    moment(&self.adam.m, i),
+                    moment(&self.adam.v, i),
+                    adam,
+                )
+            })
+            .collect();
+        let mut outputs = Vec::new();
+        let input = self.input(x, n)?;
+        self.model.forward_observed(&input, Ctx::eval(), &mut |name, y| outputs.push(output_stats(name, slice(y))));
+        Ok(LayerStats { params, outputs })
     }
 }

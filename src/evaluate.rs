@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::backend::{check_device, Backend, Device};
 use crate::checkpoint::meta_json;
-use crate::data::{self, fingerprint, Dataset, InputShape, Split};
+use crate::data::{self, fingerprint, Dataset, DecodeNote, InputShape, Split};
 use crate::layers::cross_entropy::{argmax, row_loss, softmax};
 use crate::metrics::ConfusionMatrix;
 use crate::model_file::SavedModel;
@@ -108,16 +108,16 @@ pub fn read_image_input(path: &Path, shape: InputShape) -> Result<Vec<f32>> {
     Ok(normalised_input(&bytes, &path.display().to_string(), shape)?.1)
 }
 
-/// Image file bytes as the model sees them: the decoded pixels (one or three planes, as
-/// decoded) and the normalised input (`shape.channels` planes, `x / 127.5 - 1`).
-pub fn normalised_input(bytes: &[u8], name: &str, shape: InputShape) -> Result<(Vec<u8>, Vec<f32>)> {
+/// Image file bytes as the model sees them: the pixels (`shape.channels` planes) and the
+/// normalised input (`x / 127.5 - 1`), with what decoding had to do.
+pub fn normalised_input(bytes: &[u8], name: &str, shape: InputShape) -> Result<(Vec<u8>, Vec<f32>, DecodeNote)> {
     let (mut pixels, note) = data::decode_image_as(bytes, name, shape)?;
     if shape.channels == 3 && !note.colour {
         pixels = data::expand_channels(&pixels, 3);
     }
     let mut x = vec![0.0; shape.len()];
     data::normalize_into(&pixels, &mut x);
-    Ok((pixels, x))
+    Ok((pixels, x, note))
 }
 
 /// `medcnn predict`: the class and the probabilities for each image.

@@ -205,6 +205,12 @@ struct TrainArgs {
     /// Continue from OUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
+    /// Per-layer statistics (OUT/layer_stats.csv, .png) every N steps (default: about 4 per epoch).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stats_every: Option<u64>,
+    /// Serve a live page of the run at ADDR (default 127.0.0.1:8090), until Ctrl-C after it ends.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = medcnn::dashboard::DEFAULT_ADDR)]
+    dashboard: Option<String>,
 }
 
 fn parse_schedule(s: &str) -> std::result::Result<LrSchedule, String> {
@@ -253,16 +259,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 augment: a.augment,
                 skip_bad_images: a.skip_bad_images,
                 save_filters: a.save_filters,
+                stats_every: a.stats_every,
+                dashboard: a.dashboard,
             };
             cfg.validate()?;
             ctrlc::set_handler(|| {
                 if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
                     std::process::exit(130); // a second Ctrl-C: stop now
                 }
-                eprintln!("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)");
+                if medcnn::dashboard::lingering() {
+                    eprintln!("\nCtrl-C: stopping the dashboard");
+                } else {
+                    eprintln!("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)");
+                }
             })
             .context("installing the Ctrl-C handler")?;
-            match train::train(&cfg, a.resume)? {
+            let outcome = train::train(&cfg, a.resume);
+            medcnn::dashboard::linger(); // with --dashboard: keeps serving until Ctrl-C
+            match outcome? {
                 Outcome::Finished(_) => Ok(ExitCode::SUCCESS),
                 Outcome::Interrupted { .. } => Ok(ExitCode::from(130)),
             }

@@ -89,6 +89,22 @@ impl<T: Float> Sequential<T> {
         h
     }
 
+    /// `forward`, calling `observe(layer name, its output)` after each layer: for the training
+    /// statistics (`crate::stats`), every few hundred steps, never on a normal step.
+    pub fn forward_observed(
+        &mut self,
+        x: &Tensor<T>,
+        ctx: Ctx,
+        observe: &mut dyn FnMut(&str, &Tensor<T>),
+    ) -> Tensor<T> {
+        let mut h = x.clone();
+        for l in &mut self.layers {
+            h = l.layer.forward_owned(h, ctx);
+            observe(&l.name, &h);
+        }
+        h
+    }
+
     /// Backpropagates dy through every layer; returns dL/dinput. Accumulates parameter grads.
     pub fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T> {
         self.backward_range(dy, 0..self.layers.len())

@@ -29,6 +29,7 @@ use crate::model_file::{check_shapes, model_path, SavedModel};
 use crate::optim::LrSchedule;
 use crate::report;
 use crate::spec::{ModelSpec, REFERENCE_DROPOUT};
+use crate::watch::Watch;
 
 /// Train / validation / test fractions of each class.
 pub const SPLIT_FRACTIONS: [f64; 3] = [0.7, 0.2, 0.1];
@@ -62,6 +63,12 @@ pub struct TrainConfig {
     pub skip_bad_images: bool,
     /// Save the first conv layer's filters as a picture after every epoch.
     pub save_filters: bool,
+    /// Steps between two per-layer statistics steps (`None`: about four per epoch).
+    #[serde(default)]
+    pub stats_every: Option<u64>,
+    /// Serve the live dashboard on this address while training (`--dashboard`).
+    #[serde(default)]
+    pub dashboard: Option<String>,
 }
 
 fn reference_arch() -> String {
@@ -96,6 +103,8 @@ impl Default for TrainConfig {
             augment: false,
             skip_bad_images: false,
             save_filters: false,
+            stats_every: None,
+            dashboard: None,
         }
     }
 }
@@ -232,7 +241,15 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
     let resumed = if resume { Some(read_checkpoint(&ckpt_path)?) } else { None };
     let mut cfg = match &resumed {
         Some(r) => {
-            TrainConfig { epochs: cfg_in.epochs, out: cfg_in.out.clone(), threads: cfg_in.threads, ..r.config.clone() }
+            let (stats_every, dashboard) = (cfg_in.stats_every, cfg_in.dashboard.clone());
+            TrainConfig {
+                epochs: cfg_in.epochs,
+                out: cfg_in.out.clone(),
+                threads: cfg_in.threads,
+                stats_every,
+                dashboard,
+                ..r.config.clone()
+            }
         }
         None => cfg_in.clone(),
     };
@@ -283,6 +300,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
 
     let bs = cfg.batch_size;
     let n_batches = split.train.len().div_ceil(bs);
+    let mut watch = Watch::new(&cfg, &ds, split.val.first().copied(), n_batches, &progress, &backend.describe())?;
     let fault_step = fault_nan_at_step()?;
     let step_delay = test_step_delay()?;
     let (mut x, mut y) = (Vec::with_capacity(bs * spec.input.len()), Vec::with_capacity(bs));
@@ -315,9 +333,12 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
             }
             progress.step += 1;
             progress.batch += 1;
+            watch.after_step(backend.as_mut(), &progress, &x, y.len())?;
             let interrupted = INTERRUPTED.load(Ordering::SeqCst);
             if progress.batch % 20 == 0 || progress.batch == n_batches || interrupted {
-                absorb(&mut progress, backend.take_train_stats()?, epoch, &ckpt_path)?;
+                let sums = backend.take_train_stats()?;
+                watch.train_point(&progress, &sums);
+                absorb(&mut progress, sums, epoch, &ckpt_path)?;
                 let secs = seconds_before + t0.elapsed().as_secs_f64();
                 bar.set_position(progress.batch as u64);
                 bar.set_message(format!(
@@ -338,7 +359,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
         bar.finish_and_clear();
         let train_seconds = seconds_before + t0.elapsed().as_secs_f64();
 
-        let (val_loss, val_acc, _) = evaluate(backend.as_mut(), &ds, &split.val, bs.max(256))?;
+        let (val_loss, val_acc, val_cm) = evaluate(backend.as_mut(), &ds, &split.val, bs.max(256))?;
         let row = EpochMetrics {
             epoch: epoch + 1,
             train_loss: progress.loss_sum / progress.images.max(1) as f64,
@@ -371,6 +392,7 @@ pub fn train(cfg_in: &TrainConfig, resume: bool) -> Result<Outcome> {
                 last_good(&ckpt_path)
             );
         }
+        watch.end_epoch(backend.as_mut(), &row, &val_cm)?;
         progress.history.push(row);
         if best {
             progress.best_val_acc = val_acc;

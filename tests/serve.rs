@@ -271,7 +271,10 @@ fn refuses_what_is_not_a_readable_image_with_json_errors() {
     let (line, body) = raw(addr, b"POST /api/predict HTTP/1.1\r\nContent-Length: 1000000000000000\r\n\r\nabc");
     assert!(line.contains("413") && body.contains("limit is 8 MiB"), "{body}");
     assert!(raw(addr, b"NONSENSE\r\n\r\n").0.contains("400"));
-    assert!(raw(addr, b"GET / HTTP/2.0\r\n\r\n").0.contains("505"));
+    // hyper's parser takes any version but 1.0 and 1.1 for a malformed request line: 400 (the
+    // hand-written server said 505); either refuses it.
+    let version = raw(addr, b"GET / HTTP/2.0\r\n\r\n").0;
+    assert!(version.contains("400") || version.contains("505"), "{version}");
     assert!(raw(addr, b"POST /api/predict HTTP/1.1\r\nContent-Length: x\r\n\r\n").0.contains("400"));
     assert!(raw(addr, b"POST /api/predict HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
         .0
@@ -283,8 +286,10 @@ fn refuses_what_is_not_a_readable_image_with_json_errors() {
     huge_head.extend(std::iter::repeat_n(b'a', 20_000));
     huge_head.extend_from_slice(b"\r\n\r\n");
     assert!(raw(addr, &huge_head).0.contains("431"));
-    // A body that stops short: the connection is closed without an answer.
-    assert_eq!(raw(addr, b"POST /api/predict HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc").0, "");
+    // A body that stops short (the client hangs up after 3 of 100 bytes): a 400 that says so, or
+    // (the hand-written server) a closed connection; never a hang or a prediction.
+    let (line, body) = raw(addr, b"POST /api/predict HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc");
+    assert!(line.is_empty() || (line.contains("400") && body.contains("cut short")), "{body}");
 
     // After all of that, it still answers.
     let r = post(&a, &predict, "image/png", &png(4));
@@ -512,4 +517,172 @@ fn the_binary_serves_and_says_where() {
     let _ = child.kill();
     let _ = child.wait();
     result.unwrap();
+}
+
+/// Reads one whole answer (the server closes or says how long it is) within `within`.
+fn read_answer(s: &mut TcpStream, within: Duration) -> String {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|n| out.len() >= end + 4 + n) {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn a_client_sending_its_headers_a_byte_at_a_time_holds_up_nobody() {
+    let mut cfg = ServeConfig::new(&model().0, loopback(), Device::Cpu);
+    cfg.workers = 1;
+    let srv = start_with(cfg).unwrap();
+    let addr = srv.addr();
+    let request = b"GET /health HTTP/1.1\r\nHost: medcnn\r\nUser-Agent: a very slow client\r\n\r\n";
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        for b in request {
+            s.write_all(&[*b]).unwrap();
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        (read_answer(&mut s, Duration::from_secs(10)), t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let a = agent();
+    let t = Instant::now();
+    let mut slowest = 0.0f64;
+    for i in 0..20 {
+        let t1 = Instant::now();
+        let r = if i % 2 == 0 {
+            get(&a, &format!("{}/health", srv.url()))
+        } else {
+            post(&a, &format!("{}/api/predict", srv.url()), "image/png", &png(1))
+        };
+        assert_eq!(r.status, 200);
+        slowest = slowest.max(t1.elapsed().as_secs_f64());
+    }
+    let others = t.elapsed();
+    let (answer, slow_took) = slow.join().unwrap();
+    println!(
+        "20 requests in {:.3} s (slowest {:.3} s) while one client took {:.2} s to send its headers",
+        others.as_secs_f64(),
+        slowest,
+        slow_took.as_secs_f64()
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "the slow client got {answer:?}");
+    assert!(others < slow_took, "the other requests waited for the slow client");
+    assert!(slowest < 1.0, "one request took {slowest:.2} s");
+    srv.shutdown();
+}
+
+#[test]
+fn oversized_headers_get_431_and_lying_lengths_never_hang() {
+    let mut cfg = ServeConfig::new(&model().0, loopback(), Device::Cpu);
+    cfg.body_timeout = Duration::from_millis(1000);
+    let srv = start_with(cfg).unwrap();
+    let addr = srv.addr();
+    // One header line over 16 KiB, and 200 small headers.
+    let mut big = b"GET /health HTTP/1.1\r\nX-Filler: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 17 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    assert!(raw(addr, &big).0.contains("431"));
+    let mut many = b"GET /health HTTP/1.1\r\n".to_vec();
+    for i in 0..200 {
+        many.extend_from_slice(format!("X-H{i}: {i}\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    assert!(raw(addr, &many).0.contains("431"));
+    // Just under the limit is fine.
+    let mut fine = b"GET /health HTTP/1.1\r\nX-Filler: ".to_vec();
+    fine.extend(std::iter::repeat_n(b'a', 12 * 1024));
+    fine.extend_from_slice(b"\r\n\r\n");
+    assert!(raw(addr, &fine).0.contains("200"));
+
+    // A length longer than the body, the connection left open: 408 after the body deadline.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"POST /api/predict HTTP/1.1\r\nContent-Length: 5000\r\n\r\nabc").unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("did not arrive in time (3 of 5000 bytes)"), "{answer}");
+    println!("a body 4997 bytes short: 408 after {:.2} s", t.elapsed().as_secs_f64());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // A length shorter than the body: the first 3 bytes are the (refused) upload, the rest is
+    // taken as the next request and refused as malformed; the connection ends either way.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"POST /api/predict HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcdefgh\r\n\r\n").unwrap();
+    let answer = read_answer(&mut s, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    let mut rest = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_string(&mut rest);
+    assert!(rest.is_empty() || rest.starts_with("HTTP/1.1 400"), "{rest:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "the connection stayed open {:?}", t.elapsed());
+    // The server still answers.
+    assert_eq!(get(&agent(), &format!("{}/health", srv.url())).status, 200);
+    srv.shutdown();
+}
+
+#[test]
+fn three_hundred_simultaneous_connections_are_served_or_refused_cleanly() {
+    // Default limits: 300 connections at once, each one request, all served.
+    let srv = server();
+    let addr = srv.addr();
+    let mut conns: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let t = Instant::now();
+    for s in &mut conns {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: medcnn\r\nConnection: close\r\n\r\n").unwrap();
+    }
+    let mut ok = 0;
+    for s in &mut conns {
+        let a = read_answer(s, Duration::from_secs(30));
+        assert!(a.starts_with("HTTP/1.1 200"), "{a:?}");
+        ok += 1;
+    }
+    println!("300 simultaneous connections: {ok} answered 200 in {:.2} s", t.elapsed().as_secs_f64());
+    drop(conns);
+    srv.shutdown();
+
+    // A server allowing 64: 64 idle connections hold every slot, the next ones get 503 (JSON)
+    // at once; once they close, requests are served again.
+    let mut cfg = ServeConfig::new(&model().0, loopback(), Device::Cpu);
+    cfg.max_connections = 64;
+    let srv = start_with(cfg).unwrap();
+    let addr = srv.addr();
+    let held: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut refused = 0;
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(b"GET /health HTTP/1.1\r\n\r\n");
+        let a = read_answer(&mut s, Duration::from_secs(10));
+        assert!(a.starts_with("HTTP/1.1 503") && a.contains("\"status\": 503"), "{a:?}");
+        refused += 1;
+    }
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = reply(agent().get(format!("{}/health", srv.url())).call());
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503);
+        assert!(Instant::now() < deadline, "still busy 10 s after the connections closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("64-connection server: {refused} extra connections refused with 503, then served again");
+    srv.shutdown();
 }

@@ -27,6 +27,7 @@ use super::params::{ConvParams, PoolParams};
 use crate::backend::{check_names, AdamConfig, Backend, NamedTensor, OptimizerState, TrainStats, IMAGE_SIDE};
 use crate::model::{reference_model, ModelConfig};
 use crate::optim::Adam;
+use crate::stats::{output_stats, param_stats, AdamStep, LayerStats};
 
 /// Channel widths of the four conv blocks (as `model::reference_model`).
 const WIDTHS: [usize; 5] = [1, 32, 64, 128, 256];
@@ -601,6 +602,36 @@ impl<E: Exec> Backend for Engine<E> {
             self.params.write(&mut self.ex, s.offset, &w.data)?;
         }
         Ok(())
+    }
+
+    /// Parameters, gradients and both moments copied to the host; the outputs are those the
+    /// last training forward left on the device (max-pooled conv blocks, the global pool,
+    /// classifier.0 before dropout, the logits), copied for the batch's n images only.
+    fn layer_stats(&mut self, _x: &[f32], _n: usize) -> Result<LayerStats> {
+        let (w, g) = (self.params.read(&mut self.ex)?, self.grads.read(&mut self.ex)?);
+        let (m, v) = (self.m.read(&mut self.ex)?, self.v.read(&mut self.ex)?);
+        let adam = AdamStep::of(&self.adam);
+        let params = (self.slots.iter())
+            .map(|s| {
+                let r = s.offset..s.offset + s.len;
+                param_stats(&s.name, &w[r.clone()], &g[r.clone()], &m[r.clone()], &v[r], adam)
+            })
+            .collect();
+        let mut outputs = Vec::new();
+        let n = self.last_batch;
+        if self.acts.is_some() && n > 0 {
+            let mut bufs = Vec::new();
+            for (i, s) in self.stages.iter().enumerate() {
+                bufs.push((format!("conv_block.{}", 3 * i), self.acts().pooled[i].slice(0, s.oc * n * s.p * s.p)));
+            }
+            bufs.push(("global_pool".into(), self.acts().g.slice(0, WIDTHS[4] * n)));
+            bufs.push(("classifier.0".into(), self.acts().h.slice(0, HIDDEN * n)));
+            bufs.push(("classifier.2".into(), self.acts().logits.slice(0, self.num_classes * n)));
+            for (name, b) in bufs {
+                outputs.push(output_stats(&name, &b.read(&mut self.ex)?));
+            }
+        }
+        Ok(LayerStats { params, outputs })
     }
 
     fn export_optimizer(&mut self) -> Result<OptimizerState> {

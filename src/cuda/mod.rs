@@ -77,6 +77,9 @@ mod real {
         fn import_optimizer(&mut self, state: &OptimizerState) -> Result<()> {
             self.0.import_optimizer(state)
         }
+        fn layer_stats(&mut self, x: &[f32], n: usize) -> Result<crate::stats::LayerStats> {
+            self.0.layer_stats(x, n)
+        }
     }
 
     /// GFLOP/s of our SGEMM on an n x n x n product on GPU 0.

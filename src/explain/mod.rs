@@ -426,8 +426,18 @@ fn short_name(path: &Path) -> String {
 /// pictures (the luma of a colour image) and the normalised input (for [`explain`]).
 /// `name` is for error messages.
 pub fn decode_for_model(bytes: &[u8], name: &str, input: InputShape) -> Result<(Vec<u8>, Vec<f32>)> {
-    let (planes, x) = crate::evaluate::normalised_input(bytes, name, input)?;
-    Ok((display_gray(&planes, input.plane()), x))
+    let (pixels, x, _) = decode_for_model_noted(bytes, name, input)?;
+    Ok((pixels, x))
+}
+
+/// [`decode_for_model`], with what decoding had to do (converted, resized).
+pub fn decode_for_model_noted(
+    bytes: &[u8],
+    name: &str,
+    input: InputShape,
+) -> Result<(Vec<u8>, Vec<f32>, crate::data::DecodeNote)> {
+    let (planes, x, note) = crate::evaluate::normalised_input(bytes, name, input)?;
+    Ok((display_gray(&planes, input.plane()), x, note))
 }
 
 /// One gray plane to draw: the image itself, or the luma (ITU-R 601) of three planes R, G, B.

@@ -22,11 +22,13 @@ mod bench;
 mod confusion;
 mod curves;
 mod grid;
+mod layer_stats;
 
 pub use bench::{plot_bench, BenchBar};
 pub use confusion::plot_confusion;
 pub use curves::{plot_accuracy, plot_loss};
 pub use grid::{save_filter_grid, save_gray_grid, save_grid, GRID_GAP};
+pub use layer_stats::plot_layer_stats;
 
 /// DejaVu Sans (Bitstream Vera licence, see `DejaVuSans-LICENSE.txt`).
 static FONT_BYTES: &[u8] = include_bytes!("DejaVuSans.ttf");

@@ -11,15 +11,13 @@
 //! The model file is read once; one CPU model (the layer-by-layer reference, which Grad-CAM
 //! needs) sits behind a mutex and answers both endpoints (a forward pass is about a millisecond).
 //! With `--device cuda`, predictions go to one CUDA backend owned by a dedicated thread, and
-//! Grad-CAM stays on the CPU model. Requests are read and images decoded in parallel by the
-//! worker threads of [`http`]; every limit (upload size, decoded pixels, header size,
-//! deadlines) answers with a 4xx JSON error, and a panic answers 500 without stopping anything.
+//! Grad-CAM stays on the CPU model. Requests are read by the shared HTTP stack ([`crate::web`],
+//! hyper and axum on tokio) and answered on `workers` blocking threads, where images are
+//! decoded in parallel; every limit (upload size, decoded pixels, header size, deadlines)
+//! answers with a 4xx JSON error, and a panic answers 500 without stopping anything.
 //!
 //! What it is not: not a medical device, not authenticated, no TLS. It listens on loopback
 //! unless an address is given, and warns when that address is reachable from other machines.
-
-pub mod http;
-pub mod multipart;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -33,14 +31,14 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::check_device;
 use crate::backend::{Device, NamedTensor};
-use crate::data::{decode_image_as, DecodeNote, InputShape};
+use crate::data::{DecodeNote, InputShape};
 use crate::explain::{cpu_model, explain, heatmap_overlay_png, parse_class};
 use crate::layers::cross_entropy::{argmax, softmax};
 use crate::layers::Ctx;
 use crate::model::Sequential;
 use crate::model_file::SavedModel;
 use crate::tensor::{from_vec, slice};
-use http::{Request, Response};
+use crate::web::{self, Reply, Request};
 
 /// The page, embedded in the binary.
 pub const PAGE_HTML: &str = include_str!("page.html");
@@ -96,6 +94,8 @@ pub struct ServeConfig {
     pub head_timeout: Duration,
     /// Deadline for the whole request, body included, from the connection's start.
     pub body_timeout: Duration,
+    /// Connections open at once; more get a 503 at once.
+    pub max_connections: usize,
     /// One line per request on stderr.
     pub log: bool,
     /// Tests only: `?panic=1` on `/api/predict` panics while holding the model, to show that
@@ -114,6 +114,7 @@ impl ServeConfig {
             max_upload: DEFAULT_MAX_UPLOAD,
             head_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(120),
+            max_connections: web::MAX_CONNECTIONS,
             log: false,
             fault_injection: false,
         }
@@ -122,7 +123,7 @@ impl ServeConfig {
 
 /// A running server. Dropping it (or [`ServerHandle::shutdown`]) stops it.
 pub struct ServerHandle {
-    server: http::Server,
+    server: web::Server,
     model_id: String,
     classes: Vec<String>,
 }
@@ -136,11 +137,7 @@ impl ServerHandle {
     /// `http://ADDR` (a wildcard address is written as loopback, which is where it can be reached
     /// from this machine).
     pub fn url(&self) -> String {
-        let mut a = self.addr();
-        if a.ip().is_unspecified() {
-            a.set_ip(if a.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-        }
-        format!("http://{a}")
+        self.server.url()
     }
 
     /// The model's identity: the first 16 hex digits of the sha256 of its weights.
@@ -190,15 +187,44 @@ pub fn start_with(cfg: ServeConfig) -> Result<ServerHandle> {
         started: Instant::now(),
         fault_injection: cfg.fault_injection,
     });
-    let limits = http::Limits {
+    let limits = web::Limits {
         max_body: cfg.max_upload,
         head_timeout: cfg.head_timeout,
         body_timeout: cfg.body_timeout,
-        write_timeout: Duration::from_secs(30),
+        max_connections: cfg.max_connections,
     };
-    let handler: Arc<http::Handler> = Arc::new(move |req: &Request| app.route(req));
-    let server = http::Server::start(cfg.addr, cfg.workers, limits, handler, cfg.log)?;
+    let limits2 = limits.clone();
+    // One handler for every path: `App::route` answers 404 and 405 itself, in JSON.
+    let router =
+        axum::Router::new().fallback(move |req: axum::extract::Request| answer(app.clone(), req, limits2.clone()));
+    let server = web::Server::start(
+        web::ServerConfig {
+            name: "serve".into(),
+            addr: cfg.addr,
+            io_threads: 2,
+            blocking_threads: cfg.workers,
+            limits,
+            log: cfg.log,
+        },
+        router,
+    )?;
     Ok(ServerHandle { server, model_id, classes: saved.classes })
+}
+
+/// Reads the request within the limits, then answers it on a blocking thread (decoding and
+/// the model are plain CPU work); a panic there answers 500.
+async fn answer(app: Arc<App>, req: axum::extract::Request, limits: web::Limits) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let req = match Request::read(req, &limits).await {
+        Ok(r) => r,
+        Err(refusal) => return refusal.into_response(),
+    };
+    match tokio::task::spawn_blocking(move || app.route(&req)).await {
+        Ok(reply) => reply.into_response(),
+        Err(_) => {
+            Reply::error(500, "internal error while answering this request (the server keeps running)").into_response()
+        }
+    }
 }
 
 /// Parses `--addr`: `IP:PORT` or `HOST:PORT` (the first address it resolves to).
@@ -225,13 +251,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         ..ServeConfig::new(&args.model, addr, args.device)
     };
     let handle = start_with(cfg)?;
-    if !handle.addr().ip().is_loopback() {
-        eprintln!(
-            "warning: listening on {}, which other machines can reach; this page has no login and no \
-             encryption, so expose it only on a network you trust",
-            handle.addr()
-        );
-    }
+    web::warn_if_exposed(handle.addr(), "this page");
     println!(
         "model {} ({}; {} classes: {}) on {}",
         args.model.display(),
@@ -327,7 +347,7 @@ struct App {
 }
 
 /// What answers one path.
-type Endpoint = fn(&App, &Request) -> Response;
+type Endpoint = fn(&App, &Request) -> Reply;
 
 /// An uploaded image as the model sees it.
 struct Upload {
@@ -339,7 +359,7 @@ struct Upload {
 }
 
 impl App {
-    fn route(&self, req: &Request) -> Response {
+    fn route(&self, req: &Request) -> Reply {
         let (allowed, resp): (&[&str], Endpoint) = match req.path.as_str() {
             "/" | "/index.html" => (&["GET", "HEAD"], App::page),
             "/health" => (&["GET", "HEAD"], App::health),
@@ -347,14 +367,14 @@ impl App {
             "/api/explain" => (&["POST"], App::explain),
             other => {
                 let shown: String = other.chars().take(200).collect();
-                return Response::error(
+                return Reply::error(
                     404,
                     format!("no such page: {shown} (try GET /, GET /health, POST /api/predict, POST /api/explain)"),
                 );
             }
         };
         if !allowed.contains(&req.method.as_str()) {
-            return Response::error(
+            return Reply::error(
                 405,
                 format!("{} does not accept {}; use {}", req.path, req.method, allowed.join(" or ")),
             )
@@ -363,14 +383,14 @@ impl App {
         resp(self, req)
     }
 
-    fn page(&self, _req: &Request) -> Response {
-        Response::new(200, "text/html; charset=utf-8", PAGE_HTML.as_bytes().to_vec())
+    fn page(&self, _req: &Request) -> Reply {
+        Reply::new(200, "text/html; charset=utf-8", PAGE_HTML.as_bytes().to_vec())
             .with_header("Content-Security-Policy", PAGE_CSP)
             .with_header("Referrer-Policy", "no-referrer")
     }
 
-    fn health(&self, _req: &Request) -> Response {
-        Response::json(
+    fn health(&self, _req: &Request) -> Reply {
+        Reply::json(
             200,
             &json!({
                 "status": "ok",
@@ -387,27 +407,23 @@ impl App {
     }
 
     /// The image in the request: the whole body, or the file field of a multipart form.
-    fn upload(&self, req: &Request) -> Result<Upload, Response> {
-        let content_type = req.header("Content-Type").unwrap_or("");
-        let (name, bytes): (String, &[u8]) = if multipart::is_multipart(content_type) {
-            let boundary = multipart::boundary(content_type).map_err(|e| Response::error(400, e.to_string()))?;
-            let parts = multipart::parse(&req.body, &boundary).map_err(|e| Response::error(400, e.to_string()))?;
-            let part = multipart::file_part(&parts).ok_or_else(|| {
-                Response::error(400, "the form holds no file: send the image in a field named \"file\"")
-            })?;
+    fn upload(&self, req: &Request) -> Result<Upload, Reply> {
+        let (name, bytes): (String, &[u8]) = if let Some(form) = &req.form {
+            let part =
+                form.as_ref().map_err(|e| Reply::error(400, e.clone()))?.as_ref().ok_or_else(|| {
+                    Reply::error(400, "the form holds no file: send the image in a field named \"file\"")
+                })?;
             let name = part.filename.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "upload".into());
-            (name, part.data)
+            (name, &part.data[..])
         } else {
             ("upload".to_string(), &req.body[..])
         };
         let name: String = name.chars().filter(|c| !c.is_control()).take(200).collect();
         if bytes.is_empty() {
-            return Err(Response::error(400, format!("{name}: no image in the request (the body is empty)")));
+            return Err(Reply::error(400, format!("{name}: no image in the request (the body is empty)")));
         }
-        let (_, note) =
-            decode_image_as(bytes, &name, self.input).map_err(|e| Response::error(400, format!("{e:#}")))?;
-        let (pixels, x) = crate::explain::decode_for_model(bytes, &name, self.input)
-            .map_err(|e| Response::error(400, format!("{e:#}")))?;
+        let (pixels, x, note) = crate::explain::decode_for_model_noted(bytes, &name, self.input)
+            .map_err(|e| Reply::error(400, format!("{e:#}")))?;
         Ok(Upload { name, bytes: bytes.len(), pixels, x, note })
     }
 
@@ -426,7 +442,7 @@ impl App {
         Ok(slice(&out).to_vec())
     }
 
-    fn predict(&self, req: &Request) -> Response {
+    fn predict(&self, req: &Request) -> Reply {
         let up = match self.upload(req) {
             Ok(u) => u,
             Err(r) => return r,
@@ -438,17 +454,17 @@ impl App {
         let t = Instant::now();
         let logits = match self.logits(&up.x) {
             Ok(z) => z,
-            Err(e) => return Response::error(500, format!("prediction failed: {e:#}")),
+            Err(e) => return Reply::error(500, format!("prediction failed: {e:#}")),
         };
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if logits.len() != self.classes.len() || logits.iter().any(|v| !v.is_finite()) {
-            return Response::error(500, "the model produced invalid scores");
+            return Reply::error(500, "the model produced invalid scores");
         }
         let p = softmax(&logits);
         let best = argmax(&p);
         let probabilities: serde_json::Map<String, serde_json::Value> =
             self.classes.iter().zip(&p).map(|(c, &v)| (c.clone(), json!(v))).collect();
-        Response::json(
+        Reply::json(
             200,
             &json!({
                 "class": self.classes[best],
@@ -469,22 +485,19 @@ impl App {
         )
     }
 
-    fn explain(&self, req: &Request) -> Response {
+    fn explain(&self, req: &Request) -> Reply {
         let scale = match req.query_param("scale") {
             None => DEFAULT_SCALE,
             Some(s) => match s.parse::<usize>() {
                 Ok(k) if (1..=MAX_SCALE).contains(&k) => k,
                 _ => {
-                    return Response::error(
-                        400,
-                        format!("scale must be a whole number from 1 to {MAX_SCALE}, got {s:?}"),
-                    )
+                    return Reply::error(400, format!("scale must be a whole number from 1 to {MAX_SCALE}, got {s:?}"))
                 }
             },
         };
         let target = match req.query_param("target").map(|t| parse_class(&t, &self.classes)).transpose() {
             Ok(t) => t,
-            Err(e) => return Response::error(400, e.to_string()),
+            Err(e) => return Reply::error(400, e.to_string()),
         };
         let up = match self.upload(req) {
             Ok(u) => u,
@@ -492,15 +505,15 @@ impl App {
         };
         let e = match explain(&mut *self.model(), &up.x, target) {
             Ok(e) => e,
-            Err(e) => return Response::error(500, format!("Grad-CAM failed: {e:#}")),
+            Err(e) => return Reply::error(500, format!("Grad-CAM failed: {e:#}")),
         };
         match heatmap_overlay_png(&up.pixels, &e.gradcam, scale) {
-            Ok(png) => Response::new(200, "image/png", png)
+            Ok(png) => Reply::new(200, "image/png", png)
                 .with_header("X-Medcnn-Class", header_safe(&self.classes[e.class]))
                 .with_header("X-Medcnn-Target", header_safe(&self.classes[e.target]))
                 .with_header("X-Medcnn-Probability", format!("{:.6}", e.probs[e.class]))
                 .with_header("X-Medcnn-Model-Id", self.model_id.clone()),
-            Err(e) => Response::error(500, format!("drawing the heatmap failed: {e:#}")),
+            Err(e) => Reply::error(500, format!("drawing the heatmap failed: {e:#}")),
         }
     }
 }
