@@ -203,11 +203,30 @@ fn kernels_have_no_shared_memory_races() {
 
 /// Runs probe kernel `name` (one block of 64 threads over a 64-float buffer) on `flavor`.
 fn probe(flavor: Flavor, name: &'static str) -> Option<anyhow::Result<Vec<f32>>> {
+    probe_n(flavor, name, 64)
+}
+
+/// `probe` with `ReluParams { n }`.
+fn probe_n(flavor: Flavor, name: &'static str, n: i32) -> Option<anyhow::Result<Vec<f32>>> {
     let mut ex = EmuExec::spawn_quiet(&harness(flavor)?).expect("start the emulator");
     let out = Buf::<f32>::alloc(&mut ex, 64).unwrap();
     let run =
-        launch(&mut ex, name, [1, 1, 1], [64, 1, 1], &ReluParams { n: 64 }, &[out.ptr]).and_then(|_| out.read(&mut ex));
+        launch(&mut ex, name, [1, 1, 1], [64, 1, 1], &ReluParams { n }, &[out.ptr]).and_then(|_| out.read(&mut ex));
     Some(run)
+}
+
+/// A grid-stride loop cannot wrap: at the top of the int range every thread's index steps
+/// past the end once and stops (the probe caps a runaway loop at 8 iterations, which is what
+/// `e += stride` would give: a negative e, still below the bound). The launchers refuse a
+/// launch that does not fit a 32-bit index, with the kernel's name, before touching memory.
+#[test]
+fn grid_stride_indices_do_not_wrap() {
+    let Some(run) = probe_n(Flavor::Address, "emu_probe_grid_end", i32::MAX) else { return };
+    assert_eq!(run.unwrap(), vec![1.0f32; 64], "a grid-stride index near 2^31 did not stop");
+    let mut ex = emu(Flavor::Release).unwrap();
+    let err = medcnn::cuda::ops::relu_forward(&mut ex, 1 << 31, Default::default(), Default::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("relu") && msg.contains("32-bit"), "{msg}");
 }
 
 /// The emulator catches the bugs it is there for: each deliberately wrong probe kernel must
