@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use medcnn::backend::{AdamConfig, Backend, CpuBackend, IMAGE_SIDE};
 use medcnn::cuda::emulator::{self, EmuExec, Flavor};
 use medcnn::cuda::engine::Engine;
-use medcnn::cuda::exec::{launch, Buf, Exec};
+use medcnn::cuda::exec::{bytes_of, bytes_of_mut, launch, Buf, DevPtr, Exec, Launch};
 use medcnn::cuda::params::{self, ReluParams};
 use medcnn::cuda::selftest::{self, Check};
 use medcnn::cuda::sources;
@@ -116,6 +116,77 @@ fn a_training_step_matches_the_cpu() {
     let Some(ex) = emu(Flavor::Release) else { return };
     let checks = selftest::train_step_checks(ex, 3, 7, 0.4).unwrap();
     report("training step (emulated engine) vs CpuBackend", &checks);
+}
+
+/// A device whose max-pool forward picks the wrong winner: after each `max_pool_forward`, the
+/// argmax of every window moves to its horizontal neighbour in the same 2x2 window (iw XOR 1),
+/// a value of the window but not its maximum. The pooled values stay right, so only the
+/// backward routes wrongly: the flip check must fail, not excuse the gradients.
+struct WrongArgmax<E: Exec>(E);
+
+impl<E: Exec> Exec for WrongArgmax<E> {
+    fn describe(&self) -> String {
+        format!("{} with a wrong max-pool argmax", self.0.describe())
+    }
+    fn sm_count(&self) -> u32 {
+        self.0.sm_count()
+    }
+    fn max_grid_blocks(&self) -> u32 {
+        self.0.max_grid_blocks()
+    }
+    fn alloc(&mut self, bytes: usize) -> anyhow::Result<DevPtr> {
+        self.0.alloc(bytes)
+    }
+    fn free(&mut self, ptr: DevPtr) -> anyhow::Result<()> {
+        self.0.free(ptr)
+    }
+    fn upload(&mut self, dst: DevPtr, src: &[u8]) -> anyhow::Result<()> {
+        self.0.upload(dst, src)
+    }
+    fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> anyhow::Result<()> {
+        self.0.download(src, dst)
+    }
+    fn zero(&mut self, dst: DevPtr, bytes: usize) -> anyhow::Result<()> {
+        self.0.zero(dst, bytes)
+    }
+    fn sync(&mut self) -> anyhow::Result<()> {
+        self.0.sync()
+    }
+    fn launch(&mut self, l: &Launch) -> anyhow::Result<()> {
+        self.0.launch(l)?;
+        if l.kernel == "max_pool_forward" {
+            // PoolParams starts with planes, h, w, oh, ow (i32); the pointers are x, y, argmax.
+            let int = |i: usize| i32::from_le_bytes(l.params[4 * i..4 * i + 4].try_into().unwrap()) as usize;
+            let (planes, w, oh, ow) = (int(0), int(2), int(3), int(4));
+            let mut arg = vec![0i32; planes * oh * ow];
+            self.0.download(l.ptrs[2], bytes_of_mut(&mut arg))?;
+            arg.iter_mut().for_each(|a| *a = ((*a as usize / w) * w + (*a as usize % w ^ 1)) as i32);
+            self.0.upload(l.ptrs[2], bytes_of(&arg))?;
+        }
+        Ok(())
+    }
+}
+
+/// A deliberately wrong argmax must fail the training-step checks, by the flip check and not
+/// only by the gradients it is allowed to excuse.
+#[test]
+fn a_wrong_max_pool_argmax_fails_the_checks() {
+    let Some(ex) = emu(Flavor::Release) else { return };
+    let checks = selftest::train_step_checks(WrongArgmax(ex), 3, 7, 0.4).unwrap();
+    let failed: Vec<&Check> = checks.iter().filter(|c| !c.ok()).collect();
+    for c in &failed {
+        println!("  (expected) {c}");
+    }
+    assert!(
+        failed.iter().any(|c| c.name.contains("winners that are not near ties")),
+        "a wrong argmax passed the winner check:\n{}",
+        checks.iter().map(|c| format!("  {c}")).collect::<Vec<_>>().join("\n")
+    );
+    // And the gradients it reroutes are compared, not excused as near ties.
+    assert!(
+        failed.iter().any(|c| c.name.ends_with("grad conv_block.0.weight")),
+        "the conv gradients were not compared"
+    );
 }
 
 /// The launch sequence an H100 runs (132 SMs, so the same GEMM plans and split-K factors) at
