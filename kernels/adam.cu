@@ -15,7 +15,7 @@
 
 extern "C" __global__ void adam_step(const AdamParams p, float* __restrict__ param, const float* __restrict__ grad,
                                      float* __restrict__ m, float* __restrict__ v) {
-    for (int i = global_thread(); i < p.n; i += grid_threads()) {
+    for (int i = global_thread(); i < p.n; i = grid_next(i)) {
         const float w = param[i];
         const float g = __fadd_rn(grad[i], __fmul_rn(p.wd, w));
         const float mi = __fadd_rn(__fmul_rn(p.b1, m[i]), __fmul_rn(p.one_minus_b1, g));

@@ -14,7 +14,7 @@ extern "C" __global__ void avg_pool_forward(const PoolParams p, const float* __r
     const int outs = p.oh * p.ow;
     const int total = p.planes * outs;
     const float scale = 1.0f / (float)(p.k * p.k);
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int plane = e / outs;
         const int o = e - plane * outs;
         const int oh = o / p.ow;
@@ -31,7 +31,7 @@ extern "C" __global__ void avg_pool_backward(const PoolParams p, const float* __
     const int hw = p.h * p.w;
     const int total = p.planes * hw;
     const float scale = 1.0f / (float)(p.k * p.k);
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int plane = e / hw;
         const int pix = e - plane * hw;
         const int ih = pix / p.w;
@@ -52,7 +52,7 @@ extern "C" __global__ void avg_pool_backward(const PoolParams p, const float* __
 extern "C" __global__ void global_avg_pool_forward(const GlobalPoolParams p, const float* __restrict__ x,
                                                    float* __restrict__ y) {
     const float scale = 1.0f / (float)p.hw;
-    for (int plane = global_thread(); plane < p.planes; plane += grid_threads()) {
+    for (int plane = global_thread(); plane < p.planes; plane = grid_next(plane)) {
         const float* xp = x + (size_t)plane * p.hw;
         float sum = 0.0f;
         for (int i = 0; i < p.hw; ++i) sum += xp[i];
@@ -64,5 +64,5 @@ extern "C" __global__ void global_avg_pool_backward(const GlobalPoolParams p, co
                                                     float* __restrict__ dx) {
     const float scale = 1.0f / (float)p.hw;
     const int total = p.planes * p.hw;
-    for (int e = global_thread(); e < total; e += grid_threads()) dx[e] = dy[e / p.hw] * scale;
+    for (int e = global_thread(); e < total; e = grid_next(e)) dx[e] = dy[e / p.hw] * scale;
 }

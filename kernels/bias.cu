@@ -13,7 +13,7 @@
 
 extern "C" __global__ void bias_add(const BiasAddParams p, float* __restrict__ y, const float* __restrict__ bias) {
     const int total = p.rows * p.cols;
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int r = e / p.cols;
         y[e] += p.mode == 1 ? bias[r] : bias[e - r * p.cols];
     }

@@ -103,9 +103,19 @@ struct AdamParams {
 
 // ---- helpers ----
 
-// The index of this thread in a 1-D grid and the stride of a grid-stride loop.
-__device__ __forceinline__ int global_thread() { return blockIdx.x * blockDim.x + threadIdx.x; }
-__device__ __forceinline__ int grid_threads() { return gridDim.x * blockDim.x; }
+// A grid-stride loop over e in [0, total), total <= INT_MAX (the host checks, `ops::int`):
+//
+//     for (int e = global_thread(); e < total; e = grid_next(e)) { ... }
+//
+// Indices stay 32-bit (cheaper division on the GPU), but the step is taken in 64 bits and
+// clamped to INT_MAX: with `e += gridDim.x * blockDim.x` a total within one grid of 2^31
+// (im2col of the first stage near batch 8,865) would overflow e to a negative index, which
+// passes `e < total` and writes out of bounds. A clamped e == INT_MAX >= total ends the loop.
+__device__ __forceinline__ int clamp_index(long long i) { return i > 0x7fffffffLL ? 0x7fffffff : (int)i; }
+__device__ __forceinline__ int global_thread() {
+    return clamp_index((long long)blockIdx.x * blockDim.x + threadIdx.x);
+}
+__device__ __forceinline__ int grid_next(int e) { return clamp_index((long long)e + (long long)gridDim.x * blockDim.x); }
 
 // Sums v over the MEDCNN_THREADS threads of a block in a fixed tree order (so the result is
 // the same on every run) and returns the total to every thread. `scratch` is the caller's

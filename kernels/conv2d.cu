@@ -20,7 +20,7 @@ extern "C" __global__ void im2col(const ConvParams p, const float* __restrict__ 
     const int l = p.oh * p.ow;
     const int cols = p.n * l;
     const int total = p.c * p.kh * p.kw * cols;
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int row = e / cols;  // (c, i, j)
         const int q = e - row * cols;  // (n, oh, ow)
         const int j = row % p.kw;
@@ -41,7 +41,7 @@ extern "C" __global__ void col2im(const ConvParams p, const float* __restrict__ 
     const int l = p.oh * p.ow;
     const size_t cols = (size_t)p.n * l;
     const int total = p.c * p.n * p.h * p.w;
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int iw = e % p.w;
         const int ih = (e / p.w) % p.h;
         const int n = (e / (p.w * p.h)) % p.n;

@@ -27,9 +27,9 @@ __device__ __forceinline__ float dropout_factor(const DropoutParams& p, int i) {
 }
 
 extern "C" __global__ void dropout_forward(const DropoutParams p, const float* x, float* y) {
-    for (int e = global_thread(); e < (int)p.n; e += grid_threads()) y[e] = x[e] * dropout_factor(p, e);
+    for (int e = global_thread(); e < (int)p.n; e = grid_next(e)) y[e] = x[e] * dropout_factor(p, e);
 }
 
 extern "C" __global__ void dropout_backward(const DropoutParams p, const float* dy, float* dx) {
-    for (int e = global_thread(); e < (int)p.n; e += grid_threads()) dx[e] = dy[e] * dropout_factor(p, e);
+    for (int e = global_thread(); e < (int)p.n; e = grid_next(e)) dx[e] = dy[e] * dropout_factor(p, e);
 }

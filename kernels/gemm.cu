@@ -194,7 +194,7 @@ extern "C" __global__ void sgemm_reduce_splits(const SplitKParams p, const float
                                                float* __restrict__ c, const float* __restrict__ bias) {
     const int total = p.m * p.n;
     const size_t slab = (size_t)p.m * p.n;
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int r = e / p.n;
         const int col = e - r * p.n;
         float sum = 0.0f;

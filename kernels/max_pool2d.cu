@@ -22,7 +22,7 @@ extern "C" __global__ void max_pool_forward(const PoolParams p, const float* __r
                                             int* __restrict__ argmax) {
     const int outs = p.oh * p.ow;
     const int total = p.planes * outs;
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int plane = e / outs;
         const int o = e - plane * outs;
         const int oh = o / p.ow;
@@ -52,7 +52,7 @@ extern "C" __global__ void max_pool_backward(const PoolParams p, const float* __
                                              float* __restrict__ dx) {
     const int hw = p.h * p.w;
     const int total = p.planes * hw;
-    for (int e = global_thread(); e < total; e += grid_threads()) {
+    for (int e = global_thread(); e < total; e = grid_next(e)) {
         const int plane = e / hw;
         const int pix = e - plane * hw;
         const int ih = pix / p.w;

@@ -7,7 +7,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void relu_forward(const ReluParams p, const float* __restrict__ x, float* __restrict__ y) {
-    for (int e = global_thread(); e < p.n; e += grid_threads()) {
+    for (int e = global_thread(); e < p.n; e = grid_next(e)) {
         const float v = x[e];
         y[e] = v < 0.0f ? 0.0f : v;
     }
@@ -15,5 +15,5 @@ extern "C" __global__ void relu_forward(const ReluParams p, const float* __restr
 
 // dx may alias dy (in place).
 extern "C" __global__ void relu_backward(const ReluParams p, const float* y, const float* dy, float* dx) {
-    for (int e = global_thread(); e < p.n; e += grid_threads()) dx[e] = y[e] <= 0.0f ? 0.0f : dy[e];
+    for (int e = global_thread(); e < p.n; e = grid_next(e)) dx[e] = y[e] <= 0.0f ? 0.0f : dy[e];
 }

@@ -102,8 +102,88 @@ fn the_backend_compiles_in_parallel_and_caches() {
         fresh.len(),
         t.elapsed().as_secs_f64()
     );
-    assert_eq!(fresh, cached);
+    assert!(fresh.iter().all(|i| !i.from_cache) && cached.iter().all(|i| i.from_cache));
+    let bytes = |v: &[nvrtc::Image]| v.iter().map(|i| i.bytes.clone()).collect::<Vec<_>>();
+    assert_eq!(bytes(&fresh), bytes(&cached));
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), KERNEL_FILES.len());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An empty cache folder (its own, under the cargo target folder), made afresh.
+fn empty_cache(tag: &str) -> std::path::PathBuf {
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kernel-cache-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// The smallest kernel file (the cache tests need one real image, not all of them).
+fn small_file() -> (&'static str, &'static str) {
+    *KERNEL_FILES.iter().find(|(f, _)| *f == "relu.cu").unwrap()
+}
+
+/// Eight threads compile the same file at once into one empty cache (as parallel test
+/// processes and start-ups on a cold cache do): each gets a whole image, all the same, and
+/// the cache ends up holding exactly that one file, with no temporary files left behind.
+#[test]
+fn eight_threads_compiling_at_once_share_one_cache() {
+    if !nvrtc_present() {
+        return;
+    }
+    let dir = empty_cache("race");
+    let (file, src) = small_file();
+    let images: Vec<nvrtc::Image> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..8).map(|_| s.spawn(|| nvrtc::compile_cached(file, src, "sm_90", Some(&dir)))).collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap_or_else(|e| panic!("{e:#}"))).collect()
+    });
+    for image in &images {
+        assert_eq!(nvrtc::image_problem(&image.bytes, true), None);
+        assert_eq!(image.bytes, images[0].bytes, "two threads got different images");
+    }
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 1, "one cache file and no temporary ones: {names:?}");
+    let again = nvrtc::compile_cached(file, src, "sm_90", Some(&dir)).unwrap();
+    assert!(again.from_cache && again.bytes == images[0].bytes, "the stored image is the compiled one");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A cached file that is empty, truncated or corrupted is compiled again, not handed to
+/// the driver, and the cache file is repaired.
+#[test]
+fn a_damaged_cache_file_is_recompiled() {
+    if !nvrtc_present() {
+        return;
+    }
+    let dir = empty_cache("damaged");
+    let (file, src) = small_file();
+    for target in ["sm_90", "compute_90"] {
+        let fresh = nvrtc::compile_cached(file, src, target, Some(&dir)).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(!fresh.from_cache);
+        let path = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains(target))
+            .expect("the cache file");
+        let whole = std::fs::read(&path).unwrap();
+        let mut flipped = whole.clone();
+        flipped[whole.len() / 2] ^= 0x40;
+        let damages: [(&str, Vec<u8>); 4] = [
+            ("empty", Vec::new()),
+            ("truncated", whole[..whole.len() / 2].to_vec()),
+            ("one byte changed", flipped),
+            ("the image without its trailer", fresh.bytes.clone()),
+        ];
+        for (what, bytes) in damages {
+            std::fs::write(&path, bytes).unwrap();
+            let got = nvrtc::compile_cached(file, src, target, Some(&dir)).unwrap();
+            assert!(!got.from_cache, "{target}: a cache file {what} was trusted");
+            assert_eq!(got.bytes, fresh.bytes, "{target}: {what}");
+            assert_eq!(std::fs::read(&path).unwrap(), whole, "{target}: {what}: the cache file is repaired");
+        }
+        assert!(nvrtc::compile_cached(file, src, target, Some(&dir)).unwrap().from_cache);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

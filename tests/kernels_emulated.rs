@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use medcnn::backend::{AdamConfig, Backend, CpuBackend, IMAGE_SIDE};
 use medcnn::cuda::emulator::{self, EmuExec, Flavor};
 use medcnn::cuda::engine::Engine;
-use medcnn::cuda::exec::{launch, Buf, Exec};
+use medcnn::cuda::exec::{bytes_of, bytes_of_mut, launch, Buf, DevPtr, Exec, Launch};
 use medcnn::cuda::params::{self, ReluParams};
 use medcnn::cuda::selftest::{self, Check};
 use medcnn::cuda::sources;
@@ -123,6 +123,77 @@ fn a_training_step_matches_the_cpu() {
     report("training step (emulated engine) vs CpuBackend", &checks);
 }
 
+/// A device whose max-pool forward picks the wrong winner: after each `max_pool_forward`, the
+/// argmax of every window moves to its horizontal neighbour in the same 2x2 window (iw XOR 1),
+/// a value of the window but not its maximum. The pooled values stay right, so only the
+/// backward routes wrongly: the flip check must fail, not excuse the gradients.
+struct WrongArgmax<E: Exec>(E);
+
+impl<E: Exec> Exec for WrongArgmax<E> {
+    fn describe(&self) -> String {
+        format!("{} with a wrong max-pool argmax", self.0.describe())
+    }
+    fn sm_count(&self) -> u32 {
+        self.0.sm_count()
+    }
+    fn max_grid_blocks(&self) -> u32 {
+        self.0.max_grid_blocks()
+    }
+    fn alloc(&mut self, bytes: usize) -> anyhow::Result<DevPtr> {
+        self.0.alloc(bytes)
+    }
+    fn free(&mut self, ptr: DevPtr) -> anyhow::Result<()> {
+        self.0.free(ptr)
+    }
+    fn upload(&mut self, dst: DevPtr, src: &[u8]) -> anyhow::Result<()> {
+        self.0.upload(dst, src)
+    }
+    fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> anyhow::Result<()> {
+        self.0.download(src, dst)
+    }
+    fn zero(&mut self, dst: DevPtr, bytes: usize) -> anyhow::Result<()> {
+        self.0.zero(dst, bytes)
+    }
+    fn sync(&mut self) -> anyhow::Result<()> {
+        self.0.sync()
+    }
+    fn launch(&mut self, l: &Launch) -> anyhow::Result<()> {
+        self.0.launch(l)?;
+        if l.kernel == "max_pool_forward" {
+            // PoolParams starts with planes, h, w, oh, ow (i32); the pointers are x, y, argmax.
+            let int = |i: usize| i32::from_le_bytes(l.params[4 * i..4 * i + 4].try_into().unwrap()) as usize;
+            let (planes, w, oh, ow) = (int(0), int(2), int(3), int(4));
+            let mut arg = vec![0i32; planes * oh * ow];
+            self.0.download(l.ptrs[2], bytes_of_mut(&mut arg))?;
+            arg.iter_mut().for_each(|a| *a = ((*a as usize / w) * w + (*a as usize % w ^ 1)) as i32);
+            self.0.upload(l.ptrs[2], bytes_of(&arg))?;
+        }
+        Ok(())
+    }
+}
+
+/// A deliberately wrong argmax must fail the training-step checks, by the flip check and not
+/// only by the gradients it is allowed to excuse.
+#[test]
+fn a_wrong_max_pool_argmax_fails_the_checks() {
+    let Some(ex) = emu(Flavor::Release) else { return };
+    let checks = selftest::train_step_checks(WrongArgmax(ex), 3, 7, 0.4).unwrap();
+    let failed: Vec<&Check> = checks.iter().filter(|c| !c.ok()).collect();
+    for c in &failed {
+        println!("  (expected) {c}");
+    }
+    assert!(
+        failed.iter().any(|c| c.name.contains("winners that are not near ties")),
+        "a wrong argmax passed the winner check:\n{}",
+        checks.iter().map(|c| format!("  {c}")).collect::<Vec<_>>().join("\n")
+    );
+    // And the gradients it reroutes are compared, not excused as near ties.
+    assert!(
+        failed.iter().any(|c| c.name.ends_with("grad conv_block.0.weight")),
+        "the conv gradients were not compared"
+    );
+}
+
 /// The launch sequence an H100 runs (132 SMs, so the same GEMM plans and split-K factors) at
 /// the training batch size, 64.
 #[test]
@@ -208,11 +279,30 @@ fn kernels_have_no_shared_memory_races() {
 
 /// Runs probe kernel `name` (one block of 64 threads over a 64-float buffer) on `flavor`.
 fn probe(flavor: Flavor, name: &'static str) -> Option<anyhow::Result<Vec<f32>>> {
+    probe_n(flavor, name, 64)
+}
+
+/// `probe` with `ReluParams { n }`.
+fn probe_n(flavor: Flavor, name: &'static str, n: i32) -> Option<anyhow::Result<Vec<f32>>> {
     let mut ex = EmuExec::spawn_quiet(&harness(flavor)?).expect("start the emulator");
     let out = Buf::<f32>::alloc(&mut ex, 64).unwrap();
     let run =
-        launch(&mut ex, name, [1, 1, 1], [64, 1, 1], &ReluParams { n: 64 }, &[out.ptr]).and_then(|_| out.read(&mut ex));
+        launch(&mut ex, name, [1, 1, 1], [64, 1, 1], &ReluParams { n }, &[out.ptr]).and_then(|_| out.read(&mut ex));
     Some(run)
+}
+
+/// A grid-stride loop cannot wrap: at the top of the int range every thread's index steps
+/// past the end once and stops (the probe caps a runaway loop at 8 iterations, which is what
+/// `e += stride` would give: a negative e, still below the bound). The launchers refuse a
+/// launch that does not fit a 32-bit index, with the kernel's name, before touching memory.
+#[test]
+fn grid_stride_indices_do_not_wrap() {
+    let Some(run) = probe_n(Flavor::Address, "emu_probe_grid_end", i32::MAX) else { return };
+    assert_eq!(run.unwrap(), vec![1.0f32; 64], "a grid-stride index near 2^31 did not stop");
+    let mut ex = emu(Flavor::Release).unwrap();
+    let err = medcnn::cuda::ops::relu_forward(&mut ex, 1 << 31, Default::default(), Default::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("relu") && msg.contains("32-bit"), "{msg}");
 }
 
 /// The emulator catches the bugs it is there for: each deliberately wrong probe kernel must

@@ -46,6 +46,15 @@ extern "C" __global__ void emu_probe_divergent_sync(const ReluParams p, float* o
     out[threadIdx.x] = 1.0f;
 }
 extern "C" __global__ void emu_probe_out_of_bounds(const ReluParams p, float* out) { out[p.n + threadIdx.x] = 1.0f; }
+// Not a broken kernel: common.cuh's grid-stride step at the top of the int range. Thread t
+// starts where a huge grid would have put it, at p.n - 1 - t, and loops to p.n (INT_MAX in the
+// test): each thread must run exactly once and stop, where `e += stride` would wrap to a
+// negative e and keep going.
+extern "C" __global__ void emu_probe_grid_end(const ReluParams p, float* out) {
+    float count = 0.0f;
+    for (int e = p.n - 1 - (int)threadIdx.x; e < p.n && count < 8.0f; e = grid_next(e)) count += 1.0f;
+    out[threadIdx.x] = count;
+}
 
 #include <cstdio>
 #include <functional>
@@ -124,6 +133,7 @@ const std::map<std::string, Runner> kernels = {
     KERNEL(emu_probe_missing_sync),
     KERNEL(emu_probe_divergent_sync),
     KERNEL(emu_probe_out_of_bounds),
+    KERNEL(emu_probe_grid_end),
 };
 
 #define SIZE(T) #T " " + std::to_string(sizeof(T)) + "\n"

@@ -122,13 +122,25 @@ impl CudaExec {
             })?;
             (format!("compute_{best}"), false)
         };
-        let images = nvrtc::compile_all(&target, nvrtc::cache_dir().as_deref())?;
+        let cache = nvrtc::cache_dir();
+        let images = nvrtc::compile_all(&target, cache.as_deref())?;
         let mut fell_back = false;
-        for (&(file, src), image) in KERNEL_FILES.iter().zip(images) {
-            let loaded = if cubin {
+        let load = |image: Vec<u8>| {
+            if cubin {
                 self.ctx.load_module(Ptx::from_binary(image))
             } else {
                 self.ctx.load_module(Ptx::from_src(String::from_utf8_lossy(&image).trim_end_matches('\0').to_string()))
+            }
+        };
+        for (&(file, src), image) in KERNEL_FILES.iter().zip(images) {
+            let loaded = match load(image.bytes) {
+                // A cached image the driver refuses is not trusted either: compile it afresh
+                // (which replaces the cache file) and try once more.
+                Err(e) if image.from_cache => {
+                    eprintln!("medcnn: the cached {file} for {target} did not load ({e:?}); compiling it again");
+                    load(nvrtc::recompile(file, src, &target, cache.as_deref())?)
+                }
+                other => other,
             };
             let module = match loaded {
                 Ok(m) => m,

@@ -119,40 +119,150 @@ pub fn cache_dir() -> Option<PathBuf> {
 /// The options the backend compiles with (besides the architecture and -std=c++17).
 const OPTIONS: [&str; 1] = ["--ptxas-options=--warn-on-spills"];
 
-/// The compiled image of one kernel file for `target` (as `compile`), from `cache` when an
-/// image of the same program text, target, options and NVRTC version is there; a fresh one is
-/// stored there.
-pub fn compile_cached(file: &str, src: &str, target: &str, cache: Option<&Path>) -> Result<Vec<u8>> {
-    let program = nvrtc_program(file, src);
+/// The last bytes of every cache file: this tag, the image's length (u64, little-endian) and
+/// the SHA-256 of the image. A file whose trailer does not match (empty, truncated, written
+/// over, or from before this format) is not trusted: the kernel is compiled again.
+const TRAILER_TAG: &[u8; 8] = b"medcnn\x01\x00";
+const TRAILER_LEN: usize = 8 + 8 + 32;
+
+/// One compiled kernel file, and whether it came from the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    /// PTX text (NUL-terminated) or cubin bytes, as `compile` returns them.
+    pub bytes: Vec<u8>,
+    pub from_cache: bool,
+}
+
+/// Why an image is not usable, or None when it looks whole: a cubin must be an ELF64 file
+/// whose section headers lie inside it; PTX must be NUL-terminated text with a `.version`
+/// line and at least one `.entry`. (A cubin that passes can still fail to load on a driver:
+/// `device.rs` then compiles it afresh with `recompile`.)
+pub fn image_problem(bytes: &[u8], is_cubin: bool) -> Option<String> {
+    if bytes.is_empty() {
+        return Some("empty".into());
+    }
+    if is_cubin {
+        if bytes.len() < 64 || !bytes.starts_with(b"\x7fELF") || bytes[4] != 2 {
+            return Some("not an ELF64 cubin".into());
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+        let u16_at = |i: usize| u16::from_le_bytes(bytes[i..i + 2].try_into().unwrap()) as u64;
+        // e_shoff at 0x28, e_shentsize at 0x3A, e_shnum at 0x3C (the ELF64 header).
+        let end = u64_at(0x28).saturating_add(u16_at(0x3A) * u16_at(0x3C));
+        if end > bytes.len() as u64 {
+            return Some(format!("truncated cubin ({} bytes, its section headers end at {end})", bytes.len()));
+        }
+        return None;
+    }
+    let Some((&0, text)) = bytes.split_last() else { return Some("PTX without its final NUL (truncated)".into()) };
+    match std::str::from_utf8(text) {
+        Ok(t) if t.contains(".version") && t.contains(".entry") => None,
+        Ok(_) => Some("PTX without a .version or .entry".into()),
+        Err(_) => Some("PTX that is not text".into()),
+    }
+}
+
+/// The image stored in a cache file, or why it is not trusted.
+fn read_cache_file(path: &Path, is_cubin: bool) -> std::result::Result<Vec<u8>, String> {
+    let mut data = std::fs::read(path).map_err(|e| e.to_string())?;
+    if data.len() < TRAILER_LEN {
+        return Err(format!("{} bytes, shorter than its trailer", data.len()));
+    }
+    let trailer = data.split_off(data.len() - TRAILER_LEN);
+    let len = u64::from_le_bytes(trailer[8..16].try_into().unwrap());
+    if &trailer[..8] != TRAILER_TAG || len != data.len() as u64 {
+        return Err("no valid trailer (truncated, or an older format)".into());
+    }
+    if trailer[16..] != Sha256::digest(&data)[..] {
+        return Err("its checksum does not match (corrupted)".into());
+    }
+    match image_problem(&data, is_cubin) {
+        Some(p) => Err(p),
+        None => Ok(data),
+    }
+}
+
+/// Writes `image` with its trailer to `path` through a temporary file of this writer's own
+/// (process id, thread id and a counter in the name), renamed into place: the rename is atomic,
+/// so a reader sees the old file, no file, or the whole new one, never a half-written one, and
+/// two writers never write into the same temporary file. Best effort: a failed write only
+/// costs a compile next time.
+fn write_cache_file(path: &Path, image: &[u8]) {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let thread: String = format!("{:?}", std::thread::current().id()).chars().filter(char::is_ascii_digit).collect();
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{thread}-{n}", std::process::id()));
+    let mut data = Vec::with_capacity(image.len() + TRAILER_LEN);
+    data.extend_from_slice(image);
+    data.extend_from_slice(TRAILER_TAG);
+    data.extend_from_slice(&(image.len() as u64).to_le_bytes());
+    data.extend_from_slice(&Sha256::digest(image));
+    if std::fs::write(&tmp, &data).is_ok() && std::fs::rename(&tmp, path).is_ok() {
+        return;
+    }
+    let _ = std::fs::remove_file(&tmp);
+}
+
+/// The cache file of one kernel file's program for `target`: named by the hash of the program
+/// text, target, options and NVRTC version, so any change compiles afresh.
+fn cache_path(file: &str, program: &str, target: &str, cache: Option<&Path>) -> Result<Option<PathBuf>> {
+    let Some(dir) = cache else { return Ok(None) };
     let nv = version()?;
     let mut h = Sha256::new();
     h.update(program.as_bytes());
     h.update(format!("{target} {nv:?} {OPTIONS:?}").as_bytes());
     let hash: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let path = cache.map(|d| d.join(format!("{}-{target}-{hash}.bin", file.trim_end_matches(".cu"))));
-    if let Some(image) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        return Ok(image);
-    }
-    let out = compile(file, &program, target, &OPTIONS)?;
+    Ok(Some(dir.join(format!("{}-{target}-{hash}.bin", file.trim_end_matches(".cu")))))
+}
+
+/// Compiles with the backend's options and stores the image in the cache (when there is one).
+fn compile_and_store(file: &str, program: &str, target: &str, path: Option<&Path>) -> Result<Vec<u8>> {
+    let out = compile(file, program, target, &OPTIONS)?;
     if out.log.contains("spill") {
         eprintln!("medcnn: ptxas reports register spills in {file}:\n{}", out.log);
     }
+    if let Some(problem) = image_problem(&out.image, out.is_cubin) {
+        bail!("NVRTC returned a bad image for {file} ({target}): {problem}");
+    }
     if let Some(p) = path {
-        // Best effort: a failed cache write only costs a compile next time.
-        if let Some(dir) = p.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &out.image).is_ok() {
-            let _ = std::fs::rename(&tmp, &p);
-        }
+        write_cache_file(p, &out.image);
     }
     Ok(out.image)
 }
 
+/// The compiled image of one kernel file for `target` (as `compile`): from `cache` when a
+/// whole, checksummed image of the same program text, target, options and NVRTC version is
+/// there; otherwise compiled, and stored there. A damaged cache file is reported on stderr and
+/// replaced.
+pub fn compile_cached(file: &str, src: &str, target: &str, cache: Option<&Path>) -> Result<Image> {
+    let program = nvrtc_program(file, src);
+    let path = cache_path(file, &program, target, cache)?;
+    let is_cubin = target.starts_with("sm_");
+    if let Some(p) = &path {
+        match read_cache_file(p, is_cubin) {
+            Ok(bytes) => return Ok(Image { bytes, from_cache: true }),
+            Err(_) if !p.exists() => {}
+            Err(why) => eprintln!("medcnn: ignoring the cached kernel {} ({why}); compiling it again", p.display()),
+        }
+    }
+    let bytes = compile_and_store(file, &program, target, path.as_deref())?;
+    Ok(Image { bytes, from_cache: false })
+}
+
+/// Compiles one kernel file afresh, whatever the cache holds, and replaces its cache file:
+/// for an image the driver refused to load.
+pub fn recompile(file: &str, src: &str, target: &str, cache: Option<&Path>) -> Result<Vec<u8>> {
+    let program = nvrtc_program(file, src);
+    let path = cache_path(file, &program, target, cache)?;
+    compile_and_store(file, &program, target, path.as_deref())
+}
+
 /// Every `kernels/*.cu` for `target`, compiled in parallel (NVRTC is thread-safe across
 /// programs), in `KERNEL_FILES` order.
-pub fn compile_all(target: &str, cache: Option<&Path>) -> Result<Vec<Vec<u8>>> {
+pub fn compile_all(target: &str, cache: Option<&Path>) -> Result<Vec<Image>> {
     std::thread::scope(|s| {
         let handles: Vec<_> =
             KERNEL_FILES.iter().map(|&(file, src)| s.spawn(move || compile_cached(file, src, target, cache))).collect();
@@ -161,4 +271,49 @@ pub fn compile_all(target: &str, cache: Option<&Path>) -> Result<Vec<Vec<u8>>> {
             .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("an NVRTC thread panicked"))))
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The structural checks without NVRTC: a tiny ELF64 header whose section headers point
+    /// past its end is a truncated cubin; PTX must keep its NUL.
+    #[test]
+    fn damaged_images_are_recognised() {
+        let mut elf = vec![0u8; 64];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        assert_eq!(image_problem(&elf, true), None);
+        elf[0x28..0x30].copy_from_slice(&64u64.to_le_bytes()); // e_shoff
+        elf[0x3A..0x3C].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
+        elf[0x3C..0x3E].copy_from_slice(&3u16.to_le_bytes()); // e_shnum
+        assert!(image_problem(&elf, true).unwrap().contains("truncated"));
+        assert!(image_problem(b"", true).is_some());
+        assert!(image_problem(b"\x7fELF", true).is_some());
+        assert_eq!(image_problem(b".version 9.0\n.entry k()\0", false), None);
+        assert!(image_problem(b".version 9.0\n.entry k(", false).unwrap().contains("NUL"));
+    }
+
+    /// A cache file round-trips; each kind of damage makes it untrusted.
+    #[test]
+    fn cache_files_carry_a_checksum() {
+        let dir = std::env::temp_dir().join(format!("medcnn-nvrtc-unit-{}", std::process::id()));
+        let path = dir.join("k.bin");
+        let image = b".version 9.0\n.entry k()\0".to_vec();
+        write_cache_file(&path, &image);
+        assert_eq!(read_cache_file(&path, false), Ok(image.clone()));
+        let whole = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &whole[..whole.len() - 5]).unwrap();
+        assert!(read_cache_file(&path, false).is_err(), "truncated");
+        let mut flipped = whole.clone();
+        flipped[3] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(read_cache_file(&path, false).unwrap_err().contains("checksum"));
+        std::fs::write(&path, b"").unwrap();
+        assert!(read_cache_file(&path, false).is_err(), "empty");
+        std::fs::write(&path, &image).unwrap();
+        assert!(read_cache_file(&path, false).is_err(), "no trailer");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary files left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -28,6 +28,9 @@ fn elementwise<P: KernelParams>(
     p: &P,
     ptrs: &[DevPtr],
 ) -> Result<()> {
+    // The kernels' grid-stride loops index with a 32-bit int (`grid_next` in common.cuh keeps
+    // the step from wrapping); a larger launch is refused here, whatever its caller checked.
+    int(total, &format!("{kernel}: elements"))?;
     let grid = grid_for(ex, total);
     launch(ex, kernel, grid, [THREADS, 1, 1], p, ptrs)
 }
