@@ -104,6 +104,20 @@ mod tests {
         assert!((c.lr(1.0, 5) - 0.5).abs() < 1e-12 && c.lr(1.0, 10).abs() < 1e-12);
     }
 
+    /// Cosine with a floor: min_lr + (base - min_lr) (1 + cos(pi t / T)) / 2, checked at the
+    /// start, the middle, the end and past the end (it stays at min_lr). min_lr = 0.1 is not 0,
+    /// so `base - min_lr` and `min_lr + ...` both matter (a schedule test with min_lr = 0
+    /// cannot tell `base - min_lr` from `base + min_lr`).
+    #[test]
+    fn cosine_with_a_floor() {
+        let c = LrSchedule::Cosine { epochs: 4, min_lr: 0.1 };
+        let got = [c.lr(1.0, 0), c.lr(1.0, 1), c.lr(1.0, 2), c.lr(1.0, 4), c.lr(1.0, 9)];
+        let want = [1.0, 0.1 + 0.9 * 0.5 * (1.0 + std::f64::consts::FRAC_1_SQRT_2), 0.55, 0.1, 0.1];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?} != {want:?}");
+        }
+    }
+
     /// On f(p) = p^2 / 2 (gradient p) the first Adam step moves each parameter by lr * sign(p).
     #[test]
     fn first_step_is_lr_times_sign() {
