@@ -125,6 +125,14 @@ impl Drop for Watch {
     /// The run is over (finished, interrupted or failed): the dashboard says so and keeps
     /// serving until `dashboard::linger` returns.
     fn drop(&mut self) {
+        if self.stats_seconds > 0.0 {
+            println!(
+                "layer statistics: {} steps (every {}), {:.2} s in all",
+                self.log.rows.len(),
+                self.log.every,
+                self.stats_seconds
+            );
+        }
         if let Some(d) = self.dashboard.take() {
             d.finish();
         }
