@@ -302,7 +302,7 @@ fn readme_screenshot() {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("set {k}"));
     let (url, out) = (var("MEDCNN_DASHBOARD_URL"), var("MEDCNN_SCREENSHOT_OUT"));
     let dir = TempDir::new("dashboard-readme");
-    let browser = Browser::start(&chromium, &chromedriver, &dir.join("profile"), (1300, 1500));
+    let browser = Browser::start(&chromium, &chromedriver, &dir.join("profile"), (1300, 2000));
     browser.call("POST", "/url", Some(serde_json::json!({ "url": format!("{}/", url.trim_end_matches('/')) })));
     browser.wait_for("#layers tr", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
