@@ -83,8 +83,10 @@ pub trait Backend {
 
     /// Per-layer statistics of the step just taken (`crate::stats`): each parameter's norm, its
     /// gradient's norm and the last Adam update's ratio to it; each layer's output on `x`, the
-    /// batch of `n` images just trained on. Called every `--stats-every` steps only (a GPU
-    /// copies what it needs to the host here). The default reports nothing.
+    /// batch of `n` images just trained on (the CPU runs it again with the updated weights; the
+    /// GPU reports what its training forward left, before the update). Called every
+    /// `--stats-every` steps only (a GPU copies what it needs to the host here). The default
+    /// reports nothing.
     fn layer_stats(&mut self, _x: &[f32], _n: usize) -> Result<LayerStats> {
         Ok(LayerStats::default())
     }

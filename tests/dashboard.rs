@@ -134,6 +134,18 @@ fn progress_and_events_follow_a_real_run_and_it_lingers_until_ctrl_c() {
     let run = Run::start("dashboard-api", 20, 3, 80);
     let url = run.url.clone();
     let sse = std::thread::spawn(move || read_events(&url, 4, Duration::from_secs(60)));
+    // Clients that ask for the event stream and never read it, and one that hangs up at once:
+    // they must cost the run nothing (it still finishes on time, below).
+    let addr = run.url.trim_start_matches("http://").to_string();
+    let stalled: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    drop(TcpStream::connect(&addr).and_then(|mut s| s.write_all(b"GET /api/events HTTP/1.1\r\n\r\n")));
+    let t = Instant::now();
 
     let mut seen: Vec<(u64, usize)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -148,7 +160,15 @@ fn progress_and_events_follow_a_real_run_and_it_lingers_until_ctrl_c() {
     };
     let steps: std::collections::BTreeSet<u64> = seen.iter().map(|s| s.0).collect();
     let lens: std::collections::BTreeSet<usize> = seen.iter().map(|s| s.1).collect();
-    println!("{} polls while training: {} distinct steps, history lengths {lens:?}", seen.len(), steps.len());
+    println!(
+        "{} polls while training: {} distinct steps, history lengths {lens:?}; trained in {:.1} s beside 20 stalled event readers",
+        seen.len(),
+        steps.len(),
+        t.elapsed().as_secs_f64()
+    );
+    // 33 steps of 80 ms and three validations: a few seconds; a run stuck on a client never ends.
+    assert!(t.elapsed() < Duration::from_secs(60));
+    drop(stalled);
     assert!(steps.len() >= 3, "the step did not increase while training: {seen:?}");
     assert!(seen.windows(2).all(|w| w[1].0 >= w[0].0 && w[1].1 >= w[0].1), "went backwards: {seen:?}");
     assert!(lens.len() >= 2, "history did not grow while training: {seen:?}");
@@ -270,4 +290,22 @@ fn the_page_shows_the_step_counter_moving_and_the_loss_chart() {
         std::fs::copy(&shot, &keep).unwrap();
     }
     println!("page step {first} -> {later}; loss chart {} points, {} blue pixels", drawn.0, drawn.1);
+}
+
+/// The README's screenshot of a real run: `MEDCNN_DASHBOARD_URL=http://127.0.0.1:8090
+/// MEDCNN_SCREENSHOT_OUT=outputs/dashboard.png cargo test --release --test dashboard -- --ignored`
+/// while `medcnn train --dashboard` runs.
+#[test]
+#[ignore = "screenshots a running dashboard; needs MEDCNN_DASHBOARD_URL and MEDCNN_SCREENSHOT_OUT"]
+fn readme_screenshot() {
+    let Some((chromium, chromedriver)) = browser_tools() else { return };
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("set {k}"));
+    let (url, out) = (var("MEDCNN_DASHBOARD_URL"), var("MEDCNN_SCREENSHOT_OUT"));
+    let dir = TempDir::new("dashboard-readme");
+    let browser = Browser::start(&chromium, &chromedriver, &dir.join("profile"), (1300, 2000));
+    browser.call("POST", "/url", Some(serde_json::json!({ "url": format!("{}/", url.trim_end_matches('/')) })));
+    browser.wait_for("#layers tr", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    browser.screenshot(std::path::Path::new(&out));
+    println!("wrote {out}");
 }

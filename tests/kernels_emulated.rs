@@ -243,6 +243,47 @@ fn the_engine_round_trips_state_and_predicts_in_chunks() {
     assert!(format!("{:#}", dev.predict(&x[..10], 1).unwrap_err()).contains("values"));
 }
 
+/// The engine's per-layer statistics (what it copies to the host at a statistics step) against
+/// the CPU's after the same step from the same weights: every parameter's norms and update
+/// ratio, and the conv blocks' outputs. The device reports the outputs its training forward
+/// left (with the weights before the update), so they are compared with the CPU's outputs
+/// before the step.
+#[test]
+fn the_engine_reports_the_layer_statistics_the_cpu_does() {
+    let Some(ex) = emu(Flavor::Release) else { return };
+    let cfg = ModelConfig { dropout: 0.0, gemm_only: true, ..ModelConfig::default() };
+    let adam = AdamConfig { lr: 2e-3, weight_decay: 0.0 };
+    let mut dev = Engine::new(ex, &cfg, 5, adam).unwrap();
+    let mut cpu = CpuBackend::new(&cfg, 5, adam);
+    let n = 3;
+    let x: Vec<f32> = (0..n * IMAGE_SIDE * IMAGE_SIDE).map(|i| ((i * 53 % 97) as f32) / 48.0 - 1.0).collect();
+    let before = cpu.layer_stats(&x, n).unwrap();
+    for b in [&mut dev as &mut dyn Backend, &mut cpu] {
+        b.train_step(&x, &[1, 4, 2], 2e-3, 0).unwrap();
+    }
+    let (sd, sc) = (dev.layer_stats(&x, n).unwrap(), cpu.layer_stats(&x, n).unwrap());
+    assert_eq!(sd.params.len(), 12);
+    for (d, c) in sd.params.iter().zip(&sc.params) {
+        assert_eq!(d.name, c.name);
+        for (what, a, b) in [
+            ("weight norm", d.weight_norm, c.weight_norm),
+            ("grad norm", d.grad_norm, c.grad_norm),
+            ("update ratio", d.update_ratio, c.update_ratio),
+        ] {
+            assert!(a.is_finite() && a > 0.0, "{} {what}: {a}", d.name);
+            assert!((a - b).abs() <= 2e-3 * b.abs(), "{} {what}: device {a}, cpu {b}", d.name);
+        }
+    }
+    for block in ["conv_block.0", "conv_block.3", "conv_block.6", "conv_block.9"] {
+        let d = sd.outputs.iter().find(|o| o.name == block).expect("the device reports every conv block");
+        let c = before.outputs.iter().find(|o| o.name == block).unwrap();
+        assert!((d.mean - c.mean).abs() <= 1e-3 * c.mean.abs().max(1e-3), "{block} mean: {} vs {}", d.mean, c.mean);
+        assert!((d.std - c.std).abs() <= 1e-3 * c.std.max(1e-3), "{block} std: {} vs {}", d.std, c.std);
+        assert!((d.zero_frac - c.zero_frac).abs() < 0.005, "{block} zeros: {} vs {}", d.zero_frac, c.zero_frac);
+    }
+    println!("{} parameters and {} outputs agree", sd.params.len(), sd.outputs.len());
+}
+
 /// The benchmark code runs on any device: on the emulator its numbers mean nothing, but its
 /// labels, flop counts and plans are checked.
 #[test]

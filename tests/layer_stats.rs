@@ -79,6 +79,15 @@ fn layer_stats_csv_holds_finite_norms_and_adams_first_step() {
     let z: f64 = conv0[9].parse().unwrap();
     assert!(z > 0.0 && z < 0.95, "conv_block.0 zero fraction {z}");
 
+    // A resumed run keeps the rows before its checkpoint and adds its own.
+    let mut args = quick_train_args(d, o);
+    args.extend(["--epochs", "3", "--stats-every", "2", "--resume"]);
+    assert_ok(&medcnn(&args));
+    let text = std::fs::read_to_string(out.join("layer_stats.csv")).unwrap();
+    let steps: std::collections::BTreeSet<u64> =
+        text.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(steps.into_iter().collect::<Vec<_>>(), vec![1, 2, 4, 6, 8], "statistics steps after --resume");
+
     let png = std::fs::read(out.join("layer_stats.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
     let img = image::load_from_memory(&png).unwrap();

@@ -257,7 +257,8 @@ impl Dashboard {
         let now = Instant::now();
         self.snap.elapsed_s = self.started.elapsed().as_secs_f64();
         let window = now.duration_since(self.mark.0).as_secs_f64();
-        if window >= 1.0 {
+        // The speed of the last second or more of training (kept as it was once the run ends).
+        if window >= 1.0 && self.snap.status == "training" {
             self.snap.images_per_sec = (self.images - self.mark.1) as f64 / window;
             self.mark = (now, self.images);
         }
