@@ -72,6 +72,7 @@ impl Watch {
                     batch_size: cfg.batch_size,
                     classes: ds.classes.clone(),
                     device: device.to_string(),
+                    spec: cfg.spec()?,
                 };
                 let image = val_image.map(|i| ds.image(i).to_vec());
                 let mut d = Dashboard::start(addr, info, image, progress).context("--dashboard")?;

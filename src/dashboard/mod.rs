@@ -61,6 +61,8 @@ pub struct RunInfo {
     pub batch_size: usize,
     pub classes: Vec<String>,
     pub device: String,
+    /// The network (its pictures are computed from the exported weights with the CPU layers).
+    pub spec: crate::spec::ModelSpec,
 }
 
 /// A training loss point: the mean over the steps since the previous one.
@@ -331,7 +333,7 @@ impl Dashboard {
     pub fn end_epoch(&mut self, row: &EpochMetrics, cm: &ConfusionMatrix, weights: &[NamedTensor]) {
         self.snap.val.push(ValPoint { epoch: row.epoch, loss: row.val_loss, accuracy: row.val_acc });
         self.snap.confusion = Some(Confusion { epoch: row.epoch, counts: cm.counts.clone() });
-        match pictures::render(weights, self.image.as_deref()) {
+        match pictures::render(&self.info.spec, self.info.classes.len(), weights, self.image.as_deref()) {
             Ok(p) => {
                 self.snap.pictures = Some(Arc::new(p));
                 self.snap.pictures_epoch = row.epoch;
