@@ -329,3 +329,42 @@ print(json.dumps([float(v) for v in p]))
         assert!((a - b).abs() < 1e-5, "medcnn {ours:?} vs PyTorch {theirs:?}");
     }
 }
+
+/// `serve` takes any model file: `/health` says its input, an upload of another size and colour
+/// type is resized to it, predicted, and explained (Grad-CAM at the model's size).
+#[test]
+fn serve_answers_for_a_written_network() {
+    use medcnn::data::InputShape;
+    use medcnn::spec::{BuildOptions, ModelSpec};
+    let tmp = TempDir::new("spec-serve");
+    let spec = ModelSpec::parse(
+        "Conv2d(4, 3, stride=2, padding=1) ReLU MaxPool2d(2) Conv2d(6, 3, padding=1) ReLU AdaptiveAvgPool2d(1) Flatten Linear",
+        InputShape::new(3, 48).unwrap(),
+        0.4,
+    )
+    .unwrap();
+    let classes: Vec<String> = ["A", "B", "C"].iter().map(|c| c.to_string()).collect();
+    let weights = spec.build::<f32>(3, BuildOptions::default(), 3).unwrap().export_weights();
+    let model = tmp.join("model.safetensors");
+    medcnn::model_file::SavedModel::save(&model, &classes, &spec, &weights, Default::default()).unwrap();
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let srv = medcnn::serve::start(&model, addr, medcnn::backend::Device::Cpu).unwrap();
+    let agent = common::http_agent();
+    let url = srv.url();
+    let health: serde_json::Value =
+        serde_json::from_slice(&agent.get(format!("{url}/health")).call().unwrap().into_body().read_to_vec().unwrap())
+            .unwrap();
+    assert_eq!((health["image_size"].as_u64(), health["channels"].as_u64()), (Some(48), Some(3)), "{health}");
+    let png = common::encode(common::class_image(1, 2), image::ImageFormat::Png); // 64x64 gray
+    let r = agent.post(format!("{url}/api/predict")).header("Content-Type", "image/png").send(&png[..]).unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.into_body().read_to_vec().unwrap()).unwrap();
+    assert!(classes.iter().any(|c| v["class"] == c.as_str()), "{v}");
+    assert_eq!(v["image"]["resized"], true, "{v}");
+    let r =
+        agent.post(format!("{url}/api/explain?scale=2")).header("Content-Type", "image/png").send(&png[..]).unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let cam = image::load_from_memory(&r.into_body().read_to_vec().unwrap()).unwrap();
+    assert_eq!((cam.width(), cam.height()), (96, 96), "Grad-CAM at the model's 48x48, scale 2");
+    srv.shutdown();
+}
