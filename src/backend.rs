@@ -4,7 +4,7 @@
 //!
 //! The device is chosen once, when the backend is made; the training loop above it never asks.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::InputShape;
@@ -125,7 +125,7 @@ pub fn check_device(device: Device) -> Result<()> {
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             bail!("--device cuda: {}", crate::cuda::device::DRIVER_HELP);
         }
-        crate::cuda::nvrtc::check_available().context("--device cuda")?;
+        anyhow::Context::context(crate::cuda::nvrtc::check_available(), "--device cuda")?;
         match cudarc::driver::CudaContext::device_count() {
             Ok(n) if n > 0 => Ok(()),
             Ok(_) => bail!("--device cuda: the CUDA driver sees no GPU (is one visible to nvidia-smi?)"),
