@@ -550,8 +550,8 @@ fn resolve_layer(layer: &LayerSpec, input: &[usize], classes: usize, is_last: bo
 
 /// The output height and width of a sliding window, or an error saying why there is none.
 fn window(h: usize, w: usize, k: Hw, s: Hw, p: Hw, ceil: bool) -> Result<(usize, usize)> {
-    match (window_out_len(h, k.h, s.h, p.h, ceil), window_out_len(w, k.w, s.w, p.w, ceil)) {
-        (Some(oh), Some(ow)) if oh > 0 && ow > 0 => Ok((oh, ow)),
+    match crate::layers::window_out_hw(h, w, k, s, p, ceil) {
+        Some((oh, ow)) if oh > 0 && ow > 0 => Ok((oh, ow)),
         _ => bail!(
             "kernel {}x{} is larger than its padded input {}x{}: the shape shrinks to nothing",
             k.h,

@@ -4,7 +4,7 @@
 //! `count_include_pad=False` and `divisor_override`.
 //!
 //! Shapes: x (N, C, H, W) -> y (N, C, OH, OW), OH and OW as for max pooling
-//! (`layers::window_out_len`, floor or ceil mode).
+//! (`layers::window_out_hw`, floor or ceil mode).
 //!
 //! The math. Along one axis, output o's window in padded coordinates is [o*S, o*S + K) clipped
 //! to the padded input [0, H + 2P); in input coordinates that is [o*S - P, end - P). The padding
@@ -23,7 +23,7 @@
 
 use rayon::prelude::*;
 
-use super::{nchw, window_out_len, Ctx, Hw, Layer};
+use super::{nchw, window_out_hw, Ctx, Hw, Layer};
 use crate::tensor::{slice, slice_mut, zeros, Float, Tensor};
 
 pub struct AvgPool2d {
@@ -93,9 +93,7 @@ impl AvgPool2d {
     /// The output (OH, OW) of an (H, W) input, or None when the window is larger than the
     /// padded input on either axis.
     pub fn checked_out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let oh = window_out_len(h, self.kernel.h, self.stride.h, self.padding.h, self.ceil_mode)?;
-        let ow = window_out_len(w, self.kernel.w, self.stride.w, self.padding.w, self.ceil_mode)?;
-        Some((oh, ow))
+        window_out_hw(h, w, self.kernel, self.stride, self.padding, self.ceil_mode)
     }
 
     /// The output (OH, OW) of an (H, W) input. Panics when the window does not fit.

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::{nchw, window_out_len, Ctx, Hw, Layer};
+use super::{nchw, window_out_hw, Ctx, Hw, Layer};
 use crate::tensor::{slice, slice_mut, zeros, Float, Tensor};
 
 pub struct MaxPool2d {
@@ -70,9 +70,7 @@ impl MaxPool2d {
     /// The output (OH, OW) of an (H, W) input, or None when the window is larger than the
     /// padded input on either axis.
     pub fn checked_out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let oh = window_out_len(h, self.kernel.h, self.stride.h, self.padding.h, self.ceil_mode)?;
-        let ow = window_out_len(w, self.kernel.w, self.stride.w, self.padding.w, self.ceil_mode)?;
-        Some((oh, ow))
+        window_out_hw(h, w, self.kernel, self.stride, self.padding, self.ceil_mode)
     }
 
     /// The output (OH, OW) of an (H, W) input. Panics when the window does not fit.

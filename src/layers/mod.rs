@@ -203,6 +203,12 @@ impl std::fmt::Display for Hw {
 /// kept; but the last window must start inside the input or the left padding, i.e.
 /// (out - 1) * stride < len + pad, else it is dropped (PyTorch's `pooling_output_shape`).
 /// A window starting in the right padding would see nothing but padding.
+/// [`window_out_len`] on both axes of an (h, w) input: (OH, OW), or None when the window does
+/// not fit on either. Every windowed layer (conv, max and average pool) and the spec use it.
+pub fn window_out_hw(h: usize, w: usize, k: Hw, stride: Hw, pad: Hw, ceil_mode: bool) -> Option<(usize, usize)> {
+    Some((window_out_len(h, k.h, stride.h, pad.h, ceil_mode)?, window_out_len(w, k.w, stride.w, pad.w, ceil_mode)?))
+}
+
 pub fn window_out_len(len: usize, k: usize, stride: usize, pad: usize, ceil_mode: bool) -> Option<usize> {
     let span = len + 2 * pad;
     if stride == 0 || k == 0 || span < k {
