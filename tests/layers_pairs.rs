@@ -199,18 +199,23 @@ fn fused_block_equals_conv_relu_pool() {
     };
     #[rustfmt::skip]
     let settings: Vec<(&str, Block, ConvAlgo)> = vec![
-        ("padded 3x3", b(2, 4, Hw::square(3), one, one, pool2, [2, 2, 9, 8]), ConvAlgo::Gemm),
+        ("padded 3x3", b(2, 4, Hw::square(3), one, one, pool2, [2, 2, 9, 8]), ConvAlgo::Winograd),
         ("stride 2, padding 1, pool 3/2", b(2, 3, Hw::square(3), two, one, (Hw::square(3), two, zero, false), [3, 2, 11, 9]), ConvAlgo::Gemm),
         ("5x5, padding 2", b(2, 3, Hw::square(5), one, two, pool2, [2, 2, 10, 9]), ConvAlgo::Gemm),
         ("rectangular k(3,5) s(2,1) p(1,2), pool (2,3)/(2,1)", b(2, 3, Hw { h: 3, w: 5 }, Hw { h: 2, w: 1 }, Hw { h: 1, w: 2 }, (Hw { h: 2, w: 3 }, Hw { h: 2, w: 1 }, zero, false), [2, 2, 9, 8]), ConvAlgo::Gemm),
         ("ceil mode, pool padding: pool 3/2 p1 ceil", b(2, 3, Hw::square(3), one, one, (Hw::square(3), two, one, true), [2, 2, 8, 7]), ConvAlgo::Gemm),
         ("pool (3,2)/(2,1) p(1,1) ceil", b(3, 2, Hw::square(2), one, zero, (Hw { h: 3, w: 2 }, Hw { h: 2, w: 1 }, one, true), [2, 3, 7, 6]), ConvAlgo::Gemm),
-        ("3 input channels, 3x3 p1", b(3, 4, Hw::square(3), one, one, pool2, [2, 3, 10, 10]), ConvAlgo::Gemm),
+        ("3 input channels, 3x3 p1", b(3, 4, Hw::square(3), one, one, pool2, [2, 3, 10, 10]), ConvAlgo::Winograd),
         ("batch 5, 2x2 pool ceil on odd planes", b(2, 3, Hw::square(3), one, zero, (two, two, zero, true), [5, 2, 9, 10]), ConvAlgo::Gemm),
         // The reference shapes: 3x3/s1/p0 + 2x2/2, on the fast paths.
         ("reference shape, 1 channel", b(1, 8, Hw::square(3), one, zero, pool2, [3, 1, 20, 18]), ConvAlgo::Direct),
         ("reference shape, 3 channels", b(3, 8, Hw::square(3), one, zero, pool2, [3, 3, 14, 12]), ConvAlgo::Winograd),
         ("reference shape, 8 channels", b(8, 16, Hw::square(3), one, zero, pool2, [4, 8, 12, 12]), ConvAlgo::Winograd),
+        // Padded 3x3 convs run the same fast paths on the padded images.
+        ("1 channel, 3x3 p1", b(1, 8, Hw::square(3), one, one, pool2, [3, 1, 20, 18]), ConvAlgo::Direct),
+        ("1 channel, 3x3 p(2,1), odd planes", b(1, 5, Hw::square(3), one, Hw { h: 2, w: 1 }, pool2, [2, 1, 9, 11]), ConvAlgo::Direct),
+        ("4 channels, 3x3 p(1,2), odd planes", b(4, 6, Hw::square(3), one, Hw { h: 1, w: 2 }, pool2, [3, 4, 9, 11]), ConvAlgo::Winograd),
+        ("4 channels, 3x3 p2, planes 2x3", b(4, 6, Hw::square(3), one, two, pool2, [2, 4, 2, 3]), ConvAlgo::Winograd),
     ];
     println!("\n{:<52} {:<9} {:>9} {:>9} {:>9} {:>9}", "setting", "algo", "y", "dx", "dW", "db");
     let mut failures = Vec::new();

@@ -26,6 +26,12 @@
 //! - several channels, 3x3, pool 2: `winograd.rs`, F(2x2, 3x3), forward and backward (the
 //!   other three blocks; 2.25x fewer multiplies);
 //! - anything else: im2col + GEMM, below.
+//!
+//! The two fast paths compute an unpadded 3x3 conv. A padded one (PyTorch's usual
+//! `Conv2d(c, 3, padding=1)`) is the same conv, unpadded, on the input with its zero border
+//! written out, x_p (C, H + 2PH, W + 2PW) with x_p[c, i + PH, j + PW] = x[c, i, j]: both give
+//! the same conv plane, so the same winners. Backward, the border's gradient belongs to
+//! constants and is dropped: dx[c, i, j] = dx_p[c, i + PH, j + PW] (`pad_images`, `crop_add`).
 
 use rayon::prelude::*;
 
@@ -63,13 +69,16 @@ pub struct ConvReluPool<T: Float> {
     x: Option<Tensor<T>>,
     /// Per pooled output: the index (oh * OW + ow) of its winner in the conv plane, or DEAD.
     argmax: Vec<u32>,
+    /// A padded conv on a fast path: the last forward's input with its zero border written
+    /// out (see the module docs); empty otherwise. Kept, buffer and all, for the backward.
+    padded: Vec<T>,
 }
 
 impl<T: Float> ConvReluPool<T> {
     /// The block `conv` + ReLU + `pool`, for any pair `can_fuse` accepts (today: all).
     pub fn new(conv: Conv2d<T>, pool: MaxPool2d) -> Self {
         assert!(Self::can_fuse(&conv, &pool), "ConvReluPool: this conv and pool do not fuse");
-        ConvReluPool { conv, pool, input_grad: true, direct: true, winograd: true, x: None, argmax: Vec::new() }
+        ConvReluPool { conv, pool, input_grad: true, direct: true, winograd: true, x: None, argmax: Vec::new(), padded: Vec::new() }
     }
 
     /// The last forward's winners: per pooled output (N, OC, PH, PW), the index oh * OW + ow of
@@ -119,16 +128,24 @@ impl<T: Float> ConvReluPool<T> {
         let mut y = zeros(&[n, oc, ph, pw]);
         let mut argmax = std::mem::take(&mut self.argmax);
         argmax.resize(n * oc * ph * pw, 0);
+        let algo = self.algo(x.shape());
+        // The fast paths read an unpadded conv: a padded one reads the padded images instead.
+        let mut padded = std::mem::take(&mut self.padded);
+        let (gf, xf) = match algo {
+            ConvAlgo::Gemm => (g, slice(x)),
+            _ => fast_input(&g, slice(x), &mut padded),
+        };
         let (wt, b, pool) = (slice(&self.conv.weight.value), slice(&self.conv.bias.value), &self.pool);
         let out = oc * ph * pw;
-        match self.algo(x.shape()) {
+        let imgf = c * gf.h * gf.w;
+        match algo {
             ConvAlgo::Direct => {
                 // One image per task, straight from the pixels (see `direct_conv.rs`).
-                let plan = direct_conv::Plan::new(&g);
+                let plan = direct_conv::Plan::new(&gf);
                 slice_mut(&mut y)
                     .par_chunks_mut(out)
                     .zip(argmax.par_chunks_mut(out))
-                    .zip(slice(x).par_chunks(c * h * w))
+                    .zip(xf.par_chunks(imgf))
                     .for_each_init(
                         || vec![T::zero(); plan.scratch()],
                         |scratch, ((yi, ai), xi)| direct_conv::forward(&plan, xi, wt, b, yi, ai, scratch),
@@ -136,12 +153,12 @@ impl<T: Float> ConvReluPool<T> {
             }
             ConvAlgo::Winograd => {
                 // F(2x2, 3x3) Winograd, one group of images per task (see `winograd.rs`).
-                let plan = winograd::Plan::new(&g, oc, n);
+                let plan = winograd::Plan::new(&gf, oc, n);
                 let u = winograd::transform_weights(&plan, wt);
                 slice_mut(&mut y)
                     .par_chunks_mut(plan.group * out)
                     .zip(argmax.par_chunks_mut(plan.group * out))
-                    .zip(slice(x).par_chunks(plan.group * c * h * w))
+                    .zip(xf.par_chunks(plan.group * imgf))
                     .for_each_init(
                         || vec![T::zero(); plan.scratch()],
                         |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
@@ -175,7 +192,58 @@ impl<T: Float> ConvReluPool<T> {
             }
         }
         self.argmax = argmax;
+        self.padded = padded;
         y
+    }
+}
+
+/// What a fast path reads for input x (N, C, H, W): an unpadded conv reads x itself; a padded
+/// one reads `buf`, filled with the padded images (`pad_images`), under the unpadded geometry
+/// of their size.
+fn fast_input<'a, T: Float>(g: &ConvGeometry, x: &'a [T], buf: &'a mut Vec<T>) -> (ConvGeometry, &'a [T]) {
+    if (g.ph, g.pw) == (0, 0) {
+        buf.clear();
+        return (*g, x);
+    }
+    let gp = padded_geometry(g);
+    pad_images(g, x, buf);
+    (gp, &buf[..])
+}
+
+/// The unpadded geometry of the padded images: input (C, H + 2PH, W + 2PW), same kernel and
+/// stride, no padding; its output plane (OH, OW) is the padded conv's.
+fn padded_geometry(g: &ConvGeometry) -> ConvGeometry {
+    let (h, w) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    let gp = ConvGeometry::with_hw(g.c, h, w, Hw { h: g.kh, w: g.kw }, Hw { h: g.sh, w: g.sw }, Hw::square(0));
+    debug_assert_eq!((gp.oh, gp.ow), (g.oh, g.ow));
+    gp
+}
+
+/// buf = x (N, C, H, W) with a zero border of PH rows and PW columns on each side:
+/// buf[n, c, i + PH, j + PW] = x[n, c, i, j], zero elsewhere. Reuses buf's allocation.
+fn pad_images<T: Float>(g: &ConvGeometry, x: &[T], buf: &mut Vec<T>) {
+    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    let planes = x.len() / (g.h * g.w);
+    buf.resize(planes * hp * wp, T::zero());
+    buf.par_chunks_mut(hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(p, xp)| {
+        p[..g.ph * wp].fill(T::zero());
+        p[(g.ph + g.h) * wp..].fill(T::zero());
+        for (row, xrow) in p[g.ph * wp..].chunks_exact_mut(wp).zip(xp.chunks_exact(g.w)) {
+            row[..g.pw].fill(T::zero());
+            row[g.pw..g.pw + g.w].copy_from_slice(xrow);
+            row[g.pw + g.w..].fill(T::zero());
+        }
+    });
+}
+
+/// dx (planes, H, W) += the interior of dx_p (planes, H + 2PH, W + 2PW), the adjoint of
+/// `pad_images` (the border's gradient is dropped: it belongs to the constant zeros).
+fn crop_add<T: Float>(g: &ConvGeometry, dxp: &[T], dx: &mut [T]) {
+    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    for (d, p) in dx.chunks_exact_mut(g.h * g.w).zip(dxp.chunks_exact(hp * wp)) {
+        for (drow, prow) in d.chunks_exact_mut(g.w).zip(p[g.ph * wp..].chunks_exact(wp)) {
+            drow.iter_mut().zip(&prow[g.pw..g.pw + g.w]).for_each(|(a, b)| *a += *b);
+        }
     }
 }
 
@@ -252,15 +320,16 @@ fn sum_live<T: Float>(dy: &[T], arg: &[u32]) -> T {
     acc.iter().fold(tail, |s, &v| s + v)
 }
 
-/// Whether a block is the shape both fast paths need: a 3x3, stride-1, unpadded conv, then
-/// 2x2 pooling with stride 2 in floor mode, on an (N, C, H, W) input of at least 4x4.
+/// Whether a block is the shape both fast paths need: a 3x3, stride-1 conv (padded or not:
+/// a padded one runs on the padded images, see the module docs), then 2x2 pooling with stride
+/// 2 in floor mode, on an (N, C, H, W) input of at least 4x4 once padded.
 pub(crate) fn conv3x3_pool2<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
-    let (one, two, zero) = (Hw::square(1), Hw::square(2), Hw::square(0));
+    let (one, two, zero, pad) = (Hw::square(1), Hw::square(2), Hw::square(0), conv.padding());
     input.len() == 4
-        && (conv.kernel(), conv.stride(), conv.padding()) == (Hw::square(3), one, zero)
+        && (conv.kernel(), conv.stride()) == (Hw::square(3), one)
         && (pool.kernel(), pool.stride(), pool.padding(), pool.ceil_mode()) == (two, two, zero, false)
-        && input[2] >= 4
-        && input[3] >= 4
+        && input[2] + 2 * pad.h >= 4
+        && input[3] + 2 * pad.w >= 4
 }
 
 /// Images per GEMM: enough that the GEMM's N = G*L is at least 256 columns. The late layers
@@ -332,9 +401,14 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         };
         // Each fast path's plan only where it runs (a plan of another shape may not exist:
         // Winograd's needs at least one 2x2 tile).
-        let wplan = (algo == ConvAlgo::Winograd).then(|| winograd::Plan::new(&g, oc, n));
+        // The fast paths read what their forward read: the padded images for a padded conv.
+        let padded = algo != ConvAlgo::Gemm && (g.ph, g.pw) != (0, 0);
+        let (gf, xf) = if padded { (padded_geometry(&g), &self.padded[..]) } else { (g, xs) };
+        assert_eq!(xf.len(), n * c * gf.h * gf.w, "ConvReluPool: the forward did not keep the padded images");
+        let imgf = c * gf.h * gf.w;
+        let wplan = (algo == ConvAlgo::Winograd).then(|| winograd::Plan::new(&gf, oc, n));
         let u = wplan.as_ref().map(|p| winograd::transform_weights(p, wt)).unwrap_or_default();
-        let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&g));
+        let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&gf));
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
             .zip(dx_parts)
@@ -345,18 +419,30 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                     // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
                     let mut mw = vec![T::zero(); 16 * oc * c];
                     let mut scratch = vec![T::zero(); winograd::backward_scratch(wplan)];
+                    // A padded conv's dx comes back padded, then loses its border (`crop_add`).
+                    let mut dxp = vec![T::zero(); if padded && input_grad { wplan.group * imgf } else { 0 }];
                     let mut first = r.start;
                     while first < r.end {
                         let gs = wplan.group.min(r.end - first);
                         let imgs = first..first + gs;
                         let (xg, dyg, ag) = (
-                            &xs[imgs.start * img..imgs.end * img],
+                            &xf[imgs.start * imgf..imgs.end * imgf],
                             &dys[imgs.start * out..imgs.end * out],
                             &args[imgs.start * out..imgs.end * out],
                         );
                         let at = (first - r.start) * img;
-                        let dxg = if input_grad { Some(&mut dx_part[at..at + gs * img]) } else { None };
+                        let dxg = match (input_grad, padded) {
+                            (false, _) => None,
+                            (true, false) => Some(&mut dx_part[at..at + gs * img]),
+                            (true, true) => {
+                                dxp[..gs * imgf].fill(T::zero());
+                                Some(&mut dxp[..gs * imgf])
+                            }
+                        };
                         winograd::backward_group(wplan, &u, xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
+                        if input_grad && padded {
+                            crop_add(&g, &dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
+                        }
                         first += gs;
                     }
                     winograd::finish_weight_grad(wplan, &mw, &mut dw);
@@ -366,7 +452,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                     // dW and db straight from the pixels (see `direct_conv.rs`).
                     let mut scratch = vec![T::zero(); plan.scratch()];
                     for i in r.clone() {
-                        let (xi, dyi, ai) = (&xs[i * img..][..img], &dys[i * out..][..out], &args[i * out..][..out]);
+                        let (xi, dyi, ai) = (&xf[i * imgf..][..imgf], &dys[i * out..][..out], &args[i * out..][..out]);
                         direct_conv::backward(plan, xi, dyi, ai, &mut dw, &mut db, &mut scratch);
                     }
                     return (dw, db);
