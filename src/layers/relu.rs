@@ -4,20 +4,42 @@
 //!
 //!   dx = dy * [y > 0]
 //!
-//! The output alone decides it (y > 0 exactly when x > 0), so forward keeps y, not x.
+//! The output alone decides it (y > 0 exactly when x > 0), so forward keeps only that mask, one
+//! byte per element, not x or y. An input the caller gives away (`forward_owned`) becomes y in
+//! place. Both passes split the elements over the threads: a ReLU moves memory and computes
+//! almost nothing, and one thread alone could not keep up with the conv layers around it.
+
+use rayon::prelude::*;
 
 use super::{Ctx, Layer};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{from_vec, slice, slice_mut, Float, Tensor};
+
+/// Elements per parallel task: below this, splitting costs more than it saves.
+const CHUNK: usize = 1 << 14;
 
 #[derive(Default)]
 pub struct Relu<T: Float> {
-    y: Option<Tensor<T>>,
+    /// [y > 0] of the last forward, in row-major order (NaN counts as > 0: its gradient
+    /// passes, as in PyTorch). Kept, allocation and all, from step to step.
+    live: Vec<bool>,
+    /// The last forward's shape (what backward's dy must have).
+    shape: Vec<usize>,
+    _t: std::marker::PhantomData<T>,
 }
 
 impl<T: Float> Relu<T> {
     pub fn new() -> Self {
-        Relu { y: None }
+        Relu { live: Vec::new(), shape: Vec::new(), _t: std::marker::PhantomData }
     }
+}
+
+/// y = max(v, 0), written `v < 0 ? 0 : v` so that a NaN stays NaN (as in PyTorch) instead of
+/// vanishing; returns whether y is live (not <= 0, so NaN is live).
+#[inline]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn relu<T: Float>(v: T) -> (T, bool) {
+    let y = if v < T::zero() { T::zero() } else { v };
+    (y, !(y <= T::zero()))
 }
 
 impl<T: Float> Layer<T> for Relu<T> {
@@ -29,21 +51,29 @@ impl<T: Float> Layer<T> for Relu<T> {
         s.to_vec()
     }
 
-    fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
-        // `v > 0 ? v : 0`, written so that a NaN stays NaN (as in PyTorch) instead of vanishing.
-        let y = x.mapv(|v| if v < T::zero() { T::zero() } else { v });
-        self.y = Some(y.clone());
-        y
+    fn forward(&mut self, x: &Tensor<T>, ctx: Ctx) -> Tensor<T> {
+        self.forward_owned(x.clone(), ctx)
+    }
+
+    fn forward_owned(&mut self, mut x: Tensor<T>, _ctx: Ctx) -> Tensor<T> {
+        self.shape = x.shape().to_vec();
+        self.live.resize(x.len(), false);
+        slice_mut(&mut x).par_chunks_mut(CHUNK).zip(self.live.par_chunks_mut(CHUNK)).for_each(|(xs, ls)| {
+            for (v, l) in xs.iter_mut().zip(ls) {
+                (*v, *l) = relu(*v);
+            }
+        });
+        x
     }
 
     fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T> {
-        let y = self.y.as_ref().expect("ReLU::backward called before forward");
-        let mut dx = dy.clone();
-        dx.zip_mut_with(y, |d, &v| {
-            if v <= T::zero() {
-                *d = T::zero()
-            }
-        });
-        dx
+        assert_eq!(dy.shape(), &self.shape[..], "ReLU::backward: dy shape (or no forward before it)");
+        let dx: Vec<T> = slice(dy)
+            .par_iter()
+            .with_min_len(CHUNK)
+            .zip(self.live.par_iter())
+            .map(|(&d, &l)| if l { d } else { T::zero() })
+            .collect();
+        from_vec(dy.shape(), dx)
     }
 }
