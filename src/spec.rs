@@ -101,8 +101,10 @@ impl LayerInfo {
 /// How the CPU layers are put together.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BuildOptions {
-    /// Conv + ReLU + MaxPool in a row become one fused `ConvReluPool` (the fast CPU path).
-    /// Same parameters, names and results as the three layers.
+    /// The training build: Conv + ReLU + MaxPool in a row become one fused `ConvReluPool` (the
+    /// fast CPU path), with the same parameters, names and results as the three layers, and
+    /// the first layer does not compute the gradient of the images (its backward returns an
+    /// empty tensor). The layer-by-layer build (`false`) is what explain and the tests read.
     pub fused: bool,
     /// Fused blocks use im2col + GEMM only (no direct or Winograd path): the sums closest to
     /// the GPU's, which the CUDA checks compare against.
@@ -254,7 +256,13 @@ impl ModelSpec {
                             i += 3;
                             continue;
                         }
-                        _ => m.push_kind(name, LayerKind::Conv2d, conv),
+                        _ => {
+                            let mut conv = conv;
+                            // As the fused block above: the training build skips the images'
+                            // gradient; the layer-by-layer build (explain's) keeps it.
+                            conv.input_grad = i > 0 || !opts.fused;
+                            m.push_kind(name, LayerKind::Conv2d, conv)
+                        }
                     }
                 }
                 LayerSpec::MaxPool2d(p) => m.push_kind(name, LayerKind::MaxPool2d, max_pool(&p)),

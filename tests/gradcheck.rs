@@ -65,6 +65,11 @@ fn every_layer_matches_finite_differences() {
     let mut conv_s1 = Conv2d::<f64>::new(3, 4, (3, 3), 1, 0);
     let mut conv_s2 = Conv2d::<f64>::new(2, 3, (3, 2), 2, 1);
     let mut conv_1x1 = Conv2d::<f64>::new(3, 2, (1, 1), 1, 0);
+    // A 10x10 output plane (L = 100): 3 images per GEMM, so a thread's 4 images are a group of
+    // 3 and a group of 1 (`conv2d::group_size`); and the first layer's form, without dx.
+    let mut conv_groups = Conv2d::<f64>::new(2, 3, (3, 3), 1, 1);
+    let mut conv_no_dx = Conv2d::<f64>::new(2, 3, (5, 5), 2, 2);
+    conv_no_dx.input_grad = false;
     let mut linear = Linear::<f64>::new(7, 5);
     let mut fused = ConvReluPool::new(Conv2d::<f64>::new(2, 3, (3, 3), 1, 1), MaxPool2d::new(2, 2));
     let mut fused_s2 = ConvReluPool::new(Conv2d::<f64>::new(2, 2, (3, 3), 2, 1), MaxPool2d::new(3, 2));
@@ -87,8 +92,16 @@ fn every_layer_matches_finite_differences() {
             p.value = direct_rng.tensor(p.value.shape());
         }
     }
-    for l in [&mut conv_s1 as &mut dyn Layer<f64>, &mut conv_s2, &mut conv_1x1, &mut linear, &mut fused, &mut fused_s2]
-    {
+    for l in [
+        &mut conv_s1 as &mut dyn Layer<f64>,
+        &mut conv_s2,
+        &mut conv_1x1,
+        &mut conv_groups,
+        &mut conv_no_dx,
+        &mut linear,
+        &mut fused,
+        &mut fused_s2,
+    ] {
         for p in l.params_mut() {
             p.value = rng.tensor(p.value.shape());
         }
@@ -99,6 +112,8 @@ fn every_layer_matches_finite_differences() {
         ("Conv2d 3->4 k3 s1 p0", Box::new(conv_s1), rng.tensor(&[2, 3, 7, 6])),
         ("Conv2d 2->3 k3x2 s2 p1", Box::new(conv_s2), rng.tensor(&[3, 2, 7, 5])),
         ("Conv2d 3->2 k1 s1 p0", Box::new(conv_1x1), rng.tensor(&[2, 3, 3, 5])),
+        ("Conv2d 2->3 k3 p1, groups of 3+1", Box::new(conv_groups), rng.tensor(&[7, 2, 10, 10])),
+        ("Conv2d 2->3 k5 s2 p2, no dx", Box::new(conv_no_dx), rng.tensor(&[3, 2, 9, 8])),
         ("ConvReluPool 2->3 k3 p1, pool 2/2", Box::new(fused), rng.tensor(&[3, 2, 7, 6])),
         ("ConvReluPool 2->2 k3 s2 p1, pool 3/2", Box::new(fused_s2), rng.tensor(&[2, 2, 11, 9])),
         ("MaxPool2d k2 s2", Box::new(MaxPool2d::new(2, 2)), rng.distinct(&[2, 3, 7, 6])),

@@ -1,6 +1,7 @@
 //! 2-D convolution (cross-correlation, as in PyTorch), any kernel size, stride and zero padding,
-//! each given per axis (height, width), with bias. CPU path: im2col + GEMM per image, images in
-//! parallel with rayon. Not here: dilation and groups (PyTorch's other two arguments).
+//! each given per axis (height, width), with bias. CPU path: im2col + GEMM per group of images
+//! (one image, or several side by side where the output plane is small), groups in parallel
+//! with rayon. Not here: dilation and groups (PyTorch's other two arguments).
 //!
 //! Shapes: x (N, C, H, W), weight (OC, C, KH, KW), bias (OC), y (N, OC, OH, OW),
 //! OH = floor((H + 2PH - KH) / SH) + 1, OW = floor((W + 2PW - KW) / SW) + 1.
@@ -25,7 +26,7 @@
 use rayon::prelude::*;
 
 use super::{batch_ranges, nchw, out_len, split_by_ranges, Ctx, Hw, Layer, Param};
-use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
+use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
 
 /// The sizes of one convolution, shared by im2col, col2im and the layer: input (C, H, W),
 /// kernel (KH, KW), vertical and horizontal stride (SH, SW) and padding (PH, PW), output (OH, OW).
@@ -154,12 +155,43 @@ fn axes(v: Hw) -> String {
     }
 }
 
-/// Forward of one image: y (OC, L) = W (OC, K) col (K, L) + b. `col` is scratch of size K*L.
-pub fn conv_forward_image<T: Float>(g: &ConvGeometry, w: &[T], b: &[T], x: &[T], col: &mut [T], y: &mut [T]) {
+/// Images per GEMM: enough that the GEMM's N = G*L is at least 256 columns. Late layers have
+/// tiny planes (L = 64 for an 8x8 output), where one image per GEMM would starve it.
+pub fn group_size(l: usize, n: usize) -> usize {
+    256usize.div_ceil(l).clamp(1, n.max(1))
+}
+
+/// col (K, G*L) for a group of images side by side: image i fills columns i*L .. (i+1)*L.
+pub(crate) fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T]) {
+    let (img, l) = (g.c * g.h * g.w, g.l());
+    let gs = xs.len() / img;
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        im2col(g, x, &mut col[i * l..], gs * l);
+    }
+}
+
+/// Forward of a group of G images xs (G, C, H, W) side by side, one GEMM for all:
+/// Y (OC, G*L) = W (OC, K) col (K, G*L), then y_i (OC, L) = Y[:, i*L..(i+1)*L] + b for each
+/// image into ys (G, OC, L). One image (G = 1) needs no reordering: its GEMM writes ys itself.
+/// `col` and `yc` are scratch of at least K*G*L and OC*G*L.
+pub fn conv_forward_group<T: Float>(g: &ConvGeometry, w: &[T], b: &[T], xs: &[T], col: &mut [T], yc: &mut [T], ys: &mut [T]) {
     let (oc, k, l) = (b.len(), g.k(), g.l());
-    im2col(g, x, col, l);
-    gemm(false, false, oc, l, k, T::one(), w, col, T::zero(), y);
-    for (yrow, &bias) in y.chunks_exact_mut(l).zip(b) {
+    let gs = xs.len() / (g.c * g.h * g.w);
+    let ld = gs * l;
+    im2col_group(g, xs, &mut col[..k * ld]);
+    if gs == 1 {
+        gemm(false, false, oc, l, k, T::one(), w, col, T::zero(), ys);
+    } else {
+        gemm(false, false, oc, ld, k, T::one(), w, col, T::zero(), &mut yc[..oc * ld]);
+        for (i, yi) in ys.chunks_exact_mut(oc * l).enumerate() {
+            for (o, yrow) in yi.chunks_exact_mut(l).enumerate() {
+                yrow.copy_from_slice(&yc[o * ld + i * l..][..l]);
+            }
+        }
+    }
+    // ys's rows of L are (image, channel) in order: row r belongs to channel r mod OC.
+    for (r, yrow) in ys.chunks_exact_mut(l).enumerate() {
+        let bias = b[r % oc];
         yrow.iter_mut().for_each(|v| *v += bias);
     }
 }
@@ -174,9 +206,13 @@ pub struct Conv2d<T: Float> {
     pub weight: Param<T>,
     /// (OC)
     pub bias: Param<T>,
-    /// The input of the last forward call: backward rebuilds each image's col from it (one
-    /// image's col at a time stays in cache, the whole batch's would not).
+    /// The input of the last forward call: backward rebuilds each group's col from it (one
+    /// group's col at a time stays in cache, the whole batch's would not).
     x: Option<Tensor<T>>,
+    /// Whether backward computes dx. The model's first layer is told not to (nobody needs the
+    /// gradient of the images, and it is the most expensive GEMM of its backward); backward
+    /// then returns an empty (0, C, H, W) tensor. Explain's models keep it on (saliency).
+    pub input_grad: bool,
 }
 
 impl<T: Float> Conv2d<T> {
@@ -213,6 +249,7 @@ impl<T: Float> Conv2d<T> {
             weight: Param::new(zeros(&[out_channels, in_channels, kernel.h, kernel.w])),
             bias: Param::new(zeros(&[out_channels])),
             x: None,
+            input_grad: true,
         }
     }
 
@@ -265,18 +302,23 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         (2 * input[0] * self.out_channels * g.k() * g.l()) as u64
     }
 
-    fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
-        let (n, c, h, w) = nchw("Conv2d", x);
+    fn forward(&mut self, x: &Tensor<T>, ctx: Ctx) -> Tensor<T> {
+        self.forward_owned(x.clone(), ctx)
+    }
+
+    fn forward_owned(&mut self, x: Tensor<T>, _ctx: Ctx) -> Tensor<T> {
+        let (n, c, h, w) = nchw("Conv2d", &x);
         let g = self.geometry(x.shape());
-        let oc = self.out_channels;
+        let (oc, k, l) = (self.out_channels, g.k(), g.l());
+        let gsize = group_size(l, n);
         let mut y = zeros(&[n, oc, g.oh, g.ow]);
         let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
-        // One image per task; each task keeps its own col buffer.
-        slice_mut(&mut y).par_chunks_mut(oc * g.l()).zip(slice(x).par_chunks(c * h * w)).for_each_init(
-            || vec![T::zero(); g.k() * g.l()],
-            |col, (yn, xn)| conv_forward_image(&g, wt, b, xn, col, yn),
+        // One group of images per task; each task keeps its own col and GEMM-output buffers.
+        slice_mut(&mut y).par_chunks_mut(gsize * oc * l).zip(slice(&x).par_chunks(gsize * c * h * w)).for_each_init(
+            || (zero_vec(k * gsize * l), zero_vec(if gsize > 1 { oc * gsize * l } else { 0 })),
+            |(col, yc), (ys, xs)| conv_forward_group(&g, wt, b, xs, col, yc, ys),
         );
-        self.x = Some(x.clone());
+        self.x = Some(x); // kept for backward without a copy
         y
     }
 
@@ -287,33 +329,57 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         let (oc, k, l) = (self.out_channels, g.k(), g.l());
         assert_eq!(dy.shape(), &[n, oc, g.oh, g.ow], "Conv2d: dy shape");
         let wt = slice(&self.weight.value);
-        let mut dx = zeros(&[n, c, h, w]);
+        let input_grad = self.input_grad;
+        let img = c * h * w;
+        let mut dx = zeros(&[if input_grad { n } else { 0 }, c, h, w]);
+        let gsize = group_size(l, n);
 
-        // Fixed ranges of images, one per thread; each range sums its own dW and db.
+        // Fixed ranges of images, one per thread; each range sums its own dW and db, a group of
+        // images (side by side, as in forward) per GEMM.
         let ranges = batch_ranges(n, rayon::current_num_threads());
         let (xs, dys) = (slice(x), slice(dy));
-        let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, c * h * w);
+        let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
             .zip(dx_parts)
             .map(|(r, dx_part)| {
-                let mut dw = vec![T::zero(); oc * k];
-                let mut db = vec![T::zero(); oc];
-                let mut col = vec![T::zero(); k * l];
-                let mut dcol = vec![T::zero(); k * l];
-                for (i, img) in r.clone().enumerate() {
-                    let xn = &xs[img * c * h * w..][..c * h * w];
-                    let dyn_ = &dys[img * oc * l..][..oc * l];
-                    im2col(&g, xn, &mut col, l);
-                    // dW += dy_n col_n^T
-                    gemm(false, true, oc, k, l, T::one(), dyn_, &col, T::one(), &mut dw);
-                    // db += row sums of dy_n
-                    for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(l)) {
+                let mut dw = zero_vec(oc * k);
+                let mut db = zero_vec(oc);
+                let mut col = zero_vec(k * gsize * l);
+                let mut dcol = zero_vec(if input_grad { k * gsize * l } else { 0 });
+                let mut dc = zero_vec(if gsize > 1 { oc * gsize * l } else { 0 });
+                let mut first = r.start;
+                while first < r.end {
+                    let gs = gsize.min(r.end - first);
+                    let ld = gs * l;
+                    let dyg = &dys[first * oc * l..(first + gs) * oc * l];
+                    // dY (OC, G*L): the group's dy side by side (one image's dy already is).
+                    let dcg: &[T] = if gs == 1 {
+                        dyg
+                    } else {
+                        for (i, dyi) in dyg.chunks_exact(oc * l).enumerate() {
+                            for (o, row) in dyi.chunks_exact(l).enumerate() {
+                                dc[o * ld + i * l..][..l].copy_from_slice(row);
+                            }
+                        }
+                        &dc[..oc * ld]
+                    };
+                    // db += row sums of dY
+                    for (d, row) in db.iter_mut().zip(dcg.chunks_exact(ld)) {
                         *d += row.iter().fold(T::zero(), |s, &v| s + v);
                     }
-                    // dcol = W^T dy_n, then dx_n = col2im(dcol)
-                    gemm(true, false, k, l, oc, T::one(), wt, dyn_, T::zero(), &mut dcol);
-                    col2im(&g, &dcol, &mut dx_part[i * c * h * w..][..c * h * w], l);
+                    // dW += dY col^T
+                    im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col[..k * ld]);
+                    gemm(false, true, oc, k, ld, T::one(), dcg, &col, T::one(), &mut dw);
+                    if input_grad {
+                        // dcol = W^T dY, then dx_i = col2im(dcol's columns of image i)
+                        gemm(true, false, k, ld, oc, T::one(), wt, dcg, T::zero(), &mut dcol[..k * ld]);
+                        for i in 0..gs {
+                            let at = (first - r.start + i) * img;
+                            col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld);
+                        }
+                    }
+                    first += gs;
                 }
                 (dw, db)
             })

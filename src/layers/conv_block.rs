@@ -35,10 +35,10 @@
 
 use rayon::prelude::*;
 
-use super::conv2d::{col2im, im2col, ConvGeometry};
+use super::conv2d::{col2im, group_size, im2col_group, ConvGeometry};
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Hw, Layer, MaxPool2d, Param};
 use super::{direct_conv, winograd};
-use crate::tensor::{gemm, slice, slice_mut, zeros, Float, Tensor};
+use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
 
 /// The three ways to compute a block; all keep the same winners (`argmax`), so any backward
 /// can follow any forward.
@@ -147,7 +147,7 @@ impl<T: Float> ConvReluPool<T> {
                     .zip(argmax.par_chunks_mut(out))
                     .zip(xf.par_chunks(imgf))
                     .for_each_init(
-                        || vec![T::zero(); plan.scratch()],
+                        || zero_vec(plan.scratch()),
                         |scratch, ((yi, ai), xi)| direct_conv::forward(&plan, xi, wt, b, yi, ai, scratch),
                     );
             }
@@ -160,7 +160,7 @@ impl<T: Float> ConvReluPool<T> {
                     .zip(argmax.par_chunks_mut(plan.group * out))
                     .zip(xf.par_chunks(plan.group * imgf))
                     .for_each_init(
-                        || vec![T::zero(); plan.scratch()],
+                        || zero_vec(plan.scratch()),
                         |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
                     );
             }
@@ -171,7 +171,7 @@ impl<T: Float> ConvReluPool<T> {
                     .zip(argmax.par_chunks_mut(gsize * out))
                     .zip(slice(x).par_chunks(gsize * c * h * w))
                     .for_each_init(
-                        || (vec![T::zero(); k * gsize * l], vec![T::zero(); oc * gsize * l]),
+                        || (zero_vec(k * gsize * l), zero_vec(oc * gsize * l)),
                         |(col, conv), ((yg, ag), xg)| {
                             let gs = xg.len() / (c * h * w);
                             im2col_group(&g, xg, col);
@@ -332,21 +332,6 @@ pub(crate) fn conv3x3_pool2<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input:
         && input[3] + 2 * pad.w >= 4
 }
 
-/// Images per GEMM: enough that the GEMM's N = G*L is at least 256 columns. The late layers
-/// have tiny planes (L = 16 for the last conv), where one image per GEMM would starve it.
-pub fn group_size(l: usize, n: usize) -> usize {
-    256usize.div_ceil(l).clamp(1, n.max(1))
-}
-
-/// col (K, G*L) for a group of images side by side: image i fills columns i*L .. (i+1)*L.
-fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T]) {
-    let (img, l) = (g.c * g.h * g.w, g.l());
-    let gs = xs.len() / img;
-    for (i, x) in xs.chunks_exact(img).enumerate() {
-        im2col(g, x, &mut col[i * l..], gs * l);
-    }
-}
-
 impl<T: Float> Layer<T> for ConvReluPool<T> {
     fn describe(&self) -> String {
         format!("{} + ReLU + {}", self.conv.describe(), <MaxPool2d as Layer<T>>::describe(&self.pool))
@@ -413,14 +398,14 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
             .par_iter()
             .zip(dx_parts)
             .map(|(r, dx_part)| {
-                let mut dw = vec![T::zero(); oc * k];
-                let mut db = vec![T::zero(); oc];
+                let mut dw = zero_vec(oc * k);
+                let mut db = zero_vec(oc);
                 if let Some(wplan) = &wplan {
                     // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
-                    let mut mw = vec![T::zero(); 16 * oc * c];
-                    let mut scratch = vec![T::zero(); winograd::backward_scratch(wplan)];
+                    let mut mw = zero_vec(16 * oc * c);
+                    let mut scratch = zero_vec(winograd::backward_scratch(wplan));
                     // A padded conv's dx comes back padded, then loses its border (`crop_add`).
-                    let mut dxp = vec![T::zero(); if padded && input_grad { wplan.group * imgf } else { 0 }];
+                    let mut dxp = zero_vec(if padded && input_grad { wplan.group * imgf } else { 0 });
                     let mut first = r.start;
                     while first < r.end {
                         let gs = wplan.group.min(r.end - first);
@@ -450,7 +435,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 }
                 if let Some(plan) = &plan {
                     // dW and db straight from the pixels (see `direct_conv.rs`).
-                    let mut scratch = vec![T::zero(); plan.scratch()];
+                    let mut scratch = zero_vec(plan.scratch());
                     for i in r.clone() {
                         let (xi, dyi, ai) = (&xf[i * imgf..][..imgf], &dys[i * out..][..out], &args[i * out..][..out]);
                         direct_conv::backward(plan, xi, dyi, ai, &mut dw, &mut db, &mut scratch);
@@ -458,9 +443,9 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                     return (dw, db);
                 }
                 // ConvAlgo::Gemm
-                let mut col = vec![T::zero(); k * gsize * l];
-                let mut dcol = vec![T::zero(); if input_grad { k * gsize * l } else { 0 }];
-                let mut dc = vec![T::zero(); oc * gsize * l + 1];
+                let mut col = zero_vec(k * gsize * l);
+                let mut dcol = zero_vec(if input_grad { k * gsize * l } else { 0 });
+                let mut dc = zero_vec(oc * gsize * l + 1);
                 let mut first = r.start;
                 while first < r.end {
                     let gs = gsize.min(r.end - first);

@@ -35,7 +35,7 @@
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
 use super::{Conv2d, MaxPool2d};
-use crate::tensor::{gemm, Float};
+use crate::tensor::{gemm, zero_vec, Float};
 
 /// Whether this path computes the block for input shape (N, C, H, W): a 3x3, stride-1,
 /// unpadded conv of several channels (one channel is `direct_conv.rs`'s) with 2x2 pooling.
@@ -87,7 +87,7 @@ pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
     let half = T::f(0.5);
     // G g for a column (g0, g1, g2): the four rows of G applied to it.
     let g4 = |g0: T, g1: T, g2: T| [g0, half * (g0 + g1 + g2), half * (g0 - g1 + g2), g2];
-    let mut u = vec![T::zero(); 16 * p.oc * p.c];
+    let mut u = zero_vec(16 * p.oc * p.c);
     for o in 0..p.oc {
         for c in 0..p.c {
             let g = &w[(o * p.c + c) * 9..][..9];

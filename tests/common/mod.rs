@@ -229,10 +229,14 @@ impl Lcg {
     pub fn away_from_zero(&mut self, shape: &[usize]) -> medcnn::tensor::Tensor<f64> {
         self.tensor(shape).mapv(|v| if v >= 0.0 { 0.1 + v } else { v - 0.1 })
     }
-    /// Distinct values 0.01 apart in random order (no ties inside a max-pool window).
+    /// Distinct values 0.013 apart in random order: no ties inside a max-pool window, and no
+    /// finite-difference step of the checker (0.01 first, then smaller) can make two of them
+    /// tie. With a gap of exactly 0.01, x + 0.01 could round one ulp above its neighbour: the
+    /// winner changes by 1e-17, the "difference" is 1e-15 against an analytic 0, a relative
+    /// error of 1.
     pub fn distinct(&mut self, shape: &[usize]) -> medcnn::tensor::Tensor<f64> {
         let n: usize = shape.iter().product();
-        let mut v: Vec<f64> = (0..n).map(|i| i as f64 * 0.01 - 0.5).collect();
+        let mut v: Vec<f64> = (0..n).map(|i| i as f64 * 0.013 - 0.5).collect();
         for i in (1..n).rev() {
             let j = (self.next() * (i + 1) as f64) as usize;
             v.swap(i, j);
