@@ -101,17 +101,51 @@ pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T], ld: usize) {
                     out[ow_hi..].fill(T::zero());
                     if ow_hi > ow_lo {
                         let first = ow_lo * g.sw + j - g.pw;
+                        let out = &mut out[ow_lo..ow_hi];
                         if g.sw == 1 {
-                            out[ow_lo..ow_hi].copy_from_slice(&xrow[first..first + ow_hi - ow_lo]);
+                            out.copy_from_slice(&xrow[first..first + out.len()]);
                         } else {
-                            for (o, v) in out[ow_lo..ow_hi].iter_mut().zip(xrow[first..].iter().step_by(g.sw)) {
-                                *o = *v;
+                            // Every SW-th pixel: the first of each chunk of SW, which the
+                            // compiler can vectorise (`step_by` reads one at a time), and the
+                            // last on its own (its chunk may run past the row).
+                            match g.sw {
+                                2 => every_nth::<T, 2>(&xrow[first..], out),
+                                _ => every_nth_dyn(&xrow[first..], out, g.sw),
                             }
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// out[t] = src[t * N] for every t: the first of each chunk of N, then the last pixel on its
+/// own (its chunk may run past the row). N a constant (stride 2, the common one) lets the
+/// compiler vectorise the strided reads, which `step_by` or a run-time N would not.
+#[inline]
+fn every_nth<T: Float, const N: usize>(src: &[T], out: &mut [T]) {
+    let (head, last) = out.split_at_mut(out.len() - 1);
+    for (o, p) in head.iter_mut().zip(src.chunks_exact(N)) {
+        *o = p[0];
+    }
+    last[0] = src[head.len() * N];
+}
+
+/// dst[t * N] += d[t] for every t, the adjoint of `every_nth` (the same split).
+#[inline]
+fn add_every_nth<T: Float, const N: usize>(d: &[T], dst: &mut [T]) {
+    let (head, last) = d.split_at(d.len() - 1);
+    for (p, v) in dst.chunks_exact_mut(N).zip(head) {
+        p[0] += *v;
+    }
+    dst[head.len() * N] += last[0];
+}
+
+/// `every_nth` for any stride.
+fn every_nth_dyn<T: Float>(src: &[T], out: &mut [T], n: usize) {
+    for (o, v) in out.iter_mut().zip(src.iter().step_by(n)) {
+        *o = *v;
     }
 }
 
@@ -136,8 +170,9 @@ pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T], ld: usize) {
                         // Contiguous: a plain slice add, which the compiler vectorises.
                         dxrow[first..first + d.len()].iter_mut().zip(d).for_each(|(x, v)| *x += *v);
                     } else {
-                        for (x, v) in dxrow[first..].iter_mut().step_by(g.sw).zip(d) {
-                            *x += *v;
+                        match g.sw {
+                            2 => add_every_nth::<T, 2>(d, &mut dxrow[first..]),
+                            _ => dxrow[first..].iter_mut().step_by(g.sw).zip(d).for_each(|(x, v)| *x += *v),
                         }
                     }
                 }
