@@ -348,6 +348,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    medcnn::tensor::keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
