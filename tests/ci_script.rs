@@ -112,10 +112,42 @@ fn ci_runs_the_test_command_with_every_requirement() {
     let lines: Vec<&str> = run.lines().map(str::trim).collect();
     let at = |l: &str| lines.iter().position(|x| *x == l).unwrap_or_else(|| panic!(".ci/run has no line {l:?}"));
     let test = at("cargo test --release --features cuda");
-    for step in ["source .ci/lib.sh", "require_gxx", "require_nvrtc", "require_chromium"] {
+    for step in ["source .ci/lib.sh", "require_gxx", "require_nvrtc", "require_chromium", "require_avx512_where_present"] {
         assert!(at(step) < test, "{step} comes after the tests in .ci/run");
     }
-    for var in ["MEDCNN_REQUIRE_DATA=1", "MEDCNN_REQUIRE_AVX512=1"] {
-        assert!(at(&format!("export {var}")) < test, "{var} is set after the tests");
-    }
+    assert!(at("export MEDCNN_REQUIRE_DATA=1") < test, "MEDCNN_REQUIRE_DATA is set after the tests");
+}
+
+/// Runs `require_avx512_where_present` on a made-up /proc/cpuinfo whose flags line is `flags`;
+/// gives what it left in MEDCNN_REQUIRE_AVX512 and its stderr.
+fn avx512_step(flags: &str) -> (String, String) {
+    let tmp = TempDir::new("ci-cpuinfo");
+    let cpuinfo = tmp.join("cpuinfo");
+    std::fs::write(&cpuinfo, format!("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n")).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("source .ci/lib.sh && require_avx512_where_present && echo \"REQUIRE=${MEDCNN_REQUIRE_AVX512:-unset}\"")
+        .current_dir(ROOT)
+        .env("MEDCNN_CPUINFO", &cpuinfo)
+        .env_remove("MEDCNN_REQUIRE_AVX512")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    (text(&out.stdout).trim().to_string(), text(&out.stderr))
+}
+
+/// Where the CPU has AVX-512F, CI requires the AVX-512 unit tests to run; where it has not
+/// (AVX2 only, or only AVX-512 extensions' names that merely contain "avx512f"), CI says on
+/// stderr that the AVX-512 code goes unchecked and does not require it.
+#[test]
+fn ci_requires_avx512_exactly_where_the_cpu_has_it() {
+    let (out, _) = avx512_step("fpu sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl");
+    assert_eq!(out, "REQUIRE=1");
+    let (out, _) = avx512_step("fpu sse2 avx avx2 avx512bw avx512f");
+    assert_eq!(out, "REQUIRE=1", "avx512f as the last flag");
+    let (out, err) = avx512_step("fpu sse2 avx avx2 fma sha_ni vaes");
+    assert_eq!(out, "REQUIRE=unset");
+    assert!(err.contains("no AVX-512F") && err.contains("not checked"), "{err}");
+    let (out, _) = avx512_step("fpu avx2 xavx512fx");
+    assert_eq!(out, "REQUIRE=unset", "a flag that only contains avx512f is not avx512f");
 }
