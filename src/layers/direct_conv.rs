@@ -28,7 +28,8 @@ use super::conv_block::{conv3x3_pool2, DEAD};
 use super::{Conv2d, MaxPool2d};
 use crate::tensor::Float;
 
-/// Windows handled side by side: one 512-bit vector of f32 (the f64 checks use it too).
+/// Windows handled side by side: one 512-bit vector of f32 with AVX-512, two 256-bit ones with
+/// AVX2 (the f64 checks use it too).
 const LANES: usize = 16;
 
 /// Whether the direct path computes this block for input shape (N, C, H, W).
@@ -342,6 +343,184 @@ mod avx512 {
     }
 }
 
+/// The same two functions for f32 with AVX2, for CPUs without AVX-512 (an AMD Zen 3, say): a
+/// run of LANES = 16 windows is two 8-float vectors, every operation the portable one in the same
+/// order (no FMA), so the bits are again the portable code's, which a test checks. The run that
+/// hangs over a row's end goes through a 16-float buffer instead of a lane mask.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Plan, DEAD, LANES};
+    use std::arch::x86_64::*;
+
+    /// LANES floats (or i32) as two halves.
+    type V = [__m256; 2];
+    type Vi = [__m256i; 2];
+
+    #[target_feature(enable = "avx2")]
+    fn load(v: &[f32], at: usize) -> V {
+        let r: &[f32; LANES] = v[at..at + LANES].try_into().unwrap();
+        // SAFETY: `r` is LANES readable floats; each half reads 8 of them.
+        unsafe { [_mm256_loadu_ps(r.as_ptr()), _mm256_loadu_ps(r.as_ptr().add(8))] }
+    }
+    #[target_feature(enable = "avx2")]
+    fn load_i(v: &[u32; LANES]) -> Vi {
+        // SAFETY: `v` is LANES readable u32; each half reads 8 of them.
+        unsafe { [_mm256_loadu_si256(v.as_ptr().cast()), _mm256_loadu_si256(v.as_ptr().add(8).cast())] }
+    }
+    #[target_feature(enable = "avx2")]
+    fn store(v: V) -> [f32; LANES] {
+        let mut out = [0f32; LANES];
+        // SAFETY: `out` holds LANES floats; each half writes 8 of them.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), v[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), v[1]);
+        }
+        out
+    }
+    #[target_feature(enable = "avx2")]
+    fn store_i(v: Vi) -> [u32; LANES] {
+        let mut out = [0u32; LANES];
+        // SAFETY: `out` holds LANES u32; each half writes 8 of them.
+        unsafe {
+            _mm256_storeu_si256(out.as_mut_ptr().cast(), v[0]);
+            _mm256_storeu_si256(out.as_mut_ptr().add(8).cast(), v[1]);
+        }
+        out
+    }
+    #[target_feature(enable = "avx2")]
+    fn splat(v: f32) -> V {
+        [_mm256_set1_ps(v); 2]
+    }
+    #[target_feature(enable = "avx2")]
+    fn splat_i(v: u32) -> Vi {
+        [_mm256_set1_epi32(v as i32); 2]
+    }
+    #[target_feature(enable = "avx2")]
+    fn add(a: V, b: V) -> V {
+        [_mm256_add_ps(a[0], b[0]), _mm256_add_ps(a[1], b[1])]
+    }
+    #[target_feature(enable = "avx2")]
+    fn mul(a: V, b: V) -> V {
+        [_mm256_mul_ps(a[0], b[0]), _mm256_mul_ps(a[1], b[1])]
+    }
+    #[target_feature(enable = "avx2")]
+    fn add_i(a: Vi, b: Vi) -> Vi {
+        [_mm256_add_epi32(a[0], b[0]), _mm256_add_epi32(a[1], b[1])]
+    }
+    /// All-ones lanes where a == b.
+    #[target_feature(enable = "avx2")]
+    fn eq_i(a: Vi, b: Vi) -> V {
+        [_mm256_castsi256_ps(_mm256_cmpeq_epi32(a[0], b[0])), _mm256_castsi256_ps(_mm256_cmpeq_epi32(a[1], b[1]))]
+    }
+    /// v where the mask is set, +0 elsewhere (as the portable `if won { dy } else { 0 }`).
+    #[target_feature(enable = "avx2")]
+    fn and(mask: V, v: V) -> V {
+        [_mm256_and_ps(mask[0], v[0]), _mm256_and_ps(mask[1], v[1])]
+    }
+    /// b where the mask is set, a elsewhere.
+    #[target_feature(enable = "avx2")]
+    fn blend(a: V, b: V, mask: V) -> V {
+        [_mm256_blendv_ps(a[0], b[0], mask[0]), _mm256_blendv_ps(a[1], b[1], mask[1])]
+    }
+    #[target_feature(enable = "avx2")]
+    fn blend_i(a: Vi, b: Vi, mask: V) -> Vi {
+        let f = |a: __m256i, b: __m256i, m: __m256| {
+            _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), m))
+        };
+        [f(a[0], b[0], mask[0]), f(a[1], b[1], mask[1])]
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub fn forward_image(p: &Plan, x: &[f32], wt: &[f32], b: &[f32], y: &mut [f32], arg: &mut [u32], s: &mut [f32]) {
+        super::deinterleave(p, x, s);
+        let (ev, od) = s.split_at(p.h * p.stride);
+        let plane = p.ph * p.pw;
+        let two_l = load_i(&std::array::from_fn(|l| 2 * l as u32));
+        let ow = p.ow as u32;
+        let offs = [0, 1, ow, ow + 1].map(|v| splat_i(v));
+        for (o, (yo, ao)) in y.chunks_exact_mut(plane).zip(arg.chunks_exact_mut(plane)).enumerate() {
+            let w: [V; 9] = std::array::from_fn(|t| splat(wt[o * 9 + t]));
+            for i in 0..p.ph {
+                for jb in (0..p.pw).step_by(LANES) {
+                    let mut c = [splat(b[o]); 4];
+                    for dr in 0..2 {
+                        for kh in 0..3 {
+                            let at = (2 * i + dr + kh) * p.stride + jb;
+                            let (e0, o0, e1, o1) = (load(ev, at), load(od, at), load(ev, at + 1), load(od, at + 1));
+                            let (w0, w1, w2) = (w[3 * kh], w[3 * kh + 1], w[3 * kh + 2]);
+                            let t0 = add(add(mul(w0, e0), mul(w1, o0)), mul(w2, e1));
+                            let t1 = add(add(mul(w0, o0), mul(w1, e1)), mul(w2, o1));
+                            c[2 * dr] = add(c[2 * dr], t0);
+                            c[2 * dr + 1] = add(c[2 * dr + 1], t1);
+                        }
+                    }
+                    // !(v <= best) is "not less-or-equal, unordered": true for NaN too.
+                    let (mut best, mut off) = (c[0], offs[0]);
+                    for s in 1..4 {
+                        let take = [
+                            _mm256_cmp_ps::<_CMP_NLE_UQ>(c[s][0], best[0]),
+                            _mm256_cmp_ps::<_CMP_NLE_UQ>(c[s][1], best[1]),
+                        ];
+                        best = blend(best, c[s], take);
+                        off = blend_i(off, offs[s], take);
+                    }
+                    let corner = add_i(splat_i((2 * i * p.ow + 2 * jb) as u32), two_l);
+                    let zero = splat(0.0);
+                    // false for NaN, which stays alive and spreads, as on the portable path
+                    let dead = [_mm256_cmp_ps::<_CMP_LE_OQ>(best[0], zero[0]), _mm256_cmp_ps::<_CMP_LE_OQ>(best[1], zero[1])];
+                    let (yv, at) = (store(blend(best, zero, dead)), store_i(blend_i(add_i(corner, off), splat_i(DEAD), dead)));
+                    let live = LANES.min(p.pw - jb);
+                    yo[i * p.pw + jb..][..live].copy_from_slice(&yv[..live]);
+                    ao[i * p.pw + jb..][..live].copy_from_slice(&at[..live]);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_image(p: &Plan, x: &[f32], dy: &[f32], arg: &[u32], dw: &mut [f32], db: &mut [f32], s: &mut [f32]) {
+        super::deinterleave(p, x, s);
+        let (ev, od) = s.split_at(p.h * p.stride);
+        let plane = p.ph * p.pw;
+        let two_l = load_i(&std::array::from_fn(|l| 2 * l as u32));
+        let ow = p.ow as u32;
+        let offs = [0, 1, ow, ow + 1].map(|v| splat_i(v));
+        let dead = splat_i(DEAD);
+        for (o, (dyo, ao)) in dy.chunks_exact(plane).zip(arg.chunks_exact(plane)).enumerate() {
+            let (mut acc, mut dba) = ([splat(0.0); 9], splat(0.0));
+            for i in 0..p.ph {
+                for jb in (0..p.pw).step_by(LANES) {
+                    // Lanes past the row's end: dy = 0 and no winner, as on the portable path.
+                    let (mut dyl, mut al) = ([0f32; LANES], [DEAD; LANES]);
+                    let live = LANES.min(p.pw - jb);
+                    dyl[..live].copy_from_slice(&dyo[i * p.pw + jb..][..live]);
+                    al[..live].copy_from_slice(&ao[i * p.pw + jb..][..live]);
+                    let (dyv, av) = (load(&dyl, 0), load_i(&al));
+                    let is_dead = eq_i(av, dead);
+                    dba = add(dba, [_mm256_andnot_ps(is_dead[0], dyv[0]), _mm256_andnot_ps(is_dead[1], dyv[1])]);
+                    let corner = add_i(splat_i((2 * i * p.ow + 2 * jb) as u32), two_l);
+                    let d: [V; 4] = std::array::from_fn(|s| and(eq_i(av, add_i(corner, offs[s])), dyv));
+                    for dr in 0..2 {
+                        for kh in 0..3 {
+                            let at = (2 * i + dr + kh) * p.stride + jb;
+                            let (e0, o0, e1, o1) = (load(ev, at), load(od, at), load(ev, at + 1), load(od, at + 1));
+                            let (d0, d1) = (d[2 * dr], d[2 * dr + 1]);
+                            acc[3 * kh] = add(acc[3 * kh], add(mul(d0, e0), mul(d1, o0)));
+                            acc[3 * kh + 1] = add(acc[3 * kh + 1], add(mul(d0, o0), mul(d1, e1)));
+                            acc[3 * kh + 2] = add(acc[3 * kh + 2], add(mul(d0, e1), mul(d1, o1)));
+                        }
+                    }
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                dw[o * 9 + t] += store(*a).iter().fold(0.0, |s, &v| s + v);
+            }
+            db[o] += store(dba).iter().fold(0.0, |s, &v| s + v);
+        }
+    }
+}
+
 /// `v` as f32 when T is f32.
 fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32 exactly when the TypeIds agree, so the cast is the identity.
@@ -355,49 +534,84 @@ fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
 }
 
-/// Whether the direct path beats im2col + GEMM here: with AVX-512 for f32, always for f64 (the
-/// gradient checks, which keep the portable version tested). Portable f32 code is slower than
-/// matrixmultiply's GEMM, so f32 on a CPU without AVX-512 keeps the GEMM path.
-pub fn worthwhile<T: Float>() -> bool {
-    fast::<T>() || std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>()
+/// The instruction set the direct path runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
 }
 
-/// Whether the AVX-512 versions run: f32 on a CPU with AVX-512F (detected once, then cached
-/// by std).
-fn fast<T: Float>() -> bool {
+/// f32 on a CPU with AVX-512F, else with AVX2, runs those versions (detected once, then cached
+/// by std); f64 always runs the portable one.
+fn isa<T: Float>() -> Isa {
     #[cfg(target_arch = "x86_64")]
-    {
-        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && std::arch::is_x86_feature_detected!("avx512f")
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Isa::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::Portable
+}
+
+/// Whether the direct path beats im2col + GEMM here: with AVX-512 or AVX2 for f32, always for
+/// f64 (the gradient checks, which keep the portable version tested). Portable f32 code is
+/// slower than matrixmultiply's GEMM, so f32 on a CPU with neither keeps the GEMM path.
+pub fn worthwhile<T: Float>() -> bool {
+    isa::<T>() != Isa::Portable || std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>()
 }
 
 /// Forward for one image (see `forward_image`), on the fastest instruction set available.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Float>(p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if fast::<T>() {
-        let (x, wt, b) = (as_f32(x).unwrap(), as_f32(wt).unwrap(), as_f32(b).unwrap());
-        let (y, scratch) = (as_f32_mut(y).unwrap(), as_f32_mut(scratch).unwrap());
-        // SAFETY: `fast` checked that the CPU has AVX-512F.
-        return unsafe { avx512::forward_image(p, x, wt, b, y, arg, scratch) };
-    }
-    forward_image(p, x, wt, b, y, arg, scratch)
+    forward_on(isa::<T>(), p, x, wt, b, y, arg, scratch)
 }
 
 /// dW and db for one image (see `backward_image`), on the fastest instruction set available.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], db: &mut [T], scratch: &mut [T]) {
+    backward_on(isa::<T>(), p, x, dy, arg, dw, db, scratch)
+}
+
+/// `forward` on a given instruction set, which the caller has checked this CPU runs (and which
+/// is Portable for f64).
+#[allow(clippy::too_many_arguments)]
+fn forward_on<T: Float>(isa: Isa, p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
-    if fast::<T>() {
+    if isa != Isa::Portable {
+        let (x, wt, b) = (as_f32(x).unwrap(), as_f32(wt).unwrap(), as_f32(b).unwrap());
+        let (y, scratch) = (as_f32_mut(y).unwrap(), as_f32_mut(scratch).unwrap());
+        // SAFETY: the caller checked that the CPU has the instruction set.
+        return unsafe {
+            match isa {
+                Isa::Avx512 => avx512::forward_image(p, x, wt, b, y, arg, scratch),
+                _ => avx2::forward_image(p, x, wt, b, y, arg, scratch),
+            }
+        };
+    }
+    let _ = isa;
+    forward_image(p, x, wt, b, y, arg, scratch)
+}
+
+/// `backward` on a given instruction set, as `forward_on`.
+#[allow(clippy::too_many_arguments)]
+fn backward_on<T: Float>(isa: Isa, p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], db: &mut [T], scratch: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Portable {
         let (x, dy) = (as_f32(x).unwrap(), as_f32(dy).unwrap());
         let (dw, db, scratch) = (as_f32_mut(dw).unwrap(), as_f32_mut(db).unwrap(), as_f32_mut(scratch).unwrap());
-        // SAFETY: `fast` checked that the CPU has AVX-512F.
-        return unsafe { avx512::backward_image(p, x, dy, arg, dw, db, scratch) };
+        // SAFETY: the caller checked that the CPU has the instruction set.
+        return unsafe {
+            match isa {
+                Isa::Avx512 => avx512::backward_image(p, x, dy, arg, dw, db, scratch),
+                _ => avx2::backward_image(p, x, dy, arg, dw, db, scratch),
+            }
+        };
     }
+    let _ = isa;
     backward_image(p, x, dy, arg, dw, db, scratch)
 }
 
@@ -419,12 +633,28 @@ mod tests {
     /// The dispatching entry points (AVX-512 on this CPU when it has it) give exactly the bits of the
     /// portable reference, for even and odd sizes (odd ones leave a conv row/column unpooled and
     /// a run hanging over the end of a pooled row), and with a NaN pixel.
+    /// Each of the AVX-512 and AVX2 versions this CPU runs is checked on its own (an AVX-512
+    /// CPU runs both); one it lacks says `skipped`.
     #[test]
-    fn fast_path_matches_portable_bit_for_bit() {
-        if !fast::<f32>() {
-            let why = "no AVX-512F on this CPU: the AVX-512 direct path would be compared with itself";
-            return crate::layers::skip_unless_required("AVX512", why);
+    fn fast_paths_match_portable_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        for (isa, thing, has) in [
+            (Isa::Avx512, "AVX512", std::arch::is_x86_feature_detected!("avx512f")),
+            (Isa::Avx2, "AVX2", std::arch::is_x86_feature_detected!("avx2")),
+        ] {
+            if has {
+                matches_portable(isa);
+            } else {
+                let why = format!("no {thing} on this CPU: its direct path is not checked");
+                crate::layers::skip_unless_required(thing, &why);
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        crate::layers::skip_unless_required("AVX512", "not an x86-64 CPU: no vector direct path to check");
+    }
+
+    #[allow(dead_code)]
+    fn matches_portable(isa: Isa) {
         for (h, w, oc) in [(64, 64, 32), (9, 12, 3), (11, 13, 5), (6, 21, 2)] {
             let g = ConvGeometry::new(1, h, w, 3, 3, 1, 0);
             let p = Plan::new(&g);
@@ -438,19 +668,19 @@ mod tests {
                 let mut s = vec![0.0; p.scratch()];
                 let (mut y1, mut a1) = (vec![0.0; out], vec![0; out]);
                 let (mut y2, mut a2) = (vec![0.0; out], vec![0; out]);
-                forward(&p, &x, &wt, &b, &mut y1, &mut a1, &mut s);
+                forward_on(isa, &p, &x, &wt, &b, &mut y1, &mut a1, &mut s);
                 forward_image(&p, &x, &wt, &b, &mut y2, &mut a2, &mut s);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&y1), bits(&y2), "forward y at {h}x{w}, nan={nan}");
-                assert_eq!(a1, a2, "forward winners at {h}x{w}, nan={nan}");
+                assert_eq!(bits(&y1), bits(&y2), "{isa:?} forward y at {h}x{w}, nan={nan}");
+                assert_eq!(a1, a2, "{isa:?} forward winners at {h}x{w}, nan={nan}");
                 assert!(a1.contains(&DEAD) && a1.iter().any(|&a| a != DEAD), "both kinds of window occur");
                 let dy = fill(out, 4);
                 let (mut dw1, mut dw2) = (vec![0.5; oc * 9], vec![0.5; oc * 9]);
                 let (mut db1, mut db2) = (vec![0.25; oc], vec![0.25; oc]);
-                backward(&p, &x, &dy, &a1, &mut dw1, &mut db1, &mut s);
+                backward_on(isa, &p, &x, &dy, &a1, &mut dw1, &mut db1, &mut s);
                 backward_image(&p, &x, &dy, &a1, &mut dw2, &mut db2, &mut s);
-                assert_eq!(bits(&dw1), bits(&dw2), "backward dW at {h}x{w}, nan={nan}");
-                assert_eq!(bits(&db1), bits(&db2), "backward db at {h}x{w}, nan={nan}");
+                assert_eq!(bits(&dw1), bits(&dw2), "{isa:?} backward dW at {h}x{w}, nan={nan}");
+                assert_eq!(bits(&db1), bits(&db2), "{isa:?} backward db at {h}x{w}, nan={nan}");
             }
         }
     }
