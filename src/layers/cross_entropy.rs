@@ -93,3 +93,57 @@ pub fn row_loss<T: Float>(z: &[T], t: usize) -> f64 {
     let lse = m + z.iter().map(|v| (v.as_f64() - m).exp()).sum::<f64>().ln();
     lse - z[t].as_f64()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_of_the_largest() {
+        assert_eq!(argmax(&[5.0, 1.0, 2.0]), 0);
+        assert_eq!(argmax(&[1.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[1.0, 2.0, 5.0]), 2);
+        assert_eq!(argmax(&[-1.0, -0.5, -2.0]), 1);
+        assert_eq!(argmax(&[3.0, 1.0, 3.0]), 0, "ties go to the first, as torch.argmax");
+        assert_eq!(argmax(&[0.0, 2.0, 2.0, -1.0]), 1, "ties go to the first, as torch.argmax");
+        assert_eq!(argmax::<f32>(&[]), 0);
+    }
+
+    #[test]
+    fn argmax_rows_gives_each_rows_winner() {
+        let z = from_vec(&[3, 4], vec![0.1f32, 0.2, 0.9, 0.3, 7.0, -1.0, 2.0, 6.5, -3.0, -2.0, -4.0, -1.5]);
+        assert_eq!(argmax_rows(&z), vec![2, 0, 3]);
+    }
+
+    /// Against values worked out by hand (exp(z) / sum exp(z)), and for logits whose exp
+    /// overflows f64 without the max shift.
+    #[test]
+    fn softmax_is_the_normalised_exponential() {
+        let p = softmax(&[1.0f64, 2.0, 3.0]);
+        let want = [0.09003057317038046, 0.24472847105479764, 0.6652409557748219];
+        assert_eq!(p.len(), 3);
+        for (a, b) in p.iter().zip(want) {
+            assert!((a - b).abs() < 1e-15, "{p:?}");
+        }
+        assert_eq!(softmax(&[1000.0f32, 1000.0]), vec![0.5, 0.5]);
+        let p = softmax(&[800.0f64, 0.0]);
+        assert!(p[0] == 1.0 && p[1] >= 0.0 && p[1] < 1e-300, "{p:?}");
+    }
+
+    /// `probs` is None before any forward, then the rows' softmax of the last forward.
+    #[test]
+    fn probs_are_kept_from_the_last_forward() {
+        let mut ce = SoftmaxCrossEntropy::<f64>::new();
+        assert!(ce.probs().is_none());
+        let rows = [[0.5, -1.0, 2.0], [3.0, 3.0, -2.0]];
+        let z = from_vec(&[2, 3], rows.concat());
+        ce.forward(&z, &[2, 0]);
+        let p = ce.probs().expect("probabilities after forward");
+        assert_eq!(p.shape(), &[2, 3]);
+        for (got, row) in slice(p).chunks_exact(3).zip(&rows) {
+            for (a, b) in got.iter().zip(softmax(row)) {
+                assert!((a - b).abs() < 1e-15, "{got:?} vs the softmax of {row:?}");
+            }
+        }
+    }
+}
