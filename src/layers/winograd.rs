@@ -226,14 +226,61 @@ fn forward_group_avx512<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut 
     forward_group_impl(p, u, b, xs, y, arg, s)
 }
 
-/// Forward for a group of images (see `forward_group_impl`), AVX-512 when the CPU has it.
-pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+// And with AVX2, 8 floats wide, for CPUs without AVX-512 (again no FMA: the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn forward_group_avx2<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], s: &mut [T]) {
+    forward_group_impl(p, u, b, xs, y, arg, s)
+}
+
+/// Which build of the group functions runs: the widest vectors this CPU has (detected once,
+/// then cached by std); `Baseline` is the x86-64 baseline's SSE2, or any other architecture.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Build {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+fn build() -> Build {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU was just checked to have AVX-512F.
-        return unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Build::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Build::Avx2;
+        }
     }
-    forward_group_impl(p, u, b, xs, y, arg, scratch)
+    Build::Baseline
+}
+
+/// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
+pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+    forward_group_on(build(), p, u, b, xs, y, arg, scratch)
+}
+
+/// `forward_group` in a given build, which the caller has checked this CPU runs.
+#[allow(clippy::too_many_arguments)]
+fn forward_group_on<T: Float>(
+    build: Build,
+    p: &Plan,
+    u: &[T],
+    b: &[T],
+    xs: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    scratch: &mut [T],
+) {
+    match build {
+        // SAFETY: the caller checked that the CPU has AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) },
+        // SAFETY: the caller checked that the CPU has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { forward_group_avx2(p, u, b, xs, y, arg, scratch) },
+        _ => forward_group_impl(p, u, b, xs, y, arg, scratch),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -402,7 +449,24 @@ fn backward_group_avx512<T: Float>(
     backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
 }
 
-/// One group's backward (see `backward_group_impl`), AVX-512 when the CPU has it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+fn backward_group_avx2<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    db: &mut [T],
+    dx: Option<&mut [T]>,
+    s: &mut [T],
+) {
+    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
+}
+
+/// One group's backward (see `backward_group_impl`), in the widest build the CPU runs.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_group<T: Float>(
     p: &Plan,
@@ -415,12 +479,32 @@ pub fn backward_group<T: Float>(
     dx: Option<&mut [T]>,
     scratch: &mut [T],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU was just checked to have AVX-512F.
-        return unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) };
+    backward_group_on(build(), p, u, xs, dy, arg, mw, db, dx, scratch)
+}
+
+/// `backward_group` in a given build, which the caller has checked this CPU runs.
+#[allow(clippy::too_many_arguments)]
+fn backward_group_on<T: Float>(
+    build: Build,
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    db: &mut [T],
+    dx: Option<&mut [T]>,
+    scratch: &mut [T],
+) {
+    match build {
+        // SAFETY: the caller checked that the CPU has AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) },
+        // SAFETY: the caller checked that the CPU has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { backward_group_avx2(p, u, xs, dy, arg, mw, db, dx, scratch) },
+        _ => backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch),
     }
-    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch)
 }
 
 #[cfg(test)]
@@ -486,13 +570,28 @@ mod tests {
         }
     }
 
-    /// The AVX-512 build of the group forward and backward gives the portable build's bits.
+    /// The AVX-512 and AVX2 builds of the group forward and backward give the portable
+    /// build's bits, each checked where the CPU runs it (an AVX-512 CPU runs both).
     #[test]
-    fn avx512_build_matches_portable_bit_for_bit() {
-        if !crate::layers::has_avx512f() {
-            let why = "no AVX-512F on this CPU: the AVX-512 Winograd build would be compared with itself";
-            return crate::layers::skip_unless_required("AVX512", why);
+    fn vector_builds_match_portable_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        for (build, thing, has) in [
+            (Build::Avx512, "AVX512", crate::layers::has_avx512f()),
+            (Build::Avx2, "AVX2", std::arch::is_x86_feature_detected!("avx2")),
+        ] {
+            if has {
+                build_matches_portable(build);
+            } else {
+                let why = format!("no {thing} on this CPU: its Winograd build is not checked");
+                crate::layers::skip_unless_required(thing, &why);
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        crate::layers::skip_unless_required("AVX512", "not an x86-64 CPU: no vector build to check");
+    }
+
+    #[allow(dead_code)]
+    fn build_matches_portable(build: Build) {
         let (c, oc, h, w) = (5, 7, 12, 15);
         let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
         let p = Plan::new(&g, oc, 3);
@@ -503,11 +602,11 @@ mod tests {
         let out = n * oc * p.tiles();
         let mut s = vec![0.0; p.scratch()];
         let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; out], vec![0; out], vec![0.0; out], vec![0; out]);
-        forward_group(&p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
+        forward_group_on(build, &p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
         forward_group_impl(&p, &u, &bias, &x, &mut y2, &mut a2, &mut s);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&y1), bits(&y2));
-        assert_eq!(a1, a2);
+        assert_eq!(bits(&y1), bits(&y2), "{build:?} forward y");
+        assert_eq!(a1, a2, "{build:?} forward winners");
         assert!(y1.iter().any(|v| v.is_nan()), "the NaN pixel spreads to its windows");
 
         // Backward, on a NaN-free input so that every number is compared.
@@ -518,11 +617,11 @@ mod tests {
         let (mut mw1, mut mw2) = (vec![0.0; 16 * oc * c], vec![0.0; 16 * oc * c]);
         let (mut dx1, mut dx2) = (vec![0.0; n * c * h * w], vec![0.0; n * c * h * w]);
         let (mut db1, mut db2) = (vec![0.0; oc], vec![0.0; oc]);
-        backward_group(&p, &u, &x, &dy, &a1, &mut mw1, &mut db1, Some(&mut dx1), &mut s);
+        backward_group_on(build, &p, &u, &x, &dy, &a1, &mut mw1, &mut db1, Some(&mut dx1), &mut s);
         backward_group_impl(&p, &u, &x, &dy, &a1, &mut mw2, &mut db2, Some(&mut dx2), &mut s);
-        assert_eq!(bits(&mw1), bits(&mw2));
-        assert_eq!(bits(&db1), bits(&db2));
-        assert_eq!(bits(&dx1), bits(&dx2));
+        assert_eq!(bits(&mw1), bits(&mw2), "{build:?} backward dW");
+        assert_eq!(bits(&db1), bits(&db2), "{build:?} backward db");
+        assert_eq!(bits(&dx1), bits(&dx2), "{build:?} backward dx");
         assert!(dx1.iter().any(|&v| v != 0.0) && mw1.iter().any(|&v| v != 0.0));
     }
 }
