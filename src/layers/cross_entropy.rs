@@ -130,6 +130,20 @@ mod tests {
         assert!(p[0] == 1.0 && p[1] >= 0.0 && p[1] < 1e-300, "{p:?}");
     }
 
+    /// One row's loss, the reporting form (validation and test loss): against the value worked
+    /// out by hand, against the layer's own forward on a batch of one, and with logits whose
+    /// exp overflows without the max shift.
+    #[test]
+    fn row_loss_is_log_sum_exp_minus_the_target_logit() {
+        // log(e^1 + e^2 + e^3) - 3
+        assert!((row_loss(&[1.0f64, 2.0, 3.0], 2) - 0.40760596444437994).abs() < 1e-15);
+        assert!((row_loss(&[1.0f64, 2.0, 3.0], 0) - 2.40760596444438).abs() < 1e-14);
+        let z = [0.3f64, -1.2, 2.5, 0.0];
+        let layer = SoftmaxCrossEntropy::<f64>::new().forward(&from_vec(&[1, 4], z.to_vec()), &[1]);
+        assert!((row_loss(&z, 1) - layer).abs() < 1e-15, "{} vs the layer's {layer}", row_loss(&z, 1));
+        assert!((row_loss(&[1000.0f32, 1000.0], 1) - std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
     /// `probs` is None before any forward, then the rows' softmax of the last forward.
     #[test]
     fn probs_are_kept_from_the_last_forward() {
