@@ -112,7 +112,9 @@ fn ci_runs_the_test_command_with_every_requirement() {
     let lines: Vec<&str> = run.lines().map(str::trim).collect();
     let at = |l: &str| lines.iter().position(|x| *x == l).unwrap_or_else(|| panic!(".ci/run has no line {l:?}"));
     let test = at("cargo test --release --features cuda");
-    for step in ["source .ci/lib.sh", "require_gxx", "require_nvrtc", "require_chromium", "require_avx512_where_present"] {
+    for step in
+        ["source .ci/lib.sh", "require_gxx", "require_nvrtc", "require_chromium", "require_avx512_where_present"]
+    {
         assert!(at(step) < test, "{step} comes after the tests in .ci/run");
     }
     assert!(at("export MEDCNN_REQUIRE_DATA=1") < test, "MEDCNN_REQUIRE_DATA is set after the tests");

@@ -209,7 +209,15 @@ pub(crate) fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T]) 
 /// Y (OC, G*L) = W (OC, K) col (K, G*L), then y_i (OC, L) = Y[:, i*L..(i+1)*L] + b for each
 /// image into ys (G, OC, L). One image (G = 1) needs no reordering: its GEMM writes ys itself.
 /// `col` and `yc` are scratch of at least K*G*L and OC*G*L.
-pub fn conv_forward_group<T: Float>(g: &ConvGeometry, w: &[T], b: &[T], xs: &[T], col: &mut [T], yc: &mut [T], ys: &mut [T]) {
+pub fn conv_forward_group<T: Float>(
+    g: &ConvGeometry,
+    w: &[T],
+    b: &[T],
+    xs: &[T],
+    col: &mut [T],
+    yc: &mut [T],
+    ys: &mut [T],
+) {
     let (oc, k, l) = (b.len(), g.k(), g.l());
     let gs = xs.len() / (g.c * g.h * g.w);
     let ld = gs * l;

@@ -78,7 +78,16 @@ impl<T: Float> ConvReluPool<T> {
     /// The block `conv` + ReLU + `pool`, for any pair `can_fuse` accepts (today: all).
     pub fn new(conv: Conv2d<T>, pool: MaxPool2d) -> Self {
         assert!(Self::can_fuse(&conv, &pool), "ConvReluPool: this conv and pool do not fuse");
-        ConvReluPool { conv, pool, input_grad: true, direct: true, winograd: true, x: None, argmax: Vec::new(), padded: Vec::new() }
+        ConvReluPool {
+            conv,
+            pool,
+            input_grad: true,
+            direct: true,
+            winograd: true,
+            x: None,
+            argmax: Vec::new(),
+            padded: Vec::new(),
+        }
     }
 
     /// The last forward's winners: per pooled output (N, OC, PH, PW), the index oh * OW + ow of

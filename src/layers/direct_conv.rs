@@ -467,8 +467,10 @@ mod avx2 {
                     let corner = add_i(splat_i((2 * i * p.ow + 2 * jb) as u32), two_l);
                     let zero = splat(0.0);
                     // false for NaN, which stays alive and spreads, as on the portable path
-                    let dead = [_mm256_cmp_ps::<_CMP_LE_OQ>(best[0], zero[0]), _mm256_cmp_ps::<_CMP_LE_OQ>(best[1], zero[1])];
-                    let (yv, at) = (store(blend(best, zero, dead)), store_i(blend_i(add_i(corner, off), splat_i(DEAD), dead)));
+                    let dead =
+                        [_mm256_cmp_ps::<_CMP_LE_OQ>(best[0], zero[0]), _mm256_cmp_ps::<_CMP_LE_OQ>(best[1], zero[1])];
+                    let (yv, at) =
+                        (store(blend(best, zero, dead)), store_i(blend_i(add_i(corner, off), splat_i(DEAD), dead)));
                     let live = LANES.min(p.pw - jb);
                     yo[i * p.pw + jb..][..live].copy_from_slice(&yv[..live]);
                     ao[i * p.pw + jb..][..live].copy_from_slice(&at[..live]);
@@ -579,7 +581,16 @@ pub fn backward<T: Float>(p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T]
 /// `forward` on a given instruction set, which the caller has checked this CPU runs (and which
 /// is Portable for f64).
 #[allow(clippy::too_many_arguments)]
-fn forward_on<T: Float>(isa: Isa, p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+fn forward_on<T: Float>(
+    isa: Isa,
+    p: &Plan,
+    x: &[T],
+    wt: &[T],
+    b: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    scratch: &mut [T],
+) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
         let (x, wt, b) = (as_f32(x).unwrap(), as_f32(wt).unwrap(), as_f32(b).unwrap());
@@ -598,7 +609,16 @@ fn forward_on<T: Float>(isa: Isa, p: &Plan, x: &[T], wt: &[T], b: &[T], y: &mut 
 
 /// `backward` on a given instruction set, as `forward_on`.
 #[allow(clippy::too_many_arguments)]
-fn backward_on<T: Float>(isa: Isa, p: &Plan, x: &[T], dy: &[T], arg: &[u32], dw: &mut [T], db: &mut [T], scratch: &mut [T]) {
+fn backward_on<T: Float>(
+    isa: Isa,
+    p: &Plan,
+    x: &[T],
+    dy: &[T],
+    arg: &[u32],
+    dw: &mut [T],
+    db: &mut [T],
+    scratch: &mut [T],
+) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
         let (x, dy) = (as_f32(x).unwrap(), as_f32(dy).unwrap());
