@@ -25,7 +25,7 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
-use super::{Conv2d, MaxPool2d};
+use super::{Conv2d, Isa, MaxPool2d};
 use crate::tensor::Float;
 
 /// Windows handled side by side: one 512-bit vector of f32 with AVX-512, two 256-bit ones with
@@ -536,27 +536,13 @@ fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
 }
 
-/// The instruction set the direct path runs on.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-/// f32 on a CPU with AVX-512F, else with AVX2, runs those versions (detected once, then cached
-/// by std); f64 always runs the portable one.
+/// The build the direct path runs: the CPU's widest vectors for f32, the portable code for f64.
 fn isa<T: Float>() -> Isa {
-    #[cfg(target_arch = "x86_64")]
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Isa::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Isa::Avx2;
-        }
+        super::isa()
+    } else {
+        Isa::Portable
     }
-    Isa::Portable
 }
 
 /// Whether the direct path beats im2col + GEMM here: with AVX-512 or AVX2 for f32, always for
@@ -657,23 +643,9 @@ mod tests {
     /// CPU runs both); one it lacks says `skipped`.
     #[test]
     fn fast_paths_match_portable_bit_for_bit() {
-        #[cfg(target_arch = "x86_64")]
-        for (isa, thing, has) in [
-            (Isa::Avx512, "AVX512", std::arch::is_x86_feature_detected!("avx512f")),
-            (Isa::Avx2, "AVX2", std::arch::is_x86_feature_detected!("avx2")),
-        ] {
-            if has {
-                matches_portable(isa);
-            } else {
-                let why = format!("no {thing} on this CPU: its direct path is not checked");
-                crate::layers::skip_unless_required(thing, &why);
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        crate::layers::skip_unless_required("AVX512", "not an x86-64 CPU: no vector direct path to check");
+        crate::layers::check_each_vector_isa("its direct path", matches_portable);
     }
 
-    #[allow(dead_code)]
     fn matches_portable(isa: Isa) {
         for (h, w, oc) in [(64, 64, 32), (9, 12, 3), (11, 13, 5), (6, 21, 2)] {
             let g = ConvGeometry::new(1, h, w, 3, 3, 1, 0);

@@ -242,6 +242,47 @@ pub(crate) fn skip_unless_required(thing: &str, why: &str) {
     eprintln!("skipped: {why} (set {var}=1 to make this a failure)");
 }
 
+/// The widest vectors this CPU runs, which picks the build of the direct and Winograd fast
+/// paths (detected once, then cached by std). `Portable` is the x86-64 baseline's SSE2, or any
+/// other architecture.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+pub(crate) fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// For the fast paths' unit tests: runs `check` on each vector build this CPU runs (an AVX-512
+/// CPU runs both), and says `skipped` (or fails, under MEDCNN_REQUIRE_*) for each it lacks.
+#[cfg(test)]
+pub(crate) fn check_each_vector_isa(what: &str, mut check: impl FnMut(Isa)) {
+    #[cfg(target_arch = "x86_64")]
+    let builds =
+        [(Isa::Avx512, "AVX512", has_avx512f()), (Isa::Avx2, "AVX2", std::arch::is_x86_feature_detected!("avx2"))];
+    #[cfg(not(target_arch = "x86_64"))]
+    let builds = [(Isa::Avx512, "AVX512", false), (Isa::Avx2, "AVX2", false)];
+    for (isa, thing, has) in builds {
+        if has {
+            check(isa);
+        } else {
+            skip_unless_required(thing, &format!("no {thing} on this CPU: {what} is not checked"));
+        }
+    }
+}
+
 /// Whether this CPU runs the AVX-512F code (the fast paths of `direct_conv` and `winograd`).
 #[cfg(test)]
 pub(crate) fn has_avx512f() -> bool {

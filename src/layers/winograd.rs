@@ -34,7 +34,7 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
-use super::{Conv2d, MaxPool2d};
+use super::{Conv2d, Isa, MaxPool2d};
 use crate::tensor::{gemm, zero_vec, Float};
 
 /// Whether this path computes the block for input shape (N, C, H, W): a 3x3, stride-1,
@@ -233,37 +233,15 @@ fn forward_group_avx2<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T
     forward_group_impl(p, u, b, xs, y, arg, s)
 }
 
-/// Which build of the group functions runs: the widest vectors this CPU has (detected once,
-/// then cached by std); `Baseline` is the x86-64 baseline's SSE2, or any other architecture.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Build {
-    Avx512,
-    Avx2,
-    Baseline,
-}
-
-fn build() -> Build {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Build::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Build::Avx2;
-        }
-    }
-    Build::Baseline
-}
-
 /// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
 pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
-    forward_group_on(build(), p, u, b, xs, y, arg, scratch)
+    forward_group_on(super::isa(), p, u, b, xs, y, arg, scratch)
 }
 
 /// `forward_group` in a given build, which the caller has checked this CPU runs.
 #[allow(clippy::too_many_arguments)]
 fn forward_group_on<T: Float>(
-    build: Build,
+    build: Isa,
     p: &Plan,
     u: &[T],
     b: &[T],
@@ -275,10 +253,10 @@ fn forward_group_on<T: Float>(
     match build {
         // SAFETY: the caller checked that the CPU has AVX-512F.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx512 => unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) },
+        Isa::Avx512 => unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) },
         // SAFETY: the caller checked that the CPU has AVX2.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx2 => unsafe { forward_group_avx2(p, u, b, xs, y, arg, scratch) },
+        Isa::Avx2 => unsafe { forward_group_avx2(p, u, b, xs, y, arg, scratch) },
         _ => forward_group_impl(p, u, b, xs, y, arg, scratch),
     }
 }
@@ -479,13 +457,13 @@ pub fn backward_group<T: Float>(
     dx: Option<&mut [T]>,
     scratch: &mut [T],
 ) {
-    backward_group_on(build(), p, u, xs, dy, arg, mw, db, dx, scratch)
+    backward_group_on(super::isa(), p, u, xs, dy, arg, mw, db, dx, scratch)
 }
 
 /// `backward_group` in a given build, which the caller has checked this CPU runs.
 #[allow(clippy::too_many_arguments)]
 fn backward_group_on<T: Float>(
-    build: Build,
+    build: Isa,
     p: &Plan,
     u: &[T],
     xs: &[T],
@@ -499,10 +477,10 @@ fn backward_group_on<T: Float>(
     match build {
         // SAFETY: the caller checked that the CPU has AVX-512F.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx512 => unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) },
+        Isa::Avx512 => unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) },
         // SAFETY: the caller checked that the CPU has AVX2.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx2 => unsafe { backward_group_avx2(p, u, xs, dy, arg, mw, db, dx, scratch) },
+        Isa::Avx2 => unsafe { backward_group_avx2(p, u, xs, dy, arg, mw, db, dx, scratch) },
         _ => backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch),
     }
 }
@@ -574,24 +552,10 @@ mod tests {
     /// build's bits, each checked where the CPU runs it (an AVX-512 CPU runs both).
     #[test]
     fn vector_builds_match_portable_bit_for_bit() {
-        #[cfg(target_arch = "x86_64")]
-        for (build, thing, has) in [
-            (Build::Avx512, "AVX512", crate::layers::has_avx512f()),
-            (Build::Avx2, "AVX2", std::arch::is_x86_feature_detected!("avx2")),
-        ] {
-            if has {
-                build_matches_portable(build);
-            } else {
-                let why = format!("no {thing} on this CPU: its Winograd build is not checked");
-                crate::layers::skip_unless_required(thing, &why);
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        crate::layers::skip_unless_required("AVX512", "not an x86-64 CPU: no vector build to check");
+        crate::layers::check_each_vector_isa("its Winograd build", build_matches_portable);
     }
 
-    #[allow(dead_code)]
-    fn build_matches_portable(build: Build) {
+    fn build_matches_portable(build: Isa) {
         let (c, oc, h, w) = (5, 7, 12, 15);
         let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
         let p = Plan::new(&g, oc, 3);
