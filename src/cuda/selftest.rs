@@ -250,12 +250,9 @@ pub fn conv_checks<E: Exec>(
     // The CPU's im2col of each image, as the device's (K, N*L) layout.
     let geo = conv.geometry(&[n, c, h, w]);
     let mut col_cpu = vec![0.0; kk * n * l];
-    let mut one = vec![0.0; kk * l];
+    let mut phases = Vec::new();
     for i in 0..n {
-        layers::conv2d::im2col(&geo, &x[i * c * h * w..][..c * h * w], &mut one, l);
-        for r in 0..kk {
-            col_cpu[r * n * l + i * l..][..l].copy_from_slice(&one[r * l..][..l]);
-        }
+        layers::conv2d::im2col(&geo, &x[i * c * h * w..][..c * h * w], &mut col_cpu[i * l..], n * l, &mut phases);
     }
 
     let p = ops::conv_params(n, c, h, w, oc, ksz, ksz, stride, pad)?;
@@ -306,7 +303,7 @@ pub fn col2im_check<E: Exec>(ex: &mut E, seed: u64) -> Result<Check> {
     let (kk, l) = (geo.k(), geo.l());
     let dcol = random(&mut rng, kk * l);
     let mut want = vec![0.0; c * h * w];
-    layers::conv2d::col2im(&geo, &dcol, &mut want, l);
+    layers::conv2d::col2im(&geo, &dcol, &mut want, l, &mut Vec::new());
     let p = ops::conv_params(1, c, h, w, 1, k, k, s, pad)?;
     let d = Buf::from_host(ex, &dcol)?;
     let dx = Buf::<f32>::alloc(ex, c * h * w)?;

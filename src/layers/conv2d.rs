@@ -81,49 +81,163 @@ fn valid_range(outs: usize, k: usize, len: usize, stride: usize, pad: usize) -> 
     (lo.min(hi), hi)
 }
 
-/// col (K, L) from one image x (C, H, W). Rows of `col` are `ld` apart (`ld` = L for one image;
-/// several images side by side, (K, G*L), start at column offsets with ld = G*L).
-pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T], ld: usize) {
-    let l = g.l();
-    for c in 0..g.c {
-        for i in 0..g.kh {
-            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.sh, g.ph);
-            for j in 0..g.kw {
-                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.sw, g.pw);
-                let row = &mut col[((c * g.kh + i) * g.kw + j) * ld..][..l];
-                row[..oh_lo * g.ow].fill(T::zero());
-                row[oh_hi * g.ow..].fill(T::zero());
-                for oh in oh_lo..oh_hi {
-                    let ih = oh * g.sh + i - g.ph;
-                    let xrow = &x[(c * g.h + ih) * g.w..][..g.w];
-                    let out = &mut row[oh * g.ow..][..g.ow];
-                    out[..ow_lo].fill(T::zero());
-                    out[ow_hi..].fill(T::zero());
-                    if ow_hi > ow_lo {
-                        let first = ow_lo * g.sw + j - g.pw;
-                        let out = &mut out[ow_lo..ow_hi];
-                        if g.sw == 1 {
-                            out.copy_from_slice(&xrow[first..first + out.len()]);
-                        } else {
-                            // Every SW-th pixel: the first of each chunk of SW, which the
-                            // compiler can vectorise (`step_by` reads one at a time), and the
-                            // last on its own (its chunk may run past the row).
-                            match g.sw {
-                                2 => every_nth::<T, 2>(&xrow[first..], out),
-                                _ => every_nth_dyn(&xrow[first..], out, g.sw),
-                            }
-                        }
-                    }
+// How im2col copies. A direct copy (for each row (c,i,j) and output row oh, the OW pixels
+// x[c, oh*SH-PH+i, ow*SW-PW+j]) is thousands of short, strided, bounds-clipped copies per image
+// (a 3x3 conv on 8x8 planes with 64 channels: 576 rows of 8 runs of 8 pixels), and their loop
+// control cost more than the GEMM they feed. So im2col first rewrites the image once as its
+// stride phases with the zero border written out:
+//
+//   phase[c, a, b][r, q] = x[c, r*SH + a - PH, q*SW + b - PW]   (0 outside x), a < SH, b < SW
+//
+// (one plane for stride 1: the padded image). Tap (i, j) of output (oh, ow) reads padded pixel
+// (oh*SH + i, ow*SW + j) = phase[c, i%SH, j%SW][oh + i/SH, ow + j/SW]: for every stride, each
+// output row of each col row is OW consecutive values of one phase plane, a fixed-length copy
+// with no clipping. col2im is the same in reverse: it sums into the phase planes, tap after tap
+// in the order a direct col2im would, then adds the planes' inner pixels into dx.
+
+impl ConvGeometry {
+    /// Rows R and columns Q of each phase plane: the padded image's size over the stride.
+    fn phase_dims(&self) -> (usize, usize) {
+        ((self.h + 2 * self.ph).div_ceil(self.sh), (self.w + 2 * self.pw).div_ceil(self.sw))
+    }
+    /// Elements of one image's phase planes (C, SH, SW, R, Q): im2col's and col2im's scratch.
+    pub fn phases_len(&self) -> usize {
+        let (r, q) = self.phase_dims();
+        self.c * self.sh * self.sw * r * q
+    }
+    /// Where tap (i, j) reads: its phase plane's offset in the scratch, and the first value's
+    /// offset inside that plane.
+    fn tap(&self, c: usize, i: usize, j: usize) -> (usize, usize) {
+        let (r, q) = self.phase_dims();
+        let plane = ((c * self.sh + i % self.sh) * self.sw + j % self.sw) * r * q;
+        (plane, (i / self.sh) * q + j / self.sw)
+    }
+}
+
+/// phases (C, SH, SW, R, Q) of one image x (C, H, W), every value written (see above).
+fn split_phases<T: Float>(g: &ConvGeometry, x: &[T], phases: &mut [T]) {
+    let (rr, qq) = g.phase_dims();
+    for (p, plane) in phases.chunks_exact_mut(rr * qq).enumerate() {
+        let (c, a, b) = (p / (g.sh * g.sw), p / g.sw % g.sh, p % g.sw);
+        let (r_lo, r_hi) = valid_range(rr, a, g.h, g.sh, g.ph);
+        let (q_lo, q_hi) = valid_range(qq, b, g.w, g.sw, g.pw);
+        plane[..r_lo * qq].fill(T::zero());
+        plane[r_hi * qq..].fill(T::zero());
+        for r in r_lo..r_hi {
+            let xrow = &x[(c * g.h + r * g.sh + a - g.ph) * g.w..][..g.w];
+            let row = &mut plane[r * qq..][..qq];
+            row[..q_lo].fill(T::zero());
+            row[q_hi..].fill(T::zero());
+            if q_hi > q_lo {
+                let (src, out) = (&xrow[q_lo * g.sw + b - g.pw..], &mut row[q_lo..q_hi]);
+                match g.sw {
+                    1 => out.copy_from_slice(&src[..out.len()]),
+                    2 => every_nth::<T, 2>(src, out),
+                    _ => every_nth_dyn(src, out, g.sw),
                 }
             }
         }
     }
 }
 
+/// dx (C, H, W) += the inner (not padding) values of phases: the adjoint of `split_phases`.
+fn add_phases<T: Float>(g: &ConvGeometry, phases: &[T], dx: &mut [T]) {
+    let (rr, qq) = g.phase_dims();
+    for (p, plane) in phases.chunks_exact(rr * qq).enumerate() {
+        let (c, a, b) = (p / (g.sh * g.sw), p / g.sw % g.sh, p % g.sw);
+        let (r_lo, r_hi) = valid_range(rr, a, g.h, g.sh, g.ph);
+        let (q_lo, q_hi) = valid_range(qq, b, g.w, g.sw, g.pw);
+        if q_hi <= q_lo {
+            continue;
+        }
+        for r in r_lo..r_hi {
+            let dxrow = &mut dx[(c * g.h + r * g.sh + a - g.ph) * g.w..][..g.w];
+            let (d, dst) = (&plane[r * qq + q_lo..r * qq + q_hi], &mut dxrow[q_lo * g.sw + b - g.pw..]);
+            match g.sw {
+                1 => dst.iter_mut().zip(d).for_each(|(x, v)| *x += *v),
+                2 => add_every_nth::<T, 2>(d, dst),
+                _ => dst.iter_mut().step_by(g.sw).zip(d).for_each(|(x, v)| *x += *v),
+            }
+        }
+    }
+}
+
+/// `dst` (OH runs of `N` values) from `src`, run o starting at o*stride: with `N` a constant each
+/// run is a few vector moves, where a run-time length would call memcpy for 8 values.
+#[inline(always)]
+fn copy_runs<T: Float, const N: usize>(src: &[T], stride: usize, dst: &mut [T]) {
+    for (o, d) in dst.chunks_exact_mut(N).enumerate() {
+        d.copy_from_slice(&src[o * stride..][..N]);
+    }
+}
+
+/// src's runs += dst's: the adjoint of `copy_runs` (any length: the compiler vectorises a sum).
+#[inline(always)]
+fn add_runs<T: Float>(d: &[T], stride: usize, dst: &mut [T], n: usize) {
+    for (o, run) in d.chunks_exact(n).enumerate() {
+        dst[o * stride..][..n].iter_mut().zip(run).for_each(|(x, v)| *x += *v);
+    }
+}
+
+/// col (K, L) from one image x (C, H, W). Rows of `col` are `ld` apart (`ld` = L for one image;
+/// several images side by side, (K, G*L), start at column offsets with ld = G*L). `phases` is
+/// scratch, grown to `g.phases_len()` if shorter.
+pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T], ld: usize, phases: &mut Vec<T>) {
+    let (l, (_, qq)) = (g.l(), g.phase_dims());
+    if phases.len() < g.phases_len() {
+        phases.resize(g.phases_len(), T::zero());
+    }
+    let phases = &mut phases[..g.phases_len()];
+    split_phases(g, x, phases);
+    for (row_index, (c, i, j)) in col_rows(g).enumerate() {
+        let (plane, first) = g.tap(c, i, j);
+        let src = &phases[plane + first..];
+        let row = &mut col[row_index * ld..][..l];
+        if qq == g.ow {
+            row.copy_from_slice(&src[..l]); // the runs are contiguous in the plane too
+            continue;
+        }
+        match g.ow {
+            1 => copy_runs::<T, 1>(src, qq, row),
+            2 => copy_runs::<T, 2>(src, qq, row),
+            4 => copy_runs::<T, 4>(src, qq, row),
+            8 => copy_runs::<T, 8>(src, qq, row),
+            16 => copy_runs::<T, 16>(src, qq, row),
+            32 => copy_runs::<T, 32>(src, qq, row),
+            ow => row.chunks_exact_mut(ow).enumerate().for_each(|(o, d)| d.copy_from_slice(&src[o * qq..][..ow])),
+        }
+    }
+}
+
+/// dx (C, H, W) += col2im(dcol (K, L)): the adjoint of `im2col` (rows of `dcol` `ld` apart).
+/// Each pixel's column entries are summed in the order of a direct col2im (tap (i, j) after
+/// tap), then added to dx: the same bits as adding them to dx one by one where dx starts at
+/// zero, as in every backward here. `phases` is scratch, as in `im2col`.
+pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T], ld: usize, phases: &mut Vec<T>) {
+    let (l, (_, qq)) = (g.l(), g.phase_dims());
+    if phases.len() < g.phases_len() {
+        phases.resize(g.phases_len(), T::zero());
+    }
+    let phases = &mut phases[..g.phases_len()];
+    phases.fill(T::zero());
+    for (row_index, (c, i, j)) in col_rows(g).enumerate() {
+        let (plane, first) = g.tap(c, i, j);
+        add_runs(&dcol[row_index * ld..][..l], qq, &mut phases[plane + first..], g.ow);
+    }
+    add_phases(g, phases, dx);
+}
+
+/// The rows of col, (c, i, j) in order.
+fn col_rows(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    (0..g.c).flat_map(move |c| (0..g.kh).flat_map(move |i| (0..g.kw).map(move |j| (c, i, j))))
+}
+
 /// out[t] = src[t * N] for every t: the first of each chunk of N, then the last pixel on its
 /// own (its chunk may run past the row). N a constant (stride 2, the common one) lets the
-/// compiler vectorise the strided reads, which `step_by` or a run-time N would not.
-#[inline]
+/// compiler vectorise the strided reads, which `step_by` or a run-time N would not. Not inlined:
+/// as a call its two slices are known not to overlap, and the vector loop needs no overlap
+/// check (inlined into im2col the check failed and a scalar loop ran; 40% of im2col's time).
+#[inline(never)]
 fn every_nth<T: Float, const N: usize>(src: &[T], out: &mut [T]) {
     let (head, last) = out.split_at_mut(out.len() - 1);
     for (o, p) in head.iter_mut().zip(src.chunks_exact(N)) {
@@ -132,8 +246,9 @@ fn every_nth<T: Float, const N: usize>(src: &[T], out: &mut [T]) {
     last[0] = src[head.len() * N];
 }
 
-/// dst[t * N] += d[t] for every t, the adjoint of `every_nth` (the same split).
-#[inline]
+/// dst[t * N] += d[t] for every t, the adjoint of `every_nth` (the same split), not inlined
+/// for the same reason.
+#[inline(never)]
 fn add_every_nth<T: Float, const N: usize>(d: &[T], dst: &mut [T]) {
     let (head, last) = d.split_at(d.len() - 1);
     for (p, v) in dst.chunks_exact_mut(N).zip(head) {
@@ -146,38 +261,6 @@ fn add_every_nth<T: Float, const N: usize>(d: &[T], dst: &mut [T]) {
 fn every_nth_dyn<T: Float>(src: &[T], out: &mut [T], n: usize) {
     for (o, v) in out.iter_mut().zip(src.iter().step_by(n)) {
         *o = *v;
-    }
-}
-
-/// dx (C, H, W) += col2im(dcol (K, L)): the adjoint of `im2col` (rows of `dcol` `ld` apart).
-pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T], ld: usize) {
-    let l = g.l();
-    for c in 0..g.c {
-        for i in 0..g.kh {
-            let (oh_lo, oh_hi) = valid_range(g.oh, i, g.h, g.sh, g.ph);
-            for j in 0..g.kw {
-                let (ow_lo, ow_hi) = valid_range(g.ow, j, g.w, g.sw, g.pw);
-                if ow_hi <= ow_lo {
-                    continue;
-                }
-                let row = &dcol[((c * g.kh + i) * g.kw + j) * ld..][..l];
-                for oh in oh_lo..oh_hi {
-                    let ih = oh * g.sh + i - g.ph;
-                    let dxrow = &mut dx[(c * g.h + ih) * g.w..][..g.w];
-                    let first = ow_lo * g.sw + j - g.pw;
-                    let d = &row[oh * g.ow + ow_lo..oh * g.ow + ow_hi];
-                    if g.sw == 1 {
-                        // Contiguous: a plain slice add, which the compiler vectorises.
-                        dxrow[first..first + d.len()].iter_mut().zip(d).for_each(|(x, v)| *x += *v);
-                    } else {
-                        match g.sw {
-                            2 => add_every_nth::<T, 2>(d, &mut dxrow[first..]),
-                            _ => dxrow[first..].iter_mut().step_by(g.sw).zip(d).for_each(|(x, v)| *x += *v),
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -197,18 +280,20 @@ pub fn group_size(l: usize, n: usize) -> usize {
 }
 
 /// col (K, G*L) for a group of images side by side: image i fills columns i*L .. (i+1)*L.
-pub(crate) fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T]) {
+/// `phases` is `im2col`'s scratch.
+pub(crate) fn im2col_group<T: Float>(g: &ConvGeometry, xs: &[T], col: &mut [T], phases: &mut Vec<T>) {
     let (img, l) = (g.c * g.h * g.w, g.l());
     let gs = xs.len() / img;
     for (i, x) in xs.chunks_exact(img).enumerate() {
-        im2col(g, x, &mut col[i * l..], gs * l);
+        im2col(g, x, &mut col[i * l..], gs * l, phases);
     }
 }
 
 /// Forward of a group of G images xs (G, C, H, W) side by side, one GEMM for all:
 /// Y (OC, G*L) = W (OC, K) col (K, G*L), then y_i (OC, L) = Y[:, i*L..(i+1)*L] + b for each
 /// image into ys (G, OC, L). One image (G = 1) needs no reordering: its GEMM writes ys itself.
-/// `col` and `yc` are scratch of at least K*G*L and OC*G*L.
+/// `col` and `yc` are scratch of at least K*G*L and OC*G*L, `phases` im2col's.
+#[allow(clippy::too_many_arguments)]
 pub fn conv_forward_group<T: Float>(
     g: &ConvGeometry,
     w: &[T],
@@ -216,12 +301,13 @@ pub fn conv_forward_group<T: Float>(
     xs: &[T],
     col: &mut [T],
     yc: &mut [T],
+    phases: &mut Vec<T>,
     ys: &mut [T],
 ) {
     let (oc, k, l) = (b.len(), g.k(), g.l());
     let gs = xs.len() / (g.c * g.h * g.w);
     let ld = gs * l;
-    im2col_group(g, xs, &mut col[..k * ld]);
+    im2col_group(g, xs, &mut col[..k * ld], phases);
     if gs == 1 {
         gemm(false, false, oc, l, k, T::one(), w, col, T::zero(), ys);
     } else {
@@ -358,8 +444,8 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
         // One group of images per task; each task keeps its own col and GEMM-output buffers.
         slice_mut(&mut y).par_chunks_mut(gsize * oc * l).zip(slice(&x).par_chunks(gsize * c * h * w)).for_each_init(
-            || (zero_vec(k * gsize * l), zero_vec(if gsize > 1 { oc * gsize * l } else { 0 })),
-            |(col, yc), (ys, xs)| conv_forward_group(&g, wt, b, xs, col, yc, ys),
+            || (zero_vec(k * gsize * l), zero_vec(if gsize > 1 { oc * gsize * l } else { 0 }), Vec::new()),
+            |(col, yc, phases), (ys, xs)| conv_forward_group(&g, wt, b, xs, col, yc, phases, ys),
         );
         self.x = Some(x); // kept for backward without a copy
         y
@@ -391,6 +477,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                 let mut col = zero_vec(k * gsize * l);
                 let mut dcol = zero_vec(if input_grad { k * gsize * l } else { 0 });
                 let mut dc = zero_vec(if gsize > 1 { oc * gsize * l } else { 0 });
+                let mut phases = Vec::new();
                 let mut first = r.start;
                 while first < r.end {
                     let gs = gsize.min(r.end - first);
@@ -412,14 +499,14 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                         *d += row.iter().fold(T::zero(), |s, &v| s + v);
                     }
                     // dW += dY col^T
-                    im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col[..k * ld]);
+                    im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col[..k * ld], &mut phases);
                     gemm(false, true, oc, k, ld, T::one(), dcg, &col, T::one(), &mut dw);
                     if input_grad {
                         // dcol = W^T dY, then dx_i = col2im(dcol's columns of image i)
                         gemm(true, false, k, ld, oc, T::one(), wt, dcg, T::zero(), &mut dcol[..k * ld]);
                         for i in 0..gs {
                             let at = (first - r.start + i) * img;
-                            col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld);
+                            col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld, &mut phases);
                         }
                     }
                     first += gs;
@@ -444,14 +531,90 @@ impl<T: Float> Layer<T> for Conv2d<T> {
 mod tests {
     use super::*;
 
+    /// Geometries that reach every branch of the phase split: strides 1, 2 and 3 (the constant
+    /// and run-time strided copies), kernels smaller than, equal to and larger than the stride,
+    /// padding wider than the kernel, rectangular everything, output widths with and without a
+    /// fixed-length copy, and planes whose runs are contiguous (kernel 2, stride 2, no padding).
+    fn geometries() -> Vec<ConvGeometry> {
+        let hw = |h, w| Hw { h, w };
+        vec![
+            ConvGeometry::new(2, 5, 7, 3, 3, 2, 1),
+            ConvGeometry::new(3, 8, 8, 3, 3, 1, 1),
+            ConvGeometry::new(2, 16, 16, 3, 3, 2, 1),
+            ConvGeometry::new(1, 9, 9, 5, 5, 2, 2),
+            ConvGeometry::new(2, 8, 8, 2, 2, 2, 0),
+            ConvGeometry::new(1, 7, 7, 1, 1, 3, 0),
+            ConvGeometry::new(2, 4, 4, 3, 3, 1, 3),
+            ConvGeometry::new(1, 6, 6, 6, 6, 1, 0),
+            ConvGeometry::with_hw(2, 6, 5, hw(2, 4), hw(1, 3), hw(1, 2)),
+            ConvGeometry::with_hw(1, 7, 4, hw(5, 1), hw(3, 1), hw(2, 0)),
+            ConvGeometry::with_hw(2, 10, 33, hw(3, 2), hw(2, 1), hw(0, 1)),
+        ]
+    }
+
+    /// A value that is different for every pixel, never zero.
+    fn pixel(i: usize) -> f64 {
+        1.0 + (i as f64 * 0.37).sin()
+    }
+
+    /// im2col against its definition, col[(c,i,j), (oh,ow)] = x[c, oh*SH-PH+i, ow*SW-PW+j]
+    /// (0 outside the image), into a wider col (ld > L, a column offset), with scratch left
+    /// dirty by a different geometry; col2im against the direct sum of every column entry into
+    /// the pixel it came from, tap after tap (the same order, so the same bits).
+    #[test]
+    fn im2col_and_col2im_match_their_definitions() {
+        let mut phases = vec![f64::NAN; 7];
+        for g in geometries() {
+            let (k, l) = (g.k(), g.l());
+            let x: Vec<f64> = (0..g.c * g.h * g.w).map(pixel).collect();
+            let (ld, at) = (l + 3, 2);
+            let mut col = vec![f64::NAN; k * ld + at];
+            im2col(&g, &x, &mut col[at..], ld, &mut phases);
+            let mut want_dx = vec![0.0; x.len()];
+            let dcol: Vec<f64> = (0..k * ld).map(|i| (i as f64 * 0.11).cos()).collect();
+            for c in 0..g.c {
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let row = (c * g.kh + i) * g.kw + j;
+                        for oh in 0..g.oh {
+                            for ow in 0..g.ow {
+                                let (ih, iw) = (
+                                    (oh * g.sh + i) as isize - g.ph as isize,
+                                    (ow * g.sw + j) as isize - g.pw as isize,
+                                );
+                                let inside = ih >= 0 && iw >= 0 && (ih as usize) < g.h && (iw as usize) < g.w;
+                                let p = if inside { (c * g.h + ih as usize) * g.w + iw as usize } else { usize::MAX };
+                                let got = col[at + row * ld + oh * g.ow + ow];
+                                let want = if inside { x[p] } else { 0.0 };
+                                assert_eq!(got.to_bits(), want.to_bits(), "{g:?}: col row {row}, output ({oh}, {ow})");
+                                if inside {
+                                    want_dx[p] += dcol[row * ld + oh * g.ow + ow];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut dx = vec![0.0; x.len()];
+            col2im(&g, &dcol, &mut dx, ld, &mut phases);
+            for (p, (a, b)) in dx.iter().zip(&want_dx).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{g:?}: dx pixel {p}: {a} vs {b}");
+            }
+            // It adds: a second call doubles dx.
+            col2im(&g, &dcol, &mut dx, ld, &mut phases);
+            for (p, (a, b)) in dx.iter().zip(&want_dx).enumerate() {
+                assert!(
+                    (a - 2.0 * b).abs() <= 1e-12 * b.abs().max(1.0),
+                    "{g:?}: dx pixel {p} after two calls: {a} vs 2 x {b}"
+                );
+            }
+        }
+    }
+
     /// col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)> for any x, c.
     #[test]
     fn col2im_is_the_adjoint_of_im2col() {
-        for g in [
-            ConvGeometry::new(2, 5, 7, 3, 2, 2, 1),
-            ConvGeometry::with_hw(2, 6, 5, Hw { h: 2, w: 4 }, Hw { h: 1, w: 3 }, Hw { h: 1, w: 2 }),
-            ConvGeometry::with_hw(1, 7, 4, Hw { h: 5, w: 1 }, Hw { h: 3, w: 1 }, Hw { h: 2, w: 0 }),
-        ] {
+        for g in geometries() {
             adjoint(&g);
         }
     }
@@ -460,9 +623,10 @@ mod tests {
         let x: Vec<f64> = (0..g.c * g.h * g.w).map(|i| (i as f64 * 0.37).sin()).collect();
         let c: Vec<f64> = (0..g.k() * g.l()).map(|i| (i as f64 * 0.11).cos()).collect();
         let mut col = vec![0.0; g.k() * g.l()];
-        im2col(g, &x, &mut col, g.l());
+        let mut phases = Vec::new();
+        im2col(g, &x, &mut col, g.l(), &mut phases);
         let mut back = vec![0.0; x.len()];
-        col2im(g, &c, &mut back, g.l());
+        col2im(g, &c, &mut back, g.l(), &mut phases);
         let lhs: f64 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
         assert!((lhs - rhs).abs() < 1e-10, "{g:?}: {lhs} vs {rhs}");

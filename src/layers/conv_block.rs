@@ -180,10 +180,10 @@ impl<T: Float> ConvReluPool<T> {
                     .zip(argmax.par_chunks_mut(gsize * out))
                     .zip(slice(x).par_chunks(gsize * c * h * w))
                     .for_each_init(
-                        || (zero_vec(k * gsize * l), zero_vec(oc * gsize * l)),
-                        |(col, conv), ((yg, ag), xg)| {
+                        || (zero_vec(k * gsize * l), zero_vec(oc * gsize * l), Vec::new()),
+                        |(col, conv, phases), ((yg, ag), xg)| {
                             let gs = xg.len() / (c * h * w);
-                            im2col_group(&g, xg, col);
+                            im2col_group(&g, xg, col, phases);
                             gemm(false, false, oc, gs * l, k, T::one(), wt, col, T::zero(), conv);
                             for (o, row) in conv[..oc * gs * l].chunks_exact_mut(gs * l).enumerate() {
                                 row.iter_mut().for_each(|v| *v += b[o]);
@@ -455,6 +455,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 let mut col = zero_vec(k * gsize * l);
                 let mut dcol = zero_vec(if input_grad { k * gsize * l } else { 0 });
                 let mut dc = zero_vec(oc * gsize * l + 1);
+                let mut phases = Vec::new();
                 let mut first = r.start;
                 while first < r.end {
                     let gs = gsize.min(r.end - first);
@@ -476,13 +477,13 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                             *db_o += sum_live(dyp, ap);
                         }
                     }
-                    im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col);
+                    im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col, &mut phases);
                     gemm(false, true, oc, k, ld, T::one(), &dc, &col, T::one(), &mut dw); // dW += dc col^T
                     if input_grad {
                         gemm(true, false, k, ld, oc, T::one(), wt, &dc, T::zero(), &mut dcol); // dcol = W^T dc
                         for i in 0..gs {
                             let at = (first - r.start + i) * img;
-                            col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld);
+                            col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld, &mut phases);
                         }
                     }
                     first += gs;
