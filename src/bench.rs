@@ -145,6 +145,9 @@ pub fn cpu_layer_timings(spec: &ModelSpec, batch: usize, reps: usize) -> Result<
             l.layer.backward(&dy);
         });
         let flops = l.layer.flops(&input) as f64;
+        // Backward is two GEMMs of the forward's size (dW and dx), except in a first conv
+        // (fused block or plain), which skips dx (nobody needs the gradient of the images).
+        let first_conv = i == 0 && matches!(l.kind, LayerKind::ConvReluPool | LayerKind::Conv2d);
         out.push(LayerTiming {
             name: l.name.clone(),
             layer: l.layer.describe(),
@@ -152,9 +155,7 @@ pub fn cpu_layer_timings(spec: &ModelSpec, batch: usize, reps: usize) -> Result<
             forward_ms: fwd,
             backward_ms: bwd,
             forward_gflops: flops / (fwd * 1e6),
-            // Backward is two GEMMs of the forward's size (dW and dx), except in a fused first
-            // block, which skips dx (nobody needs the gradient of the images).
-            backward_gflops: if i == 0 && l.kind == LayerKind::ConvReluPool { 1.0 } else { 2.0 } * flops / (bwd * 1e6),
+            backward_gflops: if first_conv { 1.0 } else { 2.0 } * flops / (bwd * 1e6),
         });
         h = y;
     }
