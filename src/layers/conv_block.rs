@@ -169,7 +169,7 @@ impl<T: Float> ConvReluPool<T> {
                     .zip(argmax.par_chunks_mut(plan.group * out))
                     .zip(xf.par_chunks(plan.group * imgf))
                     .for_each_init(
-                        || zero_vec(plan.scratch()),
+                        || plan.forward_scratch(),
                         |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
                     );
             }

@@ -74,12 +74,22 @@ impl Plan {
     pub fn tiles(&self) -> usize {
         self.ph * self.pw
     }
-    /// Floats of scratch a group needs: V (16, C, G*T), M (16, OC, G*T) and one channel's
-    /// row transform (2 parities, 4, PH+1, PW).
-    pub fn scratch(&self) -> usize {
+    /// The scratch one task's forward groups reuse: V (16, C, G*T), M (16, OC, G*T) and one
+    /// channel's row transform (2 parities, 4, PH+1, PW) as floats, and one filter's pooled
+    /// values and winners over the group's G*T tiles before they go to their images.
+    pub fn forward_scratch<T: Float>(&self) -> ForwardScratch<T> {
         let n = self.group * self.tiles();
-        16 * (self.c + self.oc) * n + 8 * (self.ph + 1) * self.pw
+        ForwardScratch {
+            floats: zero_vec(16 * (self.c + self.oc) * n + 8 * (self.ph + 1) * self.pw + n),
+            wins: vec![0; n],
+        }
     }
+}
+
+/// See `Plan::forward_scratch`.
+pub struct ForwardScratch<T> {
+    floats: Vec<T>,
+    wins: Vec<u32>,
 }
 
 /// U (16, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 4a + b.
@@ -153,20 +163,33 @@ fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usiz
     }
 }
 
-/// y (OC, PH, PW) and winners for one image, from M (16, OC, ld) at column offset `at`:
-/// A^T M A per tile, + bias, then pool and ReLU exactly as `conv_block.rs` does (candidates in
-/// row-major order, a later one wins only if `!(v <= best)`, dead if the best is <= 0).
+/// y (G, OC, PH, PW) and winners for a group of G images, from M (16, OC, G*T): A^T M A per
+/// tile, + bias, then pool and ReLU exactly as `conv_block.rs` does (candidates in row-major
+/// order, a later one wins only if `!(v <= best)`, dead if the best is <= 0). Each filter's
+/// transform runs over the whole group's tiles at once, into `vals` and `wins` (the winner's
+/// offset in its window), and then each image's T values go to their place: a vector loop even
+/// where an image has only 4 tiles (the last reference block; per image it was scalar code,
+/// a third of that block's forward).
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::neg_cmp_op_on_partial_ord)]
-fn transform_output<T: Float>(p: &Plan, m: &[T], ld: usize, at: usize, b: &[T], y: &mut [T], arg: &mut [u32]) {
-    let t = p.tiles();
+fn transform_output<T: Float>(
+    p: &Plan,
+    m: &[T],
+    gs: usize,
+    b: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    vals: &mut [T],
+    wins: &mut [u32],
+) {
+    let (t, n) = (p.tiles(), gs * p.tiles());
     let offs = [0, 1, p.ow as u32, p.ow as u32 + 1];
+    let (vals, wins) = (&mut vals[..n], &mut wins[..n]);
     for o in 0..p.oc {
-        // s[4a + b]: M[4a + b] for this filter, as a run over the image's tiles.
-        let s: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * ld + at..][..t]);
-        let (yo, ao, bias) = (&mut y[o * t..][..t], &mut arg[o * t..][..t], b[o]);
-        let corner = &p.corner[..t];
-        for k in 0..t {
+        // s[4a + b]: M[4a + b] for this filter, as a run over the group's tiles.
+        let s: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * n..][..n]);
+        let bias = b[o];
+        for k in 0..n {
             // u = A^T s (2x4), then the 2x2 outputs u A.
             let u0 = [
                 s[0][k] + s[4][k] + s[8][k],
@@ -191,21 +214,37 @@ fn transform_output<T: Float>(p: &Plan, m: &[T], ld: usize, at: usize, b: &[T], 
                 off = if take { d } else { off };
             }
             let dead = best <= T::zero();
-            yo[k] = if dead { T::zero() } else { best };
-            ao[k] = if dead { DEAD } else { corner[k] + off };
+            vals[k] = if dead { T::zero() } else { best };
+            wins[k] = if dead { DEAD } else { off };
+        }
+        for i in 0..gs {
+            let at = (i * p.oc + o) * t;
+            y[at..at + t].copy_from_slice(&vals[i * t..][..t]);
+            for ((a, &w), &corner) in arg[at..at + t].iter_mut().zip(&wins[i * t..][..t]).zip(&p.corner[..t]) {
+                *a = if w == DEAD { DEAD } else { corner + w };
+            }
         }
     }
 }
 
 /// Forward for a group of images: xs (G, C, H, W) -> y (G, OC, PH, PW) and winners, given
-/// the transformed weights `u` from `transform_weights`. `scratch` holds `plan.scratch()`.
+/// the transformed weights `u` from `transform_weights`; `scratch` from `plan.forward_scratch()`.
 #[inline(always)]
-fn forward_group_impl<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
-    let (img, out, t) = (p.c * p.h * p.w, p.oc * p.tiles(), p.tiles());
+fn forward_group_impl<T: Float>(
+    p: &Plan,
+    u: &[T],
+    b: &[T],
+    xs: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    scratch: &mut ForwardScratch<T>,
+) {
+    let (img, t) = (p.c * p.h * p.w, p.tiles());
     let gs = xs.len() / img;
     let n = gs * t; // columns of V and M: every tile of the group
-    let (v, rest) = scratch.split_at_mut(16 * p.c * n);
-    let (m, rows) = rest.split_at_mut(16 * p.oc * n);
+    let (v, rest) = scratch.floats.split_at_mut(16 * p.c * p.group * t);
+    let (m, rest) = rest.split_at_mut(16 * p.oc * p.group * t);
+    let (vals, rows) = rest.split_at_mut(p.group * t);
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
@@ -213,28 +252,43 @@ fn forward_group_impl<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T
         let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
         gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
     }
-    for i in 0..gs {
-        transform_output(p, m, n, i * t, b, &mut y[i * out..][..out], &mut arg[i * out..][..out]);
-    }
+    transform_output(p, m, gs, b, y, arg, vals, &mut scratch.wins);
 }
 
 // The same code compiled with AVX-512 enabled, so the compiler vectorises the transforms 16
 // floats wide; no FMA is enabled, so the results are bit for bit the portable ones.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn forward_group_avx512<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], s: &mut [T]) {
+fn forward_group_avx512<T: Float>(
+    p: &Plan,
+    u: &[T],
+    b: &[T],
+    xs: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    s: &mut ForwardScratch<T>,
+) {
     forward_group_impl(p, u, b, xs, y, arg, s)
 }
 
 // And with AVX2, 8 floats wide, for CPUs without AVX-512 (again no FMA: the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn forward_group_avx2<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], s: &mut [T]) {
+fn forward_group_avx2<T: Float>(
+    p: &Plan,
+    u: &[T],
+    b: &[T],
+    xs: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    s: &mut ForwardScratch<T>,
+) {
     forward_group_impl(p, u, b, xs, y, arg, s)
 }
 
 /// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
-pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut [T]) {
+#[rustfmt::skip]
+pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut ForwardScratch<T>) {
     forward_group_on(super::isa(), p, u, b, xs, y, arg, scratch)
 }
 
@@ -248,7 +302,7 @@ fn forward_group_on<T: Float>(
     xs: &[T],
     y: &mut [T],
     arg: &mut [u32],
-    scratch: &mut [T],
+    scratch: &mut ForwardScratch<T>,
 ) {
     match build {
         // SAFETY: the caller checked that the CPU has AVX-512F.
@@ -279,10 +333,10 @@ fn forward_group_on<T: Float>(
 const A_COL: [[i8; 4]; 2] = [[1, 1, 1, 0], [0, 1, -1, -1]];
 
 /// Floats of per-thread scratch for the backward of a group: V (16, C, n), Z (16, OC, n),
-/// Md (16, C, n), the row transform.
+/// Md (16, C, n), and the row transform or, after it, four runs over the group's tiles.
 pub fn backward_scratch(p: &Plan) -> usize {
     let n = p.group * p.tiles();
-    16 * (2 * p.c + p.oc) * n + (8 * (p.ph + 1) * p.pw).max(4 * p.tiles())
+    16 * (2 * p.c + p.oc) * n + (8 * (p.ph + 1) * p.pw).max(4 * n)
 }
 
 /// One group's share of the backward: Mw (16, OC, C) += this group's products (turn it into
@@ -311,18 +365,20 @@ fn backward_group_impl<T: Float>(
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    // Z from the winners, for each (image, filter) as runs over the tiles: d = the pooled
+    // Z from the winners, for each filter as runs over the group's tiles: d = the pooled
     // gradient where the window is alive (else 0), fa[a] = A[a][r], fb[b] = A[b][s] for the
-    // winner (r, s), and Z[4a + b] = (d fa[a]) fb[b] (products with 1, -1 or 0: exact).
-    let (rr, rest) = rows.split_at_mut(t); // the row-transform scratch is free again
-    let (ss, rest) = rest.split_at_mut(t);
-    let (dd, da) = rest.split_at_mut(t);
+    // winner (r, s), and Z[4a + b] = (d fa[a]) fb[b] (products with 1, -1 or 0: exact). The
+    // runs cover the whole group, so they are vector loops even where an image has 4 tiles.
+    let (rr, rest) = rows.split_at_mut(n); // the row-transform scratch is free again
+    let (ss, rest) = rest.split_at_mut(n);
+    let (dd, da) = rest.split_at_mut(n);
     let acol = A_COL.map(|col| col.map(|v| T::f(v as f64)));
     // Tile k's top-left conv position 2i*OW + 2j, and its top-left pixel 2i*W + 2j.
     let (corner, origin) = (&p.corner[..t], &p.origin[..t]);
-    for i in 0..gs {
-        for o in 0..p.oc {
+    for o in 0..p.oc {
+        for i in 0..gs {
             let (dyr, ar) = (&dy[i * out + o * t..][..t], &arg[i * out + o * t..][..t]);
+            let (rr, ss, dd) = (&mut rr[i * t..][..t], &mut ss[i * t..][..t], &mut dd[i * t..][..t]);
             // Per tile: d, and the winner's row r and column s (as 0 or 1, in T).
             for k in 0..t {
                 let live = ar[k] != DEAD;
@@ -332,19 +388,19 @@ fn backward_group_impl<T: Float>(
                 ss[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
                 dd[k] = if live { dyr[k] } else { T::zero() };
             }
-            db[o] += dd[..t].iter().fold(T::zero(), |s, &v| s + v); // the live windows' dy
-            for a in 0..4 {
-                let (a0, a1) = (acol[0][a], acol[1][a]);
-                let da = &mut da[..t];
-                for k in 0..t {
-                    da[k] = dd[k] * if rr[k] > T::zero() { a1 } else { a0 };
-                }
-                for b in 0..4 {
-                    let (b0, b1) = (acol[0][b], acol[1][b]);
-                    let dst = &mut z[((4 * a + b) * p.oc + o) * n + i * t..][..t];
-                    for k in 0..t {
-                        dst[k] = da[k] * if ss[k] > T::zero() { b1 } else { b0 };
-                    }
+            db[o] += dd.iter().fold(T::zero(), |s, &v| s + v); // the live windows' dy
+        }
+        for a in 0..4 {
+            let (a0, a1) = (acol[0][a], acol[1][a]);
+            let da = &mut da[..n];
+            for k in 0..n {
+                da[k] = dd[k] * if rr[k] > T::zero() { a1 } else { a0 };
+            }
+            for b in 0..4 {
+                let (b0, b1) = (acol[0][b], acol[1][b]);
+                let dst = &mut z[((4 * a + b) * p.oc + o) * n..][..n];
+                for k in 0..n {
+                    dst[k] = da[k] * if ss[k] > T::zero() { b1 } else { b0 };
                 }
             }
         }
@@ -564,7 +620,7 @@ mod tests {
         let (bias, mut x) = (fill::<f32>(oc, 2), fill::<f32>(n * c * h * w, 3));
         x[17] = f32::NAN;
         let out = n * oc * p.tiles();
-        let mut s = vec![0.0; p.scratch()];
+        let mut s = p.forward_scratch();
         let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; out], vec![0; out], vec![0.0; out], vec![0; out]);
         forward_group_on(build, &p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
         forward_group_impl(&p, &u, &bias, &x, &mut y2, &mut a2, &mut s);
