@@ -549,6 +549,8 @@ mod tests {
             ConvGeometry::with_hw(2, 6, 5, hw(2, 4), hw(1, 3), hw(1, 2)),
             ConvGeometry::with_hw(1, 7, 4, hw(5, 1), hw(3, 1), hw(2, 0)),
             ConvGeometry::with_hw(2, 10, 33, hw(3, 2), hw(2, 1), hw(0, 1)),
+            // One column and padding 2 at stride 2: a phase whose every column is padding.
+            ConvGeometry::with_hw(1, 3, 1, hw(3, 3), hw(2, 2), hw(2, 2)),
         ]
     }
 
@@ -558,13 +560,14 @@ mod tests {
     }
 
     /// im2col against its definition, col[(c,i,j), (oh,ow)] = x[c, oh*SH-PH+i, ow*SW-PW+j]
-    /// (0 outside the image), into a wider col (ld > L, a column offset), with scratch left
-    /// dirty by a different geometry; col2im against the direct sum of every column entry into
-    /// the pixel it came from, tap after tap (the same order, so the same bits).
+    /// (0 outside the image), into a wider col (ld > L, a column offset), with scratch full of
+    /// NaN (a phase value or col entry left unwritten shows); col2im against the direct sum of
+    /// every column entry into the pixel it came from, tap after tap (the same order, so the
+    /// same bits).
     #[test]
     fn im2col_and_col2im_match_their_definitions() {
-        let mut phases = vec![f64::NAN; 7];
         for g in geometries() {
+            let mut phases = vec![f64::NAN; g.phases_len() + 5];
             let (k, l) = (g.k(), g.l());
             let x: Vec<f64> = (0..g.c * g.h * g.w).map(pixel).collect();
             let (ld, at) = (l + 3, 2);
@@ -596,6 +599,7 @@ mod tests {
                 }
             }
             let mut dx = vec![0.0; x.len()];
+            phases.fill(f64::NAN);
             col2im(&g, &dcol, &mut dx, ld, &mut phases);
             for (p, (a, b)) in dx.iter().zip(&want_dx).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{g:?}: dx pixel {p}: {a} vs {b}");
