@@ -551,6 +551,9 @@ mod tests {
             ConvGeometry::with_hw(2, 10, 33, hw(3, 2), hw(2, 1), hw(0, 1)),
             // One column and padding 2 at stride 2: a phase whose every column is padding.
             ConvGeometry::with_hw(1, 3, 1, hw(3, 3), hw(2, 2), hw(2, 2)),
+            // Phases with one image row and padding rows below it.
+            ConvGeometry::with_hw(2, 2, 3, hw(3, 1), hw(2, 1), hw(2, 0)),
+            ConvGeometry::with_hw(1, 1, 4, hw(4, 2), hw(3, 1), hw(2, 1)),
         ]
     }
 
