@@ -578,8 +578,15 @@ mod tests {
     /// channels), odd sizes that leave a conv row or column unpooled, groups split unevenly.
     #[test]
     fn winograd_matches_the_gemm_path() {
-        let shapes =
-            [(3, 32, 64, 31, 31), (9, 64, 128, 14, 14), (33, 16, 8, 6, 6), (2, 3, 5, 11, 12), (5, 2, 3, 10, 13)];
+        // The last one has a single filter (OC = 1), the smallest scratch.
+        let shapes = [
+            (3, 32, 64, 31, 31),
+            (9, 64, 128, 14, 14),
+            (33, 16, 8, 6, 6),
+            (2, 3, 5, 11, 12),
+            (5, 2, 3, 10, 13),
+            (4, 3, 1, 9, 8),
+        ];
         for (n, c, oc, h, w) in shapes {
             let shape = [n, c, h, w];
             assert!(applies(&block::<f64>(c, oc, true).conv, &MaxPool2d::new(2, 2), &shape), "{shape:?}");
