@@ -112,24 +112,56 @@ impl ConvGeometry {
         let plane = ((c * self.sh + i % self.sh) * self.sw + j % self.sw) * r * q;
         (plane, (i / self.sh) * q + j / self.sw)
     }
+    /// Plane p of the phases, p = (c*SH + a)*SW + b: which of its rows and columns hold pixels
+    /// of x (the others are padding).
+    fn phase_plane(&self, p: usize) -> PhasePlane {
+        let (rr, qq) = self.phase_dims();
+        let (c, a, b) = (p / (self.sh * self.sw), p / self.sw % self.sh, p % self.sw);
+        let (r_lo, r_hi) = valid_range(rr, a, self.h, self.sh, self.ph);
+        let (q_lo, q_hi) = valid_range(qq, b, self.w, self.sw, self.pw);
+        PhasePlane { c, a, b, rows: r_lo..r_hi, cols: q_lo..q_hi }
+    }
+}
+
+/// See `ConvGeometry::phase_plane`.
+struct PhasePlane {
+    c: usize,
+    a: usize,
+    b: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+impl PhasePlane {
+    /// Where in x (C, H, W) the first pixel of row r's columns `cols` is (every SW-th after it
+    /// follows); `cols` must not be empty.
+    fn pixel(&self, g: &ConvGeometry, r: usize) -> usize {
+        (self.c * g.h + r * g.sh + self.a - g.ph) * g.w + self.cols.start * g.sw + self.b - g.pw
+    }
+}
+
+/// The first `g.phases_len()` values of im2col's and col2im's scratch, grown to that if shorter.
+fn phases_for<'a, T: Float>(g: &ConvGeometry, phases: &'a mut Vec<T>) -> &'a mut [T] {
+    if phases.len() < g.phases_len() {
+        phases.resize(g.phases_len(), T::zero());
+    }
+    &mut phases[..g.phases_len()]
 }
 
 /// phases (C, SH, SW, R, Q) of one image x (C, H, W), every value written (see above).
 fn split_phases<T: Float>(g: &ConvGeometry, x: &[T], phases: &mut [T]) {
     let (rr, qq) = g.phase_dims();
     for (p, plane) in phases.chunks_exact_mut(rr * qq).enumerate() {
-        let (c, a, b) = (p / (g.sh * g.sw), p / g.sw % g.sh, p % g.sw);
-        let (r_lo, r_hi) = valid_range(rr, a, g.h, g.sh, g.ph);
-        let (q_lo, q_hi) = valid_range(qq, b, g.w, g.sw, g.pw);
-        plane[..r_lo * qq].fill(T::zero());
-        plane[r_hi * qq..].fill(T::zero());
-        for r in r_lo..r_hi {
-            let xrow = &x[(c * g.h + r * g.sh + a - g.ph) * g.w..][..g.w];
+        let pp = g.phase_plane(p);
+        let (rows, cols) = (pp.rows.clone(), pp.cols.clone());
+        plane[..rows.start * qq].fill(T::zero());
+        plane[rows.end * qq..].fill(T::zero());
+        for r in rows {
             let row = &mut plane[r * qq..][..qq];
-            row[..q_lo].fill(T::zero());
-            row[q_hi..].fill(T::zero());
-            if q_hi > q_lo {
-                let (src, out) = (&xrow[q_lo * g.sw + b - g.pw..], &mut row[q_lo..q_hi]);
+            row[..cols.start].fill(T::zero());
+            row[cols.end..].fill(T::zero());
+            if cols.end > cols.start {
+                let (src, out) = (&x[pp.pixel(g, r)..], &mut row[cols.clone()]);
                 match g.sw {
                     1 => out.copy_from_slice(&src[..out.len()]),
                     2 => every_nth::<T, 2>(src, out),
@@ -144,15 +176,12 @@ fn split_phases<T: Float>(g: &ConvGeometry, x: &[T], phases: &mut [T]) {
 fn add_phases<T: Float>(g: &ConvGeometry, phases: &[T], dx: &mut [T]) {
     let (rr, qq) = g.phase_dims();
     for (p, plane) in phases.chunks_exact(rr * qq).enumerate() {
-        let (c, a, b) = (p / (g.sh * g.sw), p / g.sw % g.sh, p % g.sw);
-        let (r_lo, r_hi) = valid_range(rr, a, g.h, g.sh, g.ph);
-        let (q_lo, q_hi) = valid_range(qq, b, g.w, g.sw, g.pw);
-        if q_hi <= q_lo {
+        let pp = g.phase_plane(p);
+        if pp.cols.end <= pp.cols.start {
             continue;
         }
-        for r in r_lo..r_hi {
-            let dxrow = &mut dx[(c * g.h + r * g.sh + a - g.ph) * g.w..][..g.w];
-            let (d, dst) = (&plane[r * qq + q_lo..r * qq + q_hi], &mut dxrow[q_lo * g.sw + b - g.pw..]);
+        for r in pp.rows.clone() {
+            let (d, dst) = (&plane[r * qq..][pp.cols.clone()], &mut dx[pp.pixel(g, r)..]);
             match g.sw {
                 1 => dst.iter_mut().zip(d).for_each(|(x, v)| *x += *v),
                 2 => add_every_nth::<T, 2>(d, dst),
@@ -171,7 +200,8 @@ fn copy_runs<T: Float, const N: usize>(src: &[T], stride: usize, dst: &mut [T]) 
     }
 }
 
-/// src's runs += dst's: the adjoint of `copy_runs` (any length: the compiler vectorises a sum).
+/// `dst`'s runs (run o at o*stride) += `d`'s runs of `n` values: the adjoint of `copy_runs`
+/// (any length: the compiler vectorises a sum).
 #[inline(always)]
 fn add_runs<T: Float>(d: &[T], stride: usize, dst: &mut [T], n: usize) {
     for (o, run) in d.chunks_exact(n).enumerate() {
@@ -184,10 +214,7 @@ fn add_runs<T: Float>(d: &[T], stride: usize, dst: &mut [T], n: usize) {
 /// scratch, grown to `g.phases_len()` if shorter.
 pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T], ld: usize, phases: &mut Vec<T>) {
     let (l, (_, qq)) = (g.l(), g.phase_dims());
-    if phases.len() < g.phases_len() {
-        phases.resize(g.phases_len(), T::zero());
-    }
-    let phases = &mut phases[..g.phases_len()];
+    let phases = phases_for(g, phases);
     split_phases(g, x, phases);
     for (row_index, (c, i, j)) in col_rows(g).enumerate() {
         let (plane, first) = g.tap(c, i, j);
@@ -215,10 +242,7 @@ pub fn im2col<T: Float>(g: &ConvGeometry, x: &[T], col: &mut [T], ld: usize, pha
 /// zero, as in every backward here. `phases` is scratch, as in `im2col`.
 pub fn col2im<T: Float>(g: &ConvGeometry, dcol: &[T], dx: &mut [T], ld: usize, phases: &mut Vec<T>) {
     let (l, (_, qq)) = (g.l(), g.phase_dims());
-    if phases.len() < g.phases_len() {
-        phases.resize(g.phases_len(), T::zero());
-    }
-    let phases = &mut phases[..g.phases_len()];
+    let phases = phases_for(g, phases);
     phases.fill(T::zero());
     for (row_index, (c, i, j)) in col_rows(g).enumerate() {
         let (plane, first) = g.tap(c, i, j);
