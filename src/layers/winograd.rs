@@ -287,8 +287,15 @@ fn forward_group_avx2<T: Float>(
 }
 
 /// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
-#[rustfmt::skip]
-pub fn forward_group<T: Float>(p: &Plan, u: &[T], b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], scratch: &mut ForwardScratch<T>) {
+pub fn forward_group<T: Float>(
+    p: &Plan,
+    u: &[T],
+    b: &[T],
+    xs: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    scratch: &mut ForwardScratch<T>,
+) {
     forward_group_on(super::isa(), p, u, b, xs, y, arg, scratch)
 }
 
@@ -578,7 +585,9 @@ mod tests {
     /// channels), odd sizes that leave a conv row or column unpooled, groups split unevenly.
     #[test]
     fn winograd_matches_the_gemm_path() {
-        // The last one has a single filter (OC = 1), the smallest scratch.
+        // (4, 3, 1, 9, 8) has a single filter (OC = 1), the smallest scratch; (4, 2, 3, 40, 40)
+        // has 361 tiles per image, so a group is one image and a thread's range holds several
+        // groups, each writing its own images' dx.
         let shapes = [
             (3, 32, 64, 31, 31),
             (9, 64, 128, 14, 14),
@@ -586,6 +595,7 @@ mod tests {
             (2, 3, 5, 11, 12),
             (5, 2, 3, 10, 13),
             (4, 3, 1, 9, 8),
+            (4, 2, 3, 40, 40),
         ];
         for (n, c, oc, h, w) in shapes {
             let shape = [n, c, h, w];
