@@ -270,8 +270,10 @@ pub(crate) fn isa() -> Isa {
 #[cfg(test)]
 pub(crate) fn check_each_vector_isa(what: &str, mut check: impl FnMut(Isa)) {
     #[cfg(target_arch = "x86_64")]
-    let builds =
-        [(Isa::Avx512, "AVX512", has_avx512f()), (Isa::Avx2, "AVX2", std::arch::is_x86_feature_detected!("avx2"))];
+    let builds = [
+        (Isa::Avx512, "AVX512", is_x86_feature_detected!("avx512f")),
+        (Isa::Avx2, "AVX2", is_x86_feature_detected!("avx2")),
+    ];
     #[cfg(not(target_arch = "x86_64"))]
     let builds = [(Isa::Avx512, "AVX512", false), (Isa::Avx2, "AVX2", false)];
     for (isa, thing, has) in builds {
@@ -280,19 +282,6 @@ pub(crate) fn check_each_vector_isa(what: &str, mut check: impl FnMut(Isa)) {
         } else {
             skip_unless_required(thing, &format!("no {thing} on this CPU: {what} is not checked"));
         }
-    }
-}
-
-/// Whether this CPU runs the AVX-512F code (the fast paths of `direct_conv` and `winograd`).
-#[cfg(test)]
-pub(crate) fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
