@@ -13,7 +13,6 @@ pub mod dashboard;
 pub mod data;
 pub mod evaluate;
 pub mod explain;
-pub mod gemm;
 pub mod inspect;
 pub mod layers;
 pub mod metrics;

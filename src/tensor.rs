@@ -219,17 +219,3 @@ mod tests {
         }
     }
 }
-
-/// `v` as f32 when T is f32 (for the f32-only kernels), else None.
-pub fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
-    // SAFETY: T is f32 exactly when the TypeIds agree, so the cast is the identity.
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) })
-}
-
-/// `as_f32` for a mutable slice.
-pub fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
-    // SAFETY: as in `as_f32`.
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
-}

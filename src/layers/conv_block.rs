@@ -163,7 +163,7 @@ impl<T: Float> ConvReluPool<T> {
             ConvAlgo::Winograd => {
                 // F(2x2, 3x3) Winograd, one group of images per task (see `winograd.rs`).
                 let plan = winograd::Plan::new(&gf, oc, n);
-                let u = winograd::transform_weights(&plan, wt, false);
+                let u = winograd::transform_weights(&plan, wt);
                 slice_mut(&mut y)
                     .par_chunks_mut(plan.group * out)
                     .zip(argmax.par_chunks_mut(plan.group * out))
@@ -401,7 +401,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         assert_eq!(xf.len(), n * c * gf.h * gf.w, "ConvReluPool: the forward did not keep the padded images");
         let imgf = c * gf.h * gf.w;
         let wplan = (algo == ConvAlgo::Winograd).then(|| winograd::Plan::new(&gf, oc, n));
-        let u = wplan.as_ref().map(|p| winograd::transform_weights(p, wt, input_grad));
+        let u = wplan.as_ref().map(|p| winograd::transform_weights(p, wt)).unwrap_or_default();
         let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&gf));
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
@@ -409,7 +409,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
             .map(|(r, dx_part)| {
                 let mut dw = zero_vec(oc * k);
                 let mut db = zero_vec(oc);
-                if let (Some(wplan), Some(u)) = (&wplan, &u) {
+                if let Some(wplan) = &wplan {
                     // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
                     let mut mw = zero_vec(16 * oc * c);
                     let mut scratch = zero_vec(winograd::backward_scratch(wplan));
@@ -433,7 +433,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                                 Some(&mut dxp[..gs * imgf])
                             }
                         };
-                        winograd::backward_group(wplan, u, xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
+                        winograd::backward_group(wplan, &u, xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
                         if input_grad && padded {
                             crop_add(&g, &dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
                         }

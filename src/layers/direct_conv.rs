@@ -523,6 +523,19 @@ mod avx2 {
     }
 }
 
+/// `v` as f32 when T is f32.
+fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 exactly when the TypeIds agree, so the cast is the identity.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) })
+}
+
+fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
+}
+
 /// The build the direct path runs: the CPU's widest vectors for f32, the portable code for f64.
 fn isa<T: Float>() -> Isa {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
@@ -566,9 +579,8 @@ fn forward_on<T: Float>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
-        let (x, wt, b) =
-            (crate::tensor::as_f32(x).unwrap(), crate::tensor::as_f32(wt).unwrap(), crate::tensor::as_f32(b).unwrap());
-        let (y, scratch) = (crate::tensor::as_f32_mut(y).unwrap(), crate::tensor::as_f32_mut(scratch).unwrap());
+        let (x, wt, b) = (as_f32(x).unwrap(), as_f32(wt).unwrap(), as_f32(b).unwrap());
+        let (y, scratch) = (as_f32_mut(y).unwrap(), as_f32_mut(scratch).unwrap());
         // SAFETY: the caller checked that the CPU has the instruction set.
         return unsafe {
             match isa {
@@ -595,12 +607,8 @@ fn backward_on<T: Float>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
-        let (x, dy) = (crate::tensor::as_f32(x).unwrap(), crate::tensor::as_f32(dy).unwrap());
-        let (dw, db, scratch) = (
-            crate::tensor::as_f32_mut(dw).unwrap(),
-            crate::tensor::as_f32_mut(db).unwrap(),
-            crate::tensor::as_f32_mut(scratch).unwrap(),
-        );
+        let (x, dy) = (as_f32(x).unwrap(), as_f32(dy).unwrap());
+        let (dw, db, scratch) = (as_f32_mut(dw).unwrap(), as_f32_mut(db).unwrap(), as_f32_mut(scratch).unwrap());
         // SAFETY: the caller checked that the CPU has the instruction set.
         return unsafe {
             match isa {

@@ -35,8 +35,7 @@
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
 use super::{Conv2d, Isa, MaxPool2d};
-use crate::gemm::{self, PackedA};
-use crate::tensor::{as_f32, as_f32_mut, gemm, zero_vec, Float};
+use crate::tensor::{gemm, zero_vec, Float};
 
 /// Whether this path computes the block for input shape (N, C, H, W): a 3x3, stride-1,
 /// unpadded conv of several channels (one channel is `direct_conv.rs`'s) with 2x2 pooling.
@@ -93,57 +92,8 @@ pub struct ForwardScratch<T> {
     wins: Vec<u32>,
 }
 
-/// The transformed weights: U (16, OC, C) = G g G^T for every filter, and where the 16
-/// products run on our own GEMM (`gemm.rs`: f32 on a CPU with AVX2 and FMA) each U[xi]
-/// packed for it once per step, as the forward multiplies it (U[xi] V[xi]) and, for the
-/// backward's input gradient, transposed (U[xi]^T Z[xi]). Elsewhere (f64, older CPUs) the
-/// packs are empty and the products go to `gemm`.
-pub struct Weights<T> {
-    u: Vec<T>,
-    fwd: Vec<PackedA>,
-    bwd: Vec<PackedA>,
-}
-
-/// U for the weights `w` (OC, C, 3, 3), packed for the forward, and for the backward's input
-/// gradient when `input_grad`.
-pub fn transform_weights<T: Float>(p: &Plan, w: &[T], input_grad: bool) -> Weights<T> {
-    let u = transform_filters(p, w);
-    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-    if let (Some(u32s), true) = (as_f32(&u), gemm::has_fma()) {
-        let (oc, c) = (p.oc, p.c);
-        for uk in u32s.chunks_exact(oc * c) {
-            fwd.push(PackedA::pack(oc, c, uk, c, 1));
-            if input_grad {
-                bwd.push(PackedA::pack(c, oc, uk, 1, c));
-            }
-        }
-    }
-    Weights { u, fwd, bwd }
-}
-
-/// M (m, n) = A B for product xi, B (k, n) and M row-major with n columns: on the packed A
-/// when there is one, else `gemm` on `a` (row-major (m, k), or (k, m) when `trans_a`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn product<T: Float>(
-    packed: Option<&PackedA>,
-    a: &[T],
-    trans_a: bool,
-    m: usize,
-    k: usize,
-    b: &[T],
-    n: usize,
-    c: &mut [T],
-) {
-    if let (Some(pa), Some(b32), Some(c32)) = (packed, as_f32(b), as_f32_mut(c)) {
-        gemm::gemm_packed(pa, b32, n, n, c32, n);
-    } else {
-        gemm(trans_a, false, m, n, k, T::one(), a, b, T::zero(), c);
-    }
-}
-
 /// U (16, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 4a + b.
-fn transform_filters<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
+pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
     let half = T::f(0.5);
     // G g for a column (g0, g1, g2): the four rows of G applied to it.
     let g4 = |g0: T, g1: T, g2: T| [g0, half * (g0 + g1 + g2), half * (g0 - g1 + g2), g2];
@@ -282,7 +232,7 @@ fn transform_output<T: Float>(
 #[inline(always)]
 fn forward_group_impl<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     b: &[T],
     xs: &[T],
     y: &mut [T],
@@ -299,9 +249,8 @@ fn forward_group_impl<T: Float>(
         transform_input(p, x, v, n, i * t, rows);
     }
     for xi in 0..16 {
-        let (uk, vk, mk) =
-            (&u.u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..][..p.c * n], &mut m[xi * p.oc * n..][..p.oc * n]);
-        product(u.fwd.get(xi), uk, false, p.oc, p.c, vk, n, mk); // M[xi] = U[xi] V[xi]
+        let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
+        gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
     }
     transform_output(p, m, gs, b, y, arg, vals, &mut scratch.wins);
 }
@@ -312,7 +261,7 @@ fn forward_group_impl<T: Float>(
 #[target_feature(enable = "avx512f")]
 fn forward_group_avx512<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     b: &[T],
     xs: &[T],
     y: &mut [T],
@@ -327,7 +276,7 @@ fn forward_group_avx512<T: Float>(
 #[target_feature(enable = "avx2")]
 fn forward_group_avx2<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     b: &[T],
     xs: &[T],
     y: &mut [T],
@@ -340,7 +289,7 @@ fn forward_group_avx2<T: Float>(
 /// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
 pub fn forward_group<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     b: &[T],
     xs: &[T],
     y: &mut [T],
@@ -355,7 +304,7 @@ pub fn forward_group<T: Float>(
 fn forward_group_on<T: Float>(
     build: Isa,
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     b: &[T],
     xs: &[T],
     y: &mut [T],
@@ -405,7 +354,7 @@ pub fn backward_scratch(p: &Plan) -> usize {
 #[allow(clippy::too_many_arguments)]
 fn backward_group_impl<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     xs: &[T],
     dy: &[T],
     arg: &[u32],
@@ -470,9 +419,9 @@ fn backward_group_impl<T: Float>(
     }
     let Some(dx) = dx else { return };
     for xi in 0..16 {
-        let (uk, zk) = (&u.u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
+        let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
-        product(u.bwd.get(xi), uk, true, p.c, p.oc, zk, n, mdk); // Md[xi] = U[xi]^T Z[xi]
+        gemm(true, false, p.c, n, p.oc, T::one(), uk, zk, T::zero(), mdk); // Md[xi] = U[xi]^T Z[xi]
     }
     // dd = B Md B^T per tile, B = (B^T)^T: for a column m of Md, B m = (m0, m1 - m2 + m3,
     // m1 + m2 - m0, -m3), first along a (columns), then along b (rows). dd's element (a, b)
@@ -529,7 +478,7 @@ pub fn finish_weight_grad<T: Float>(p: &Plan, mw: &[T], dw: &mut [T]) {
 #[allow(clippy::too_many_arguments)]
 fn backward_group_avx512<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     xs: &[T],
     dy: &[T],
     arg: &[u32],
@@ -546,7 +495,7 @@ fn backward_group_avx512<T: Float>(
 #[allow(clippy::too_many_arguments)]
 fn backward_group_avx2<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     xs: &[T],
     dy: &[T],
     arg: &[u32],
@@ -562,7 +511,7 @@ fn backward_group_avx2<T: Float>(
 #[allow(clippy::too_many_arguments)]
 pub fn backward_group<T: Float>(
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     xs: &[T],
     dy: &[T],
     arg: &[u32],
@@ -579,7 +528,7 @@ pub fn backward_group<T: Float>(
 fn backward_group_on<T: Float>(
     build: Isa,
     p: &Plan,
-    u: &Weights<T>,
+    u: &[T],
     xs: &[T],
     dy: &[T],
     arg: &[u32],
@@ -684,7 +633,7 @@ mod tests {
         let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
         let p = Plan::new(&g, oc, 3);
         let n = p.group; // one whole group (2 or 3 images, as the thread count allows)
-        let u = transform_weights(&p, &fill::<f32>(oc * c * 9, 1), true);
+        let u = transform_weights(&p, &fill::<f32>(oc * c * 9, 1));
         let (bias, mut x) = (fill::<f32>(oc, 2), fill::<f32>(n * c * h * w, 3));
         x[17] = f32::NAN;
         let out = n * oc * p.tiles();
