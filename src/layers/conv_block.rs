@@ -411,7 +411,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 let mut db = zero_vec(oc);
                 if let Some(wplan) = &wplan {
                     // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
-                    let mut mw = zero_vec(16 * oc * c);
+                    let mut mw = zero_vec(winograd::XI * oc * c);
                     let mut scratch = zero_vec(winograd::backward_scratch(wplan));
                     // A padded conv's dx comes back padded, then loses its border (`crop_add`).
                     let mut dxp = zero_vec(if padded && input_grad { wplan.group * imgf } else { 0 });
