@@ -83,7 +83,7 @@ fn pair_settings_match_finite_differences() {
         ),
     ];
     println!(
-        "\n{:<38} {:<16} {:<18} {:<18} {:<18}",
+        "\n{:<44} {:<16} {:<18} {:<18} {:<18}",
         "layer", "input", "dx max rel (n)", "dw max rel (n)", "db max rel (n)"
     );
     let mut failures = Vec::new();

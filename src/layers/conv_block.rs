@@ -24,7 +24,8 @@
 //! against the im2col + GEMM way written here, which also serves every other shape):
 //! - one input channel, 3x3, pool 2: `direct_conv.rs` (the first block; K = 9 is a poor GEMM);
 //! - several channels, 3x3, pool 2: `winograd.rs`, F(2x2, 3x3), forward and backward (the
-//!   other three blocks; 2.25x fewer multiplies);
+//!   other three blocks; 2.25x fewer multiplies), and on maps of at least 2x2 four-window
+//!   tiles the backward by F(4x4, 3x3) instead (`winograd4.rs`; 4x fewer; `WinogradBackward`);
 //! - anything else: im2col + GEMM, below.
 //!
 //! The two fast paths compute an unpadded 3x3 conv. A padded one (PyTorch's usual
@@ -37,7 +38,7 @@ use rayon::prelude::*;
 
 use super::conv2d::{col2im, group_size, im2col_group, ConvGeometry};
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Hw, Layer, MaxPool2d, Param};
-use super::{direct_conv, winograd};
+use super::{direct_conv, winograd, winograd4};
 use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
 
 /// The three ways to compute a block; all keep the same winners (`argmax`), so any backward
@@ -46,7 +47,8 @@ use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
 pub enum ConvAlgo {
     /// One input channel: `direct_conv.rs`.
     Direct,
-    /// Several channels, 3x3, pool 2: `winograd.rs`.
+    /// Several channels, 3x3, pool 2: `winograd.rs` (and `winograd4.rs` for the backward of
+    /// large maps).
     Winograd,
     /// Anything else: im2col + GEMM, in this file.
     Gemm,
@@ -54,6 +56,73 @@ pub enum ConvAlgo {
 
 /// Marks a window whose maximum was not positive: no gradient flows back through it.
 pub(crate) const DEAD: u32 = u32::MAX;
+
+/// The Winograd backward of a block, with the transformed weights it multiplies by: F(4x4,
+/// 3x3) where it pays (`winograd4.rs`: maps of at least 2x2 four-window tiles), else F(2x2,
+/// 3x3) (`winograd.rs`, whose forward every Winograd block runs). Both take the forward's
+/// winners and give the same gradients up to rounding.
+enum WinogradBackward<T> {
+    F2(winograd::Plan, Vec<T>),
+    F4(winograd4::Plan, Vec<T>),
+}
+
+impl<T: Float> WinogradBackward<T> {
+    /// For `n` images of the unpadded conv geometry `g`, OC filters `wt` (OC, C, 3, 3).
+    fn new(g: &ConvGeometry, wt: &[T], oc: usize, n: usize) -> Self {
+        if winograd4::pays(g) {
+            let p = winograd4::Plan::new(g, oc, n);
+            let u = winograd4::transform_weights(&p, wt);
+            WinogradBackward::F4(p, u)
+        } else {
+            let p = winograd::Plan::new(g, oc, n);
+            let u = winograd::transform_weights(&p, wt);
+            WinogradBackward::F2(p, u)
+        }
+    }
+    /// Images per group.
+    fn group(&self) -> usize {
+        match self {
+            WinogradBackward::F2(p, _) => p.group,
+            WinogradBackward::F4(p, _) => p.group,
+        }
+    }
+    /// Elements of a transformed tile: Mw has this many (OC, C) planes.
+    fn xi(&self) -> usize {
+        match self {
+            WinogradBackward::F2(..) => winograd::XI,
+            WinogradBackward::F4(..) => winograd4::XI,
+        }
+    }
+    /// Floats of one thread's scratch.
+    fn scratch(&self) -> usize {
+        match self {
+            WinogradBackward::F2(p, _) => winograd::backward_scratch(p),
+            WinogradBackward::F4(p, _) => winograd4::backward_scratch(p),
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn backward_group(
+        &self,
+        xs: &[T],
+        dy: &[T],
+        arg: &[u32],
+        mw: &mut [T],
+        db: &mut [T],
+        dx: Option<&mut [T]>,
+        s: &mut [T],
+    ) {
+        match self {
+            WinogradBackward::F2(p, u) => winograd::backward_group(p, u, xs, dy, arg, mw, db, dx, s),
+            WinogradBackward::F4(p, u) => winograd4::backward_group(p, u, xs, dy, arg, mw, db, dx, s),
+        }
+    }
+    fn finish_weight_grad(&self, mw: &[T], dw: &mut [T]) {
+        match self {
+            WinogradBackward::F2(p, _) => winograd::finish_weight_grad(p, mw, dw),
+            WinogradBackward::F4(p, _) => winograd4::finish_weight_grad(p, mw, dw),
+        }
+    }
+}
 
 pub struct ConvReluPool<T: Float> {
     pub conv: Conv2d<T>,
@@ -400,8 +469,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let (gf, xf) = if padded { (padded_geometry(&g), &self.padded[..]) } else { (g, xs) };
         assert_eq!(xf.len(), n * c * gf.h * gf.w, "ConvReluPool: the forward did not keep the padded images");
         let imgf = c * gf.h * gf.w;
-        let wplan = (algo == ConvAlgo::Winograd).then(|| winograd::Plan::new(&gf, oc, n));
-        let u = wplan.as_ref().map(|p| winograd::transform_weights(p, wt)).unwrap_or_default();
+        let wplan = (algo == ConvAlgo::Winograd).then(|| WinogradBackward::new(&gf, wt, oc, n));
         let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&gf));
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
@@ -411,13 +479,13 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 let mut db = zero_vec(oc);
                 if let Some(wplan) = &wplan {
                     // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
-                    let mut mw = zero_vec(winograd::XI * oc * c);
-                    let mut scratch = zero_vec(winograd::backward_scratch(wplan));
+                    let mut mw = zero_vec(wplan.xi() * oc * c);
+                    let mut scratch = zero_vec(wplan.scratch());
                     // A padded conv's dx comes back padded, then loses its border (`crop_add`).
-                    let mut dxp = zero_vec(if padded && input_grad { wplan.group * imgf } else { 0 });
+                    let mut dxp = zero_vec(if padded && input_grad { wplan.group() * imgf } else { 0 });
                     let mut first = r.start;
                     while first < r.end {
-                        let gs = wplan.group.min(r.end - first);
+                        let gs = wplan.group().min(r.end - first);
                         let imgs = first..first + gs;
                         let (xg, dyg, ag) = (
                             &xf[imgs.start * imgf..imgs.end * imgf],
@@ -433,13 +501,13 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                                 Some(&mut dxp[..gs * imgf])
                             }
                         };
-                        winograd::backward_group(wplan, &u, xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
+                        wplan.backward_group(xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
                         if input_grad && padded {
                             crop_add(&g, &dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
                         }
                         first += gs;
                     }
-                    winograd::finish_weight_grad(wplan, &mw, &mut dw);
+                    wplan.finish_weight_grad(&mw, &mut dw);
                     return (dw, db);
                 }
                 if let Some(plan) = &plan {

@@ -29,6 +29,7 @@ pub mod linear;
 pub mod max_pool2d;
 pub mod relu;
 pub mod winograd;
+pub mod winograd4;
 
 pub use avg_pool2d::{AvgPool2d, GlobalAvgPool2d};
 pub use conv2d::Conv2d;

@@ -1,43 +1,34 @@
-//! The fused block by Winograd's minimal filtering, F(4x4, 3x3) (Lavin & Gray, 2015):
-//! Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), with 4 times fewer
-//! multiplications than im2col + GEMM. A 4x4 output tile holds 2x2 pooling windows, so each
-//! tile is pooled the moment it is formed. The backward (dW and dx) is the same algorithm run
-//! in reverse, on the same tiles (see "Backward" below). `conv_block.rs` runs both for every
-//! block but the first; the results agree with its im2col + GEMM path up to rounding (tests
-//! check it, and say how far in f32).
+//! The fused block by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, 2015):
+//! Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), with 2.25 times fewer
+//! multiplications than im2col + GEMM. Its 2x2 output tiles are exactly the pooling windows, so
+//! each tile is pooled the moment it is formed. The backward (dW and dx) is the same algorithm
+//! run in reverse, on the same tiles (see "Backward" below). `conv_block.rs` runs both for
+//! every block but the first (the backward of large maps by `winograd4.rs`'s F(4x4, 3x3)
+//! instead); the results agree with its im2col + GEMM path up to rounding, and pick the same
+//! winners (tests check it).
 //!
 //! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
-//! (OH/2, OW/2). Tile (i, j) is conv rows 4i .. 4i+4 and columns 4j .. 4j+4, that is pooling
-//! windows (2i + wi, 2j + wj) for wi, wj in {0, 1}, computed from the 6x6 input patch d at
-//! rows 4i .. 4i+6, columns 4j .. 4j+6 of each channel. There are TH x TW = ceil(PH/2) x
-//! ceil(PW/2) tiles; where PH or PW is odd the last tiles' second windows do not exist: they
-//! are computed from zeros and dropped. Only the pixels some window reads (rows and columns
-//! 0 ..= 2*PH+1, 0 ..= 2*PW+1) are read; the rest of a patch is taken as 0.
+//! (OH/2, OW/2). Tile (i, j) is pooling window (i, j): conv rows 2i, 2i+1, columns 2j, 2j+1,
+//! computed from the 4x4 input patch d at rows 2i..2i+4, columns 2j..2j+4 of each channel.
 //!
-//! The math. For one channel and one 3x3 filter g, the 4x4 outputs of the patch d are
+//! The math. For one channel and one 3x3 filter g, the 2x2 outputs of the patch d are
 //!   Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A
 //! with
-//!   B^T = | 4  0 -5  0  1  0 |    G = |  1/4    0     0   |    A^T = | 1  1  1  1  1  0 |
-//!         | 0 -4 -4  1  1  0 |        | -1/6  -1/6  -1/6  |          | 0  1 -1  2 -2  0 |
-//!         | 0  4 -4 -1  1  0 |        | -1/6   1/6  -1/6  |          | 0  1  1  4  4  0 |
-//!         | 0 -2 -1  2  1  0 |        |  1/24  1/12  1/6  |          | 0  1 -1  8 -8  1 |
-//!         | 0  2 -1 -2  1  0 |        |  1/24 -1/12  1/6  |
-//!         | 0  4  0 -5  0  1 |        |  0     0     1    |
-//! (the interpolation points 0, 1, -1, 2, -2 and infinity). Summed over input channels, the
-//! 36 elementwise products become 36 matrix products:
+//!   B^T = | 1  0 -1  0 |    G = | 1    0    0  |    A^T = | 1  1  1  0 |
+//!         | 0  1  1  0 |        | 1/2  1/2  1/2 |          | 0  1 -1 -1 |
+//!         | 0 -1  1  0 |        | 1/2 -1/2  1/2 |
+//!         | 0  1  0 -1 |        | 0    0    1  |
+//! Summed over input channels, the 16 elementwise products become 16 matrix products:
 //!   U[xi] (OC, C) = (G g G^T)[xi]   for every (o, c)        filter transform
 //!   V[xi] (C, T)  = (B^T d B)[xi]   for every (c, tile)     input transform
-//!   M[xi] (OC, T) = U[xi] V[xi]                            36 GEMMs, K = C
-//!   Y (4x4)       = A^T M A         for every (o, tile)     output transform, + bias
-//! 36*OC*C*T multiplies instead of 144*OC*C*T (16 outputs x 9 taps per tile). The price is
-//! rounding: the transforms' entries reach 8 and 1/24, so in f32 the outputs are off from a
-//! direct sum by a few parts in a million of the largest (tests bound it; F(2x2, 3x3), which
-//! this file used before, was about 4 times closer and did 1.78 times more multiplies).
+//!   M[xi] (OC, T) = U[xi] V[xi]                            16 GEMMs, K = C
+//!   Y (2x2)       = A^T M A         for every (o, tile)     output transform, + bias
+//! 16*OC*C*T multiplies instead of 36*OC*C*T (4 outputs x 9 taps per tile).
 //!
 //! Each transform is applied one dimension at a time, on runs over the tiles so the compiler
-//! can vectorise them: the output transform over all tiles of a group at once; the input
-//! transform along each input row first (tile j reads columns 4j .. 4j+6), keeping rows apart
-//! by their remainder mod 4, so that its second step is six contiguous runs over all tiles.
+//! can vectorise them: the output transform over all T tiles of an image at once; the input
+//! transform along each input row first (tile j reads columns 2j .. 2j+4), keeping even and
+//! odd rows apart, so that its second step is four contiguous runs over all tiles too.
 //!
 //! File order: the forward (filter, input and output transforms, then a group of images), the
 //! backward (its adjoint), and the tests.
@@ -47,22 +38,13 @@ use super::conv_block::{conv3x3_pool2, DEAD};
 use super::{Conv2d, Isa, MaxPool2d};
 use crate::tensor::{gemm, zero_vec, Float};
 
-/// Elements of a transformed tile (6x6), and so the number of GEMMs each way: xi = 6a + b.
-pub const XI: usize = 36;
+/// Elements of a transformed tile (4x4), and so the number of GEMMs each way: xi = 4a + b.
+pub const XI: usize = 16;
 
 /// Whether this path computes the block for input shape (N, C, H, W): a 3x3, stride-1,
 /// unpadded conv of several channels (one channel is `direct_conv.rs`'s) with 2x2 pooling.
 pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) -> bool {
     conv3x3_pool2(conv, pool, input) && input[1] > 1
-}
-
-/// Where a tile's pooling window lands: the tile, the window's index in the pooled plane
-/// (PH, PW), and its top-left conv position 2pi*OW + 2pj (where the winners point).
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    tile: u32,
-    pooled: u32,
-    corner: u32,
 }
 
 /// Sizes of one image, how many images share a GEMM, and where each tile sits.
@@ -75,54 +57,36 @@ pub struct Plan {
     ow: usize,
     ph: usize,
     pw: usize,
-    /// Tile rows and columns: ceil(PH/2), ceil(PW/2).
-    th: usize,
-    tw: usize,
-    /// Images per group: enough that each GEMM has at least 64 columns (tiles), but no more
-    /// than each thread's share of the batch (the last reference block has one tile per image).
+    /// Images per group: enough that each GEMM has at least 256 columns (tiles), but no more
+    /// than each thread's share of the batch (the last block has only 4 tiles per image).
     pub group: usize,
-    /// For each window of a tile, (wi, wj) as 2wi + wj, the tiles where it exists.
-    slots: [Vec<Slot>; 4],
-    /// Per tile k = i*TW + j: its top-left pixel 4i*W + 4j (where its input patch starts).
+    /// Per tile k = i*PW + j: its top-left conv position 2i*OW + 2j (where the winners point)
+    /// and its top-left pixel 2i*W + 2j (where its input patch starts).
+    corner: Vec<u32>,
     origin: Vec<usize>,
 }
 
 impl Plan {
     pub fn new(g: &ConvGeometry, oc: usize, n: usize) -> Self {
         let (ph, pw) = (g.oh / 2, g.ow / 2);
-        let (th, tw) = (ph.div_ceil(2), pw.div_ceil(2));
-        let group = 64usize.div_ceil(th * tw).clamp(1, n.div_ceil(rayon::current_num_threads()).max(1));
-        let slots = std::array::from_fn(|s| {
-            let (wi, wj) = (s / 2, s % 2);
-            (0..th * tw)
-                .map(|k| (k, 2 * (k / tw) + wi, 2 * (k % tw) + wj))
-                .filter(|&(_, pi, pj)| pi < ph && pj < pw)
-                .map(|(k, pi, pj)| Slot {
-                    tile: k as u32,
-                    pooled: (pi * pw + pj) as u32,
-                    corner: (2 * pi * g.ow + 2 * pj) as u32,
-                })
-                .collect()
-        });
-        let origin = (0..th * tw).map(|k| 4 * (k / tw) * g.w + 4 * (k % tw)).collect();
-        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, th, tw, group, slots, origin }
+        let group = 256usize.div_ceil(ph * pw).clamp(1, n.div_ceil(rayon::current_num_threads()).max(1));
+        let corner = (0..ph * pw).map(|k| (2 * (k / pw) * g.ow + 2 * (k % pw)) as u32).collect();
+        let origin = (0..ph * pw).map(|k| 2 * (k / pw) * g.w + 2 * (k % pw)).collect();
+        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, group, corner, origin }
     }
-    /// Tiles (2x2 blocks of pooling windows) per image.
+    /// Tiles (pooling windows) per image.
     pub fn tiles(&self) -> usize {
-        self.th * self.tw
+        self.ph * self.pw
     }
-    /// Floats of one channel's row transform: 4 row phases x 6 x (TH+1, TW), and one input
-    /// row padded to the 4*TW+2 columns the tiles read.
-    fn rows_scratch(&self) -> usize {
-        24 * (self.th + 1) * self.tw + 4 * self.tw + 2
-    }
-    /// The scratch one task's forward groups reuse: V (36, C, G*T), M (36, OC, G*T) and one
-    /// channel's row transform as floats, and the group's pooled values and winners for one
-    /// filter (4 windows x G*T tiles) before they go to their images.
+    /// The scratch one task's forward groups reuse: V (16, C, G*T), M (16, OC, G*T) and one
+    /// channel's row transform (2 parities, 4, PH+1, PW) as floats, and one filter's pooled
+    /// values and winners over the group's G*T tiles before they go to their images.
     pub fn forward_scratch<T: Float>(&self) -> ForwardScratch<T> {
         let n = self.group * self.tiles();
-        let floats = XI * (self.c + self.oc) * n + 4 * n + self.rows_scratch().max(40 * n);
-        ForwardScratch { floats: zero_vec(floats), wins: vec![0; 4 * n] }
+        ForwardScratch {
+            floats: zero_vec(16 * (self.c + self.oc) * n + 8 * (self.ph + 1) * self.pw + n),
+            wins: vec![0; n],
+        }
     }
 }
 
@@ -132,114 +96,84 @@ pub struct ForwardScratch<T> {
     wins: Vec<u32>,
 }
 
-/// G applied to a column (g0, g1, g2) of a filter: the six rows of G above.
-#[inline(always)]
-fn g6<T: Float>(g0: T, g1: T, g2: T) -> [T; 6] {
-    let (sixth, twelfth, q24) = (T::f(1.0 / 6.0), T::f(1.0 / 12.0), T::f(1.0 / 24.0));
-    let (s, e, o) = (g0 + g2, q24 * g0 + sixth * g2, twelfth * g1);
-    [T::f(0.25) * g0, -(sixth * (s + g1)), -(sixth * (s - g1)), e + o, e - o, g2]
-}
-
-/// B^T applied to six values d of a patch row or column.
-#[inline(always)]
-fn bt6<T: Float>(d: [T; 6]) -> [T; 6] {
-    let (four, two, five) = (T::f(4.0), T::f(2.0), T::f(5.0));
-    let (s34, d42, d31) = (d[3] + d[4], d[4] - d[2], d[3] - d[1]);
-    [
-        four * d[0] - five * d[2] + d[4],
-        s34 - four * (d[1] + d[2]),
-        (d[4] - d[3]) + four * (d[1] - d[2]),
-        d42 + two * d31,
-        d42 - two * d31,
-        four * d[1] - five * d[3] + d[5],
-    ]
-}
-
-/// A^T applied to six values m: the four outputs of a row or column of a tile.
-#[inline(always)]
-fn at6<T: Float>(m: [T; 6]) -> [T; 4] {
-    let (p12, m12, p34, m34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
-    [m[0] + p12 + p34, m12 + T::f(2.0) * m34, p12 + T::f(4.0) * p34, m12 + T::f(8.0) * m34 + m[5]]
-}
-
-/// U (36, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 6a + b.
+/// U (16, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 4a + b.
 pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
-    let mut u = zero_vec(XI * p.oc * p.c);
-    // One filter's 36 x C values at a time, then copied to their 36 rows (writing them
-    // straight to U would touch 36 cache lines per (o, c)).
-    let mut uo = zero_vec(XI * p.c);
+    let half = T::f(0.5);
+    // G g for a column (g0, g1, g2): the four rows of G applied to it.
+    let g4 = |g0: T, g1: T, g2: T| [g0, half * (g0 + g1 + g2), half * (g0 - g1 + g2), g2];
+    let mut u = zero_vec(16 * p.oc * p.c);
     for o in 0..p.oc {
         for c in 0..p.c {
             let g = &w[(o * p.c + c) * 9..][..9];
-            // t = G g (6x3): transform each of the 3 columns.
-            let cols = [g6(g[0], g[3], g[6]), g6(g[1], g[4], g[7]), g6(g[2], g[5], g[8])];
-            for a in 0..6 {
+            // t = G g (4x3): transform each of the 3 columns.
+            let cols = [g4(g[0], g[3], g[6]), g4(g[1], g[4], g[7]), g4(g[2], g[5], g[8])];
+            for a in 0..4 {
                 // Row a of (G g) G^T = G applied to row a of t.
-                let row = g6(cols[0][a], cols[1][a], cols[2][a]);
+                let row = g4(cols[0][a], cols[1][a], cols[2][a]);
                 for (b, &v) in row.iter().enumerate() {
-                    uo[(6 * a + b) * p.c + c] = v;
+                    u[((4 * a + b) * p.oc + o) * p.c + c] = v;
                 }
             }
-        }
-        for (xi, row) in uo.chunks_exact(p.c).enumerate() {
-            u[(xi * p.oc + o) * p.c..][..p.c].copy_from_slice(row);
         }
     }
     u
 }
 
-/// V (36, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
-/// scratch for one channel's row transform, `plan.rows_scratch()` floats.
+/// V (16, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
+/// scratch for one channel's row transform, 8 * (PH+1) * PW floats.
 ///
-/// First B^T along each input row r, for every tile column j (d = x[r][4j .. 4j+6]), into
-/// R[r mod 4][b] (6, TH+1, TW), so that rows 4i .. 4i+6 of tile row i are, for t = i*TW + j,
-/// R[0][t], R[1][t], R[2][t], R[3][t], R[0][t + TW], R[1][t + TW]. Then B^T along the columns
-/// is six contiguous runs over all T tiles at once.
+/// First B^T along each input row r, for every tile column j (d = x[r][2j .. 2j+4]):
+///   R[0] = d0 - d2,  R[1] = d1 + d2,  R[2] = d2 - d1,  R[3] = d1 - d3,
+/// kept apart for even and odd rows (re, ro: (4, PH+1, PW)), so that rows 2i, 2i+1, 2i+2, 2i+3
+/// of every tile row i are re[t], ro[t], re[t + PW], ro[t + PW] with t = i*PW + j. Then B^T
+/// along the columns is four contiguous runs over all T tiles at once.
 #[inline(always)]
 fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usize, rows: &mut [T]) {
-    let (tw, t) = (p.tw, p.tiles());
-    let plane = (p.th + 1) * tw; // one (phase, b) plane of R
-    let (r4, pad) = rows[..p.rows_scratch()].split_at_mut(24 * plane);
-    let (rows_in, cols_in) = (2 * p.ph + 2, 2 * p.pw + 2); // the pixels some window reads
-    pad[cols_in..].fill(T::zero());
+    let (pw, t) = (p.pw, p.tiles());
+    let half = (p.ph + 1) * pw; // one b of re or ro
+    let (re, ro) = rows[..8 * half].split_at_mut(4 * half);
     for c in 0..p.c {
         let xc = &x[c * p.h * p.w..][..p.h * p.w];
-        for r in 0..4 * p.th + 2 {
-            if r < rows_in {
-                pad[..cols_in].copy_from_slice(&xc[r * p.w..][..cols_in]);
-            } else {
-                pad[..cols_in].fill(T::zero());
-            }
-            let dst = &mut r4[(r % 4) * 6 * plane..][..6 * plane];
-            let row = (r / 4) * tw;
-            for j in 0..tw {
-                let d = &pad[4 * j..][..6];
-                let rt = bt6([d[0], d[1], d[2], d[3], d[4], d[5]]);
-                for (b, v) in rt.into_iter().enumerate() {
-                    dst[b * plane + row + j] = v;
-                }
+        for r in 0..2 * p.ph + 2 {
+            let xr = &xc[r * p.w..][..2 * pw + 2];
+            let dst = if r % 2 == 0 { &mut *re } else { &mut *ro };
+            let row = (r / 2) * pw;
+            for j in 0..pw {
+                let (d0, d1, d2, d3) = (xr[2 * j], xr[2 * j + 1], xr[2 * j + 2], xr[2 * j + 3]);
+                dst[row + j] = d0 - d2;
+                dst[half + row + j] = d1 + d2;
+                dst[2 * half + row + j] = d2 - d1;
+                dst[3 * half + row + j] = d1 - d3;
             }
         }
-        for b in 0..6 {
-            let run = |q: usize, next: usize| &r4[(q * 6 + b) * plane + next * tw..][..t];
-            let (d0, d1, d2, d3, d4, d5) = (run(0, 0), run(1, 0), run(2, 0), run(3, 0), run(0, 1), run(1, 1));
-            // The six rows a of V for this (b, c), 6*C*ld apart.
-            let mut outs = v[(b * p.c + c) * ld + at..].chunks_mut(6 * p.c * ld);
-            let [v0, v1, v2, v3, v4, v5]: [&mut [T]; 6] = std::array::from_fn(|_| &mut outs.next().unwrap()[..t]);
-            for k in 0..t {
-                let r = bt6([d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]]);
-                (v0[k], v1[k], v2[k], v3[k], v4[k], v5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+        for b in 0..4 {
+            let (e0, e1) = (&re[b * half..][..t], &re[b * half + pw..][..t]); // rows 2i, 2i+2
+            let (o0, o1) = (&ro[b * half..][..t], &ro[b * half + pw..][..t]); // rows 2i+1, 2i+3
+            let row = |a: usize| ((4 * a + b) * p.c + c) * ld + at;
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            for (k, dst) in v[r0..r0 + t].iter_mut().enumerate() {
+                *dst = e0[k] - e1[k];
+            }
+            for (k, dst) in v[r1..r1 + t].iter_mut().enumerate() {
+                *dst = o0[k] + e1[k];
+            }
+            for (k, dst) in v[r2..r2 + t].iter_mut().enumerate() {
+                *dst = e1[k] - o0[k];
+            }
+            for (k, dst) in v[r3..r3 + t].iter_mut().enumerate() {
+                *dst = o0[k] - o1[k];
             }
         }
     }
 }
 
-/// y (G, OC, PH, PW) and winners for a group of G images, from M (36, OC, G*T): A^T M A per
-/// tile, + bias, then each of its four windows pooled with ReLU exactly as `conv_block.rs`
-/// does (candidates in row-major order, a later one wins only if `!(v <= best)`, dead if the
-/// best is <= 0). Each filter's transform runs over the whole group's tiles at once, into
-/// `vals` and `wins` (4 windows x G*T: the pooled value and the winner's offset in its
-/// window), and then each window goes to its place in its image.
+/// y (G, OC, PH, PW) and winners for a group of G images, from M (16, OC, G*T): A^T M A per
+/// tile, + bias, then pool and ReLU exactly as `conv_block.rs` does (candidates in row-major
+/// order, a later one wins only if `!(v <= best)`, dead if the best is <= 0). Each filter's
+/// transform runs over the whole group's tiles at once, into `vals` and `wins` (the winner's
+/// offset in its window), and then each image's T values go to their place: a vector loop even
+/// where an image has only 4 tiles (the last reference block; per image it was scalar code,
+/// a third of that block's forward).
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::neg_cmp_op_on_partial_ord)]
 fn transform_output<T: Float>(
@@ -251,65 +185,47 @@ fn transform_output<T: Float>(
     arg: &mut [u32],
     vals: &mut [T],
     wins: &mut [u32],
-    runs: &mut [T],
 ) {
-    let (t, n, plane) = (p.tiles(), gs * p.tiles(), p.ph * p.pw);
+    let (t, n) = (p.tiles(), gs * p.tiles());
     let offs = [0, 1, p.ow as u32, p.ow as u32 + 1];
-    let (vals, wins) = (&mut vals[..4 * n], &mut wins[..4 * n]);
-    let (ua, cr) = runs[..40 * n].split_at_mut(24 * n);
+    let (vals, wins) = (&mut vals[..n], &mut wins[..n]);
     for o in 0..p.oc {
-        // A^T along a, for each column b: ua[4b + r] = sum_a A^T[r][a] M[6a + b], as runs over
-        // the group's tiles (named runs, so that the loops are vector loops).
-        for b in 0..6 {
-            let s = |a: usize| &m[((6 * a + b) * p.oc + o) * n..][..n];
-            let (s0, s1, s2, s3, s4, s5) = (s(0), s(1), s(2), s(3), s(4), s(5));
-            let mut outs = ua[4 * b * n..].chunks_exact_mut(n);
-            let [u0, u1, u2, u3]: [&mut [T]; 4] = std::array::from_fn(|_| outs.next().unwrap());
-            for k in 0..n {
-                let v = at6([s0[k], s1[k], s2[k], s3[k], s4[k], s5[k]]);
-                (u0[k], u1[k], u2[k], u3[k]) = (v[0], v[1], v[2], v[3]);
-            }
-        }
-        // Then along b, for each row r, + bias: the conv outputs cr[4r + q] of the tile.
+        // s[4a + b]: M[4a + b] for this filter, as a run over the group's tiles.
+        let s: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * n..][..n]);
         let bias = b[o];
-        for r in 0..4 {
-            let u = |b: usize| &ua[(4 * b + r) * n..][..n];
-            let (u0, u1, u2, u3, u4, u5) = (u(0), u(1), u(2), u(3), u(4), u(5));
-            let mut outs = cr[4 * r * n..].chunks_exact_mut(n);
-            let [c0, c1, c2, c3]: [&mut [T]; 4] = std::array::from_fn(|_| outs.next().unwrap());
-            for k in 0..n {
-                let v = at6([u0[k], u1[k], u2[k], u3[k], u4[k], u5[k]]);
-                (c0[k], c1[k], c2[k], c3[k]) = (v[0] + bias, v[1] + bias, v[2] + bias, v[3] + bias);
+        for k in 0..n {
+            // u = A^T s (2x4), then the 2x2 outputs u A.
+            let u0 = [
+                s[0][k] + s[4][k] + s[8][k],
+                s[1][k] + s[5][k] + s[9][k],
+                s[2][k] + s[6][k] + s[10][k],
+                s[3][k] + s[7][k] + s[11][k],
+            ];
+            let u1 = [
+                s[4][k] - s[8][k] - s[12][k],
+                s[5][k] - s[9][k] - s[13][k],
+                s[6][k] - s[10][k] - s[14][k],
+                s[7][k] - s[11][k] - s[15][k],
+            ];
+            let c00 = u0[0] + u0[1] + u0[2] + bias;
+            let c01 = u0[1] - u0[2] - u0[3] + bias;
+            let c10 = u1[0] + u1[1] + u1[2] + bias;
+            let c11 = u1[1] - u1[2] - u1[3] + bias;
+            let (mut best, mut off) = (c00, offs[0]);
+            for (v, d) in [(c01, offs[1]), (c10, offs[2]), (c11, offs[3])] {
+                let take = !(v <= best);
+                best = if take { v } else { best };
+                off = if take { d } else { off };
             }
-        }
-        // Each window (wi, wj) pools conv rows 2wi, 2wi+1 and columns 2wj, 2wj+1.
-        for win in 0..4 {
-            let (r0, q0) = (2 * (win / 2), 2 * (win % 2));
-            let c = |r: usize, q: usize| &cr[(4 * r + q) * n..][..n];
-            let (c00, c01, c10, c11) = (c(r0, q0), c(r0, q0 + 1), c(r0 + 1, q0), c(r0 + 1, q0 + 1));
-            let (vw, ww) = (&mut vals[win * n..][..n], &mut wins[win * n..][..n]);
-            for k in 0..n {
-                let (mut best, mut off) = (c00[k], offs[0]);
-                for (v, d) in [(c01[k], offs[1]), (c10[k], offs[2]), (c11[k], offs[3])] {
-                    let take = !(v <= best);
-                    best = if take { v } else { best };
-                    off = if take { d } else { off };
-                }
-                let dead = best <= T::zero();
-                vw[k] = if dead { T::zero() } else { best };
-                ww[k] = if dead { DEAD } else { off };
-            }
+            let dead = best <= T::zero();
+            vals[k] = if dead { T::zero() } else { best };
+            wins[k] = if dead { DEAD } else { off };
         }
         for i in 0..gs {
-            let at = (i * p.oc + o) * plane;
-            let (yo, ao) = (&mut y[at..at + plane], &mut arg[at..at + plane]);
-            for (win, slots) in p.slots.iter().enumerate() {
-                let (vw, ww) = (&vals[win * n + i * t..][..t], &wins[win * n + i * t..][..t]);
-                for s in slots {
-                    let (k, q) = (s.tile as usize, s.pooled as usize);
-                    yo[q] = vw[k];
-                    ao[q] = if ww[k] == DEAD { DEAD } else { s.corner + ww[k] };
-                }
+            let at = (i * p.oc + o) * t;
+            y[at..at + t].copy_from_slice(&vals[i * t..][..t]);
+            for ((a, &w), &corner) in arg[at..at + t].iter_mut().zip(&wins[i * t..][..t]).zip(&p.corner[..t]) {
+                *a = if w == DEAD { DEAD } else { corner + w };
             }
         }
     }
@@ -330,18 +246,17 @@ fn forward_group_impl<T: Float>(
     let (img, t) = (p.c * p.h * p.w, p.tiles());
     let gs = xs.len() / img;
     let n = gs * t; // columns of V and M: every tile of the group
-    let (v, rest) = scratch.floats.split_at_mut(XI * p.c * p.group * t);
-    let (m, rest) = rest.split_at_mut(XI * p.oc * p.group * t);
-    let (vals, rows) = rest.split_at_mut(4 * p.group * t);
+    let (v, rest) = scratch.floats.split_at_mut(16 * p.c * p.group * t);
+    let (m, rest) = rest.split_at_mut(16 * p.oc * p.group * t);
+    let (vals, rows) = rest.split_at_mut(p.group * t);
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    let runs = rows; // free again
-    for xi in 0..XI {
+    for xi in 0..16 {
         let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
         gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
     }
-    transform_output(p, m, gs, b, y, arg, vals, &mut scratch.wins, runs);
+    transform_output(p, m, gs, b, y, arg, vals, &mut scratch.wins);
 }
 
 // The same code compiled with AVX-512 enabled, so the compiler vectorises the transforms 16
@@ -416,54 +331,26 @@ fn forward_group_on<T: Float>(
 //
 // Per tile the forward is linear in the filter g and in the patch d:
 //   Y = A^T [ U ⊙ V ] A,   U = G g G^T,   V = B^T d B.
-// With dY the tile's 4x4 conv-output gradient and Z = A dY A^T (6x6), the adjoints are
+// With dY the tile's 2x2 conv-output gradient and Z = A dY A^T (4x4), the adjoints are
 //   dg = G^T [ V ⊙ Z ] G          (the weight gradient, summed over tiles and images)
 //   dd = B [ U ⊙ Z ] B^T          (the patch's gradient, scattered back onto dx)
-// and summed over channels these become GEMMs again, 36 of each:
+// and summed over channels these become GEMMs again, 16 of each:
 //   Mw[xi] (OC, C) = Z[xi] (OC, T) V[xi]^T (T, C)       then dW[o][c] = G^T Mw[o][c] G
 //   Md[xi] (C, T)  = U[xi]^T (C, OC) Z[xi] (OC, T)      then dd = B Md B^T per tile
-// dY holds one nonzero per pooling window at most: the pooled gradient at the window's
-// winner when it was alive.
+// dY has one nonzero at most: the pooled gradient at the window's winner (r, s) when it was
+// alive. Then Z = dy a_r a_s^T with a_0 = (1, 1, 1, 0), a_1 = (0, 1, -1, -1) (A's columns).
 
-/// A applied to four values y (a column of A^T's transpose): six values of Z's row or column.
-#[inline(always)]
-fn a6<T: Float>(y: [T; 4]) -> [T; 6] {
-    let (e, o) = (y[0] + y[2], y[1] + y[3]);
-    let (e4, o2) = (y[0] + T::f(4.0) * y[2], T::f(2.0) * y[1] + T::f(8.0) * y[3]);
-    [y[0], e + o, e - o, e4 + o2, e4 - o2, y[3]]
-}
+/// Column r of A (row r of A^T): the Z pattern of a winner in tile row (or column) r.
+const A_COL: [[i8; 4]; 2] = [[1, 1, 1, 0], [0, 1, -1, -1]];
 
-/// B applied to six values m: a row or column of a patch's gradient.
-#[inline(always)]
-fn b6<T: Float>(m: [T; 6]) -> [T; 6] {
-    let (four, two, five) = (T::f(4.0), T::f(2.0), T::f(5.0));
-    let (p12, m21, p34, m43) = (m[1] + m[2], m[2] - m[1], m[3] + m[4], m[4] - m[3]);
-    [
-        four * m[0],
-        four * (m21 + m[5]) + two * m43,
-        -(five * m[0] + four * p12 + p34),
-        -m21 - two * m43 - five * m[5],
-        m[0] + p12 + p34,
-        m[5],
-    ]
-}
-
-/// G^T applied to six values m: a row or column of a filter's gradient.
-#[inline(always)]
-fn gt6<T: Float>(m: [T; 6]) -> [T; 3] {
-    let (sixth, twelfth, q24) = (T::f(1.0 / 6.0), T::f(1.0 / 12.0), T::f(1.0 / 24.0));
-    let (p12, m21, p34, m34) = (m[1] + m[2], m[2] - m[1], m[3] + m[4], m[3] - m[4]);
-    [T::f(0.25) * m[0] - sixth * p12 + q24 * p34, sixth * m21 + twelfth * m34, sixth * (p34 - p12) + m[5]]
-}
-
-/// Floats of per-thread scratch for the backward of a group: V (36, C, n), Z (36, OC, n),
-/// Md (36, C, n), and the row transform or, after it, the runs Z and dd are built from.
+/// Floats of per-thread scratch for the backward of a group: V (16, C, n), Z (16, OC, n),
+/// Md (16, C, n), and the row transform or, after it, four runs over the group's tiles.
 pub fn backward_scratch(p: &Plan) -> usize {
     let n = p.group * p.tiles();
-    XI * (2 * p.c + p.oc) * n + p.rows_scratch().max(72 * n)
+    16 * (2 * p.c + p.oc) * n + (8 * (p.ph + 1) * p.pw).max(4 * n)
 }
 
-/// One group's share of the backward: Mw (36, OC, C) += this group's products (turn it into
+/// One group's share of the backward: Mw (16, OC, C) += this group's products (turn it into
 /// dW with `finish_weight_grad` once every group is in), db (OC) += the sum of its live
 /// windows' dy, and, when `dx` is given, dx (gs, C, H, W) += the group's input gradient.
 /// xs (gs, C, H, W), dy and winners (gs, OC, PH, PW); `u` the forward's transformed weights.
@@ -480,128 +367,90 @@ fn backward_group_impl<T: Float>(
     dx: Option<&mut [T]>,
     scratch: &mut [T],
 ) {
-    let (img, plane, t) = (p.c * p.h * p.w, p.ph * p.pw, p.tiles());
-    let out = p.oc * plane;
+    let (img, out, t) = (p.c * p.h * p.w, p.oc * p.tiles(), p.tiles());
     let gs = xs.len() / img;
     let n = gs * t;
-    let (v, rest) = scratch.split_at_mut(XI * p.c * n);
-    let (z, rest) = rest.split_at_mut(XI * p.oc * n);
-    let (md, rows) = rest.split_at_mut(XI * p.c * n);
+    let (v, rest) = scratch.split_at_mut(16 * p.c * n);
+    let (z, rest) = rest.split_at_mut(16 * p.oc * n);
+    let (md, rows) = rest.split_at_mut(16 * p.c * n);
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    // Z = A dY A^T for each filter, as runs over the group's tiles. Per window (4 of a tile):
-    // d = its pooled gradient where alive (else 0, and 0 where the window does not exist), and
-    // its winner's row and column in the window (0 or 1, in T). dY[r][s] is d of window
-    // (r/2, s/2) where (r%2, s%2) won it, else 0; then A along s, then along r.
-    let (dd, rest) = rows.split_at_mut(4 * n); // the row-transform scratch is free again
-    let (wr, rest) = rest.split_at_mut(4 * n);
-    let (wc, rest) = rest.split_at_mut(4 * n);
-    let (dyt, rest) = rest.split_at_mut(16 * n);
-    let tz = &mut rest[..24 * n];
+    // Z from the winners, for each filter as runs over the group's tiles: d = the pooled
+    // gradient where the window is alive (else 0), fa[a] = A[a][r], fb[b] = A[b][s] for the
+    // winner (r, s), and Z[4a + b] = (d fa[a]) fb[b] (products with 1, -1 or 0: exact). The
+    // runs cover the whole group, so they are vector loops even where an image has 4 tiles.
+    let (rr, rest) = rows.split_at_mut(n); // the row-transform scratch is free again
+    let (ss, rest) = rest.split_at_mut(n);
+    let (dd, da) = rest.split_at_mut(n);
+    let acol = A_COL.map(|col| col.map(|v| T::f(v as f64)));
+    // Tile k's top-left conv position 2i*OW + 2j, and its top-left pixel 2i*W + 2j.
+    let (corner, origin) = (&p.corner[..t], &p.origin[..t]);
     for o in 0..p.oc {
-        dd.fill(T::zero());
-        wr.fill(T::zero());
-        wc.fill(T::zero());
         for i in 0..gs {
-            let (dyr, ar) = (&dy[i * out + o * plane..][..plane], &arg[i * out + o * plane..][..plane]);
-            for (win, slots) in p.slots.iter().enumerate() {
-                let at = win * n + i * t;
-                for s in slots {
-                    let (k, q) = (at + s.tile as usize, s.pooled as usize);
-                    let live = ar[q] != DEAD;
-                    let off = if live { ar[q] - s.corner } else { 0 }; // one of 0, 1, OW, OW + 1
-                    let r = off >= p.ow as u32;
-                    wr[k] = if r { T::one() } else { T::zero() };
-                    wc[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
-                    dd[k] = if live { dyr[q] } else { T::zero() };
-                }
+            let (dyr, ar) = (&dy[i * out + o * t..][..t], &arg[i * out + o * t..][..t]);
+            let (rr, ss, dd) = (&mut rr[i * t..][..t], &mut ss[i * t..][..t], &mut dd[i * t..][..t]);
+            // Per tile: d, and the winner's row r and column s (as 0 or 1, in T).
+            for k in 0..t {
+                let live = ar[k] != DEAD;
+                let off = if live { ar[k] - corner[k] } else { 0 }; // one of 0, 1, OW, OW + 1
+                let r = off >= p.ow as u32;
+                rr[k] = if r { T::one() } else { T::zero() };
+                ss[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
+                dd[k] = if live { dyr[k] } else { T::zero() };
             }
-            // The live windows' dy, in the pooled plane's order.
-            db[o] += dyr.iter().zip(ar).fold(T::zero(), |s, (&d, &a)| if a != DEAD { s + d } else { s });
+            db[o] += dd.iter().fold(T::zero(), |s, &v| s + v); // the live windows' dy
         }
-        for r in 0..4 {
-            for s in 0..4 {
-                let win = 2 * (r / 2) + s / 2;
-                let (dr, dc) = (T::f((r % 2) as f64), T::f((s % 2) as f64));
-                let (d, wr, wc) = (&dd[win * n..][..n], &wr[win * n..][..n], &wc[win * n..][..n]);
-                let dst = &mut dyt[(4 * r + s) * n..][..n];
+        for a in 0..4 {
+            let (a0, a1) = (acol[0][a], acol[1][a]);
+            let da = &mut da[..n];
+            for k in 0..n {
+                da[k] = dd[k] * if rr[k] > T::zero() { a1 } else { a0 };
+            }
+            for b in 0..4 {
+                let (b0, b1) = (acol[0][b], acol[1][b]);
+                let dst = &mut z[((4 * a + b) * p.oc + o) * n..][..n];
                 for k in 0..n {
-                    dst[k] = if wr[k] == dr && wc[k] == dc { d[k] } else { T::zero() };
+                    dst[k] = da[k] * if ss[k] > T::zero() { b1 } else { b0 };
                 }
-            }
-        }
-        // tz[r][b] = (dY A^T)[r][b]: A along each row of dY.
-        for r in 0..4 {
-            let y = |s: usize| &dyt[(4 * r + s) * n..][..n];
-            let (y0, y1, y2, y3) = (y(0), y(1), y(2), y(3));
-            let mut outs = tz[6 * r * n..].chunks_mut(n);
-            let [t0, t1, t2, t3, t4, t5]: [&mut [T]; 6] = std::array::from_fn(|_| outs.next().unwrap());
-            for k in 0..n {
-                let z = a6([y0[k], y1[k], y2[k], y3[k]]);
-                (t0[k], t1[k], t2[k], t3[k], t4[k], t5[k]) = (z[0], z[1], z[2], z[3], z[4], z[5]);
-            }
-        }
-        // Z[6a + b] = (A tz)[a][b]: A along each column of tz.
-        for b in 0..6 {
-            let y = |r: usize| &tz[(6 * r + b) * n..][..n];
-            let (y0, y1, y2, y3) = (y(0), y(1), y(2), y(3));
-            let mut outs = z[(b * p.oc + o) * n..].chunks_mut(6 * p.oc * n);
-            let [z0, z1, z2, z3, z4, z5]: [&mut [T]; 6] = std::array::from_fn(|_| &mut outs.next().unwrap()[..n]);
-            for k in 0..n {
-                let v = a6([y0[k], y1[k], y2[k], y3[k]]);
-                (z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
             }
         }
     }
-    for xi in 0..XI {
+    for xi in 0..16 {
         let (zk, vk) = (&z[xi * p.oc * n..][..p.oc * n], &v[xi * p.c * n..][..p.c * n]);
         let mwk = &mut mw[xi * p.oc * p.c..][..p.oc * p.c];
         gemm(false, true, p.oc, p.c, n, T::one(), zk, vk, T::one(), mwk); // Mw[xi] += Z[xi] V[xi]^T
     }
     let Some(dx) = dx else { return };
-    for xi in 0..XI {
+    for xi in 0..16 {
         let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
         gemm(true, false, p.c, n, p.oc, T::one(), uk, zk, T::zero(), mdk); // Md[xi] = U[xi]^T Z[xi]
     }
-    // dd = B Md B^T per tile, for each channel as runs over the group's tiles: B along a
-    // (each column b of Md), then along b (each row a). Then dd's element (a, b) of tile
-    // (i, j) is added to dx[c][4i + a][4j + b]; the patches of neighbouring tiles overlap by
-    // two. Only pixels some window reads get a share (the rest of a patch was zeros).
-    let (pa, rest) = rows.split_at_mut(36 * n); // the Z runs' scratch is free again
-    let ddr = &mut rest[..36 * n];
-    let (rows_in, cols_in) = (2 * p.ph + 2, 2 * p.pw + 2);
-    let img_plane = p.h * p.w;
-    for c in 0..p.c {
-        for b in 0..6 {
-            let m = |a: usize| &md[((6 * a + b) * p.c + c) * n..][..n];
-            let (m0, m1, m2, m3, m4, m5) = (m(0), m(1), m(2), m(3), m(4), m(5));
-            let mut outs = pa[b * n..].chunks_mut(6 * n); // pa[6a + b]
-            let [q0, q1, q2, q3, q4, q5]: [&mut [T]; 6] = std::array::from_fn(|_| &mut outs.next().unwrap()[..n]);
-            for k in 0..n {
-                let v = b6([m0[k], m1[k], m2[k], m3[k], m4[k], m5[k]]);
-                (q0[k], q1[k], q2[k], q3[k], q4[k], q5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
-            }
-        }
-        for a in 0..6 {
-            let q = |b: usize| &pa[(6 * a + b) * n..][..n];
-            let (q0, q1, q2, q3, q4, q5) = (q(0), q(1), q(2), q(3), q(4), q(5));
-            let mut outs = ddr[6 * a * n..].chunks_mut(n); // ddr[6a + b]
-            let [d0, d1, d2, d3, d4, d5]: [&mut [T]; 6] = std::array::from_fn(|_| outs.next().unwrap());
-            for k in 0..n {
-                let v = b6([q0[k], q1[k], q2[k], q3[k], q4[k], q5[k]]);
-                (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
-            }
-        }
-        for i in 0..gs {
-            let dxc = &mut dx[i * img + c * img_plane..][..img_plane];
-            for (k, &origin) in p.origin.iter().enumerate() {
-                let (r0, c0) = (origin / p.w, origin % p.w);
-                for a in 0..6.min(rows_in - r0) {
-                    let dst = &mut dxc[origin + a * p.w..][..6.min(cols_in - c0)];
-                    for (b, d) in dst.iter_mut().enumerate() {
-                        *d += ddr[(6 * a + b) * n + i * t + k];
+    // dd = B Md B^T per tile, B = (B^T)^T: for a column m of Md, B m = (m0, m1 - m2 + m3,
+    // m1 + m2 - m0, -m3), first along a (columns), then along b (rows). dd's element (a, b)
+    // lands on dx[c][2i + a][2j + b]; the patches of neighbouring tiles overlap by two.
+    let bt = |m0: T, m1: T, m2: T, m3: T| [m0, m1 - m2 + m3, m1 + m2 - m0, -m3];
+    let plane = p.h * p.w;
+    for i in 0..gs {
+        for c in 0..p.c {
+            let dxc = &mut dx[i * img + c * plane..][..plane];
+            for k in 0..t {
+                let m = |a: usize, b: usize| md[((4 * a + b) * p.c + c) * n + i * t + k];
+                // (written out: `array::from_fn` here was not inlined and cost 5% of a step)
+                let cols = [
+                    bt(m(0, 0), m(1, 0), m(2, 0), m(3, 0)),
+                    bt(m(0, 1), m(1, 1), m(2, 1), m(3, 1)),
+                    bt(m(0, 2), m(1, 2), m(2, 2), m(3, 2)),
+                    bt(m(0, 3), m(1, 3), m(2, 3), m(3, 3)),
+                ];
+                for (a, ((c0, c1), (c2, c3))) in
+                    cols[0].iter().zip(&cols[1]).zip(cols[2].iter().zip(&cols[3])).enumerate()
+                {
+                    let row = bt(*c0, *c1, *c2, *c3);
+                    let at = origin[k] + a * p.w;
+                    for (b, v) in row.iter().enumerate() {
+                        dxc[at + b] += *v;
                     }
                 }
             }
@@ -609,35 +458,20 @@ fn backward_group_impl<T: Float>(
     }
 }
 
-/// dW (OC, C, 3, 3) += G^T Mw[o][c] G, Mw (36, OC, C) summed over every group: for each
-/// filter, as runs over the channels (G^T along a, then along b), then added to dW.
+/// dW (OC, C, 3, 3) += G^T Mw[o][c] G, Mw (16, OC, C) summed over every group.
 pub fn finish_weight_grad<T: Float>(p: &Plan, mw: &[T], dw: &mut [T]) {
-    let c = p.c;
-    let (mut ga, mut g) = (zero_vec(18 * c), zero_vec(9 * c));
+    let half = T::f(0.5);
+    // G^T applied to a 4-vector m: (m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3).
+    let gt = |m: [T; 4]| [m[0] + half * (m[1] + m[2]), half * (m[1] - m[2]), half * (m[1] + m[2]) + m[3]];
     for o in 0..p.oc {
-        for b in 0..6 {
-            let m = |a: usize| &mw[((6 * a + b) * p.oc + o) * c..][..c];
-            let (m0, m1, m2, m3, m4, m5) = (m(0), m(1), m(2), m(3), m(4), m(5));
-            let mut outs = ga[b * c..].chunks_mut(6 * c); // ga[6kh + b]
-            let [r0, r1, r2]: [&mut [T]; 3] = std::array::from_fn(|_| &mut outs.next().unwrap()[..c]);
-            for j in 0..c {
-                let v = gt6([m0[j], m1[j], m2[j], m3[j], m4[j], m5[j]]);
-                (r0[j], r1[j], r2[j]) = (v[0], v[1], v[2]);
-            }
-        }
-        for kh in 0..3 {
-            let q = |b: usize| &ga[(6 * kh + b) * c..][..c];
-            let (q0, q1, q2, q3, q4, q5) = (q(0), q(1), q(2), q(3), q(4), q(5));
-            let mut outs = g[3 * kh * c..].chunks_mut(c); // g[3kh + kw]
-            let [w0, w1, w2]: [&mut [T]; 3] = std::array::from_fn(|_| outs.next().unwrap());
-            for j in 0..c {
-                let v = gt6([q0[j], q1[j], q2[j], q3[j], q4[j], q5[j]]);
-                (w0[j], w1[j], w2[j]) = (v[0], v[1], v[2]);
-            }
-        }
-        for (j, dwj) in dw[o * c * 9..][..c * 9].chunks_exact_mut(9).enumerate() {
-            for (tap, d) in dwj.iter_mut().enumerate() {
-                *d += g[tap * c + j];
+        for c in 0..p.c {
+            let m = |a: usize, b: usize| mw[((4 * a + b) * p.oc + o) * p.c + c];
+            let cols: [[T; 3]; 4] = std::array::from_fn(|b| gt([m(0, b), m(1, b), m(2, b), m(3, b)]));
+            for kh in 0..3 {
+                let row = gt([cols[0][kh], cols[1][kh], cols[2][kh], cols[3][kh]]);
+                for kw in 0..3 {
+                    dw[(o * p.c + c) * 9 + 3 * kh + kw] += row[kw];
+                }
             }
         }
     }
@@ -806,7 +640,7 @@ mod tests {
         let u = transform_weights(&p, &fill::<f32>(oc * c * 9, 1));
         let (bias, mut x) = (fill::<f32>(oc, 2), fill::<f32>(n * c * h * w, 3));
         x[17] = f32::NAN;
-        let out = n * oc * p.ph * p.pw;
+        let out = n * oc * p.tiles();
         let mut s = p.forward_scratch();
         let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; out], vec![0; out], vec![0.0; out], vec![0; out]);
         forward_group_on(build, &p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
@@ -821,7 +655,7 @@ mod tests {
         forward_group(&p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
         let dy = fill::<f32>(out, 4);
         let mut s = vec![0.0; backward_scratch(&p)];
-        let (mut mw1, mut mw2) = (vec![0.0; XI * oc * c], vec![0.0; XI * oc * c]);
+        let (mut mw1, mut mw2) = (vec![0.0; 16 * oc * c], vec![0.0; 16 * oc * c]);
         let (mut dx1, mut dx2) = (vec![0.0; n * c * h * w], vec![0.0; n * c * h * w]);
         let (mut db1, mut db2) = (vec![0.0; oc], vec![0.0; oc]);
         backward_group_on(build, &p, &u, &x, &dy, &a1, &mut mw1, &mut db1, Some(&mut dx1), &mut s);

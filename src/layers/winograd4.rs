@@ -1,0 +1,704 @@
+//! The fused block's backward by Winograd's F(4x4, 3x3) (Lavin & Gray, 2015): dW, db and dx
+//! of Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), given the winners
+//! of its forward. `winograd.rs` computes the forward (and, on small maps, this backward too)
+//! by F(2x2, 3x3); this file is the same algorithm with 4x4 output tiles, for the backward on
+//! maps large enough to fill them (`pays`), where it does 1.78 times fewer multiplies. The
+//! gradients are those of the convolution itself, however the forward rounded its values: the
+//! winners are the only thing the backward takes from it. Measured against F(2x2) (AMD Zen 4,
+//! benches/README.md): the backward of the reference's second and third blocks is about a
+//! fifth faster; the forward was not (the output transform's traffic eats the saving), and
+//! on the last block (one 4x4 tile per image) both ways were slower, so neither uses it.
+//!
+//! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
+//! (OH/2, OW/2). Tile (i, j) is conv rows 4i .. 4i+4 and columns 4j .. 4j+4, that is pooling
+//! windows (2i + wi, 2j + wj) for wi, wj in {0, 1}, computed from the 6x6 input patch d at
+//! rows 4i .. 4i+6, columns 4j .. 4j+6 of each channel. There are TH x TW = ceil(PH/2) x
+//! ceil(PW/2) tiles; where PH or PW is odd the last tiles' second windows do not exist (their
+//! gradient is 0). Only the pixels some window reads (rows and columns 0 ..= 2*PH+1,
+//! 0 ..= 2*PW+1) are read; the rest of a patch is taken as 0 and gets no gradient.
+//!
+//! The math. For one channel and one 3x3 filter g, the 4x4 outputs of the patch d are
+//!   Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A
+//! with
+//!   B^T = | 4  0 -5  0  1  0 |    G = |  1/4    0     0   |    A^T = | 1  1  1  1  1  0 |
+//!         | 0 -4 -4  1  1  0 |        | -1/6  -1/6  -1/6  |          | 0  1 -1  2 -2  0 |
+//!         | 0  4 -4 -1  1  0 |        | -1/6   1/6  -1/6  |          | 0  1  1  4  4  0 |
+//!         | 0 -2 -1  2  1  0 |        |  1/24  1/12  1/6  |          | 0  1 -1  8 -8  1 |
+//!         | 0  2 -1 -2  1  0 |        |  1/24 -1/12  1/6  |
+//!         | 0  4  0 -5  0  1 |        |  0     0     1    |
+//! (the interpolation points 0, 1, -1, 2, -2 and infinity): U = G g G^T, V = B^T d B, 36
+//! elementwise products per tile, summed over channels as 36 GEMMs, against 144 multiplies
+//! per tile of a direct sum. With dY the tile's 4x4 conv-output gradient (one nonzero per
+//! pooling window at most: the pooled gradient at the window's winner when it was alive) and
+//! Z = A dY A^T (6x6), the adjoints are
+//!   dg = G^T [ V ⊙ Z ] G          (the weight gradient, summed over tiles and images)
+//!   dd = B [ U ⊙ Z ] B^T          (the patch's gradient, scattered back onto dx)
+//! and summed over channels these are GEMMs again, 36 of each:
+//!   Mw[xi] (OC, C) = Z[xi] (OC, T) V[xi]^T (T, C)       then dW[o][c] = G^T Mw[o][c] G
+//!   Md[xi] (C, T)  = U[xi]^T (C, OC) Z[xi] (OC, T)      then dd = B Md B^T per tile
+//! The price is rounding: the transforms' entries reach 8 and 1/24, so in f32 the gradients
+//! are further from a direct sum than F(2x2)'s (the tests bound both and say by how much).
+//!
+//! Each transform is applied one dimension at a time, on runs over the tiles so the compiler
+//! can vectorise them: the input transform along each input row first (tile j reads columns
+//! 4j .. 4j+6), keeping rows apart by their remainder mod 4, so that its second step is six
+//! contiguous runs over all tiles; Z and dd as runs over the group's tiles.
+
+use super::conv2d::ConvGeometry;
+use super::conv_block::DEAD;
+use super::Isa;
+use crate::tensor::{gemm, zero_vec, Float};
+
+/// Elements of a transformed tile (6x6), and so the number of GEMMs each way: xi = 6a + b.
+pub const XI: usize = 36;
+
+/// Whether this backward pays on a block whose unpadded conv has geometry `g` (the F(2x2)
+/// path's shapes, `winograd::applies`): at least 2x2 tiles per image, and at most 3/4 of
+/// F(2x2)'s multiplies once the windows that odd PH or PW leave empty are counted.
+pub fn pays(g: &ConvGeometry) -> bool {
+    let (ph, pw) = (g.oh / 2, g.ow / 2);
+    let tiles = ph.div_ceil(2) * pw.div_ceil(2);
+    tiles >= 4 && 4 * XI * tiles <= 3 * 16 * ph * pw
+}
+
+/// Where a tile's pooling window lands: the tile, the window's index in the pooled plane
+/// (PH, PW), and its top-left conv position 2pi*OW + 2pj (where the winners point).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    tile: u32,
+    pooled: u32,
+    corner: u32,
+}
+
+/// Sizes of one image, how many images share a GEMM, and where each tile sits.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub c: usize,
+    pub oc: usize,
+    h: usize,
+    w: usize,
+    ow: usize,
+    ph: usize,
+    pw: usize,
+    /// Tile rows and columns: ceil(PH/2), ceil(PW/2).
+    th: usize,
+    tw: usize,
+    /// Images per group: enough that each GEMM has at least 64 columns (tiles), but no more
+    /// than each thread's share of the batch.
+    pub group: usize,
+    /// For each window of a tile, (wi, wj) as 2wi + wj, the tiles where it exists.
+    slots: [Vec<Slot>; 4],
+    /// Per tile k = i*TW + j: its top-left pixel 4i*W + 4j (where its input patch starts).
+    origin: Vec<usize>,
+}
+
+impl Plan {
+    pub fn new(g: &ConvGeometry, oc: usize, n: usize) -> Self {
+        let (ph, pw) = (g.oh / 2, g.ow / 2);
+        let (th, tw) = (ph.div_ceil(2), pw.div_ceil(2));
+        let group = 64usize.div_ceil(th * tw).clamp(1, n.div_ceil(rayon::current_num_threads()).max(1));
+        let slots = std::array::from_fn(|s| {
+            let (wi, wj) = (s / 2, s % 2);
+            (0..th * tw)
+                .map(|k| (k, 2 * (k / tw) + wi, 2 * (k % tw) + wj))
+                .filter(|&(_, pi, pj)| pi < ph && pj < pw)
+                .map(|(k, pi, pj)| Slot {
+                    tile: k as u32,
+                    pooled: (pi * pw + pj) as u32,
+                    corner: (2 * pi * g.ow + 2 * pj) as u32,
+                })
+                .collect()
+        });
+        let origin = (0..th * tw).map(|k| 4 * (k / tw) * g.w + 4 * (k % tw)).collect();
+        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, th, tw, group, slots, origin }
+    }
+    /// Tiles (2x2 blocks of pooling windows) per image.
+    pub fn tiles(&self) -> usize {
+        self.th * self.tw
+    }
+    /// Floats of one channel's row transform: 4 row phases x 6 x (TH+1, TW), and one input
+    /// row padded to the 4*TW+2 columns the tiles read.
+    fn rows_scratch(&self) -> usize {
+        24 * (self.th + 1) * self.tw + 4 * self.tw + 2
+    }
+}
+
+/// G applied to a column (g0, g1, g2) of a filter: the six rows of G above.
+#[inline(always)]
+fn g6<T: Float>(g0: T, g1: T, g2: T) -> [T; 6] {
+    let (sixth, twelfth, q24) = (T::f(1.0 / 6.0), T::f(1.0 / 12.0), T::f(1.0 / 24.0));
+    let (s, e, o) = (g0 + g2, q24 * g0 + sixth * g2, twelfth * g1);
+    [T::f(0.25) * g0, -(sixth * (s + g1)), -(sixth * (s - g1)), e + o, e - o, g2]
+}
+
+/// B^T applied to six values d of a patch row or column.
+#[inline(always)]
+fn bt6<T: Float>(d: [T; 6]) -> [T; 6] {
+    let (four, two, five) = (T::f(4.0), T::f(2.0), T::f(5.0));
+    let (s34, d42, d31) = (d[3] + d[4], d[4] - d[2], d[3] - d[1]);
+    [
+        four * d[0] - five * d[2] + d[4],
+        s34 - four * (d[1] + d[2]),
+        (d[4] - d[3]) + four * (d[1] - d[2]),
+        d42 + two * d31,
+        d42 - two * d31,
+        four * d[1] - five * d[3] + d[5],
+    ]
+}
+
+/// U (36, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 6a + b.
+pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
+    let mut u = zero_vec(XI * p.oc * p.c);
+    // One filter's 36 x C values at a time, then copied to their 36 rows (writing them
+    // straight to U would touch 36 cache lines per (o, c)).
+    let mut uo = zero_vec(XI * p.c);
+    for o in 0..p.oc {
+        for c in 0..p.c {
+            let g = &w[(o * p.c + c) * 9..][..9];
+            // t = G g (6x3): transform each of the 3 columns.
+            let cols = [g6(g[0], g[3], g[6]), g6(g[1], g[4], g[7]), g6(g[2], g[5], g[8])];
+            for a in 0..6 {
+                // Row a of (G g) G^T = G applied to row a of t.
+                let row = g6(cols[0][a], cols[1][a], cols[2][a]);
+                for (b, &v) in row.iter().enumerate() {
+                    uo[(6 * a + b) * p.c + c] = v;
+                }
+            }
+        }
+        for (xi, row) in uo.chunks_exact(p.c).enumerate() {
+            u[(xi * p.oc + o) * p.c..][..p.c].copy_from_slice(row);
+        }
+    }
+    u
+}
+
+/// V (36, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
+/// scratch for one channel's row transform, `plan.rows_scratch()` floats.
+///
+/// First B^T along each input row r, for every tile column j (d = x[r][4j .. 4j+6]), into
+/// R[r mod 4][b] (6, TH+1, TW), so that rows 4i .. 4i+6 of tile row i are, for t = i*TW + j,
+/// R[0][t], R[1][t], R[2][t], R[3][t], R[0][t + TW], R[1][t + TW]. Then B^T along the columns
+/// is six contiguous runs over all T tiles at once.
+#[inline(always)]
+fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usize, rows: &mut [T]) {
+    let (tw, t) = (p.tw, p.tiles());
+    let plane = (p.th + 1) * tw; // one (phase, b) plane of R
+    let (r4, pad) = rows[..p.rows_scratch()].split_at_mut(24 * plane);
+    let (rows_in, cols_in) = (2 * p.ph + 2, 2 * p.pw + 2); // the pixels some window reads
+    pad[cols_in..].fill(T::zero());
+    for c in 0..p.c {
+        let xc = &x[c * p.h * p.w..][..p.h * p.w];
+        for r in 0..4 * p.th + 2 {
+            if r < rows_in {
+                pad[..cols_in].copy_from_slice(&xc[r * p.w..][..cols_in]);
+            } else {
+                pad[..cols_in].fill(T::zero());
+            }
+            let dst = &mut r4[(r % 4) * 6 * plane..][..6 * plane];
+            let row = (r / 4) * tw;
+            for j in 0..tw {
+                let d = &pad[4 * j..][..6];
+                let rt = bt6([d[0], d[1], d[2], d[3], d[4], d[5]]);
+                for (b, v) in rt.into_iter().enumerate() {
+                    dst[b * plane + row + j] = v;
+                }
+            }
+        }
+        for b in 0..6 {
+            let run = |q: usize, next: usize| &r4[(q * 6 + b) * plane + next * tw..][..t];
+            let (d0, d1, d2, d3, d4, d5) = (run(0, 0), run(1, 0), run(2, 0), run(3, 0), run(0, 1), run(1, 1));
+            // The six rows a of V for this (b, c), 6*C*ld apart.
+            let mut outs = v[(b * p.c + c) * ld + at..].chunks_mut(6 * p.c * ld);
+            let [v0, v1, v2, v3, v4, v5]: [&mut [T]; 6] = std::array::from_fn(|_| &mut outs.next().unwrap()[..t]);
+            for k in 0..t {
+                let r = bt6([d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]]);
+                (v0[k], v1[k], v2[k], v3[k], v4[k], v5[k]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
+            }
+        }
+    }
+}
+
+/// A applied to four values y (a column of A^T's transpose): six values of Z's row or column.
+#[inline(always)]
+fn a6<T: Float>(y: [T; 4]) -> [T; 6] {
+    let (e, o) = (y[0] + y[2], y[1] + y[3]);
+    let (e4, o2) = (y[0] + T::f(4.0) * y[2], T::f(2.0) * y[1] + T::f(8.0) * y[3]);
+    [y[0], e + o, e - o, e4 + o2, e4 - o2, y[3]]
+}
+
+/// B applied to six values m: a row or column of a patch's gradient.
+#[inline(always)]
+fn b6<T: Float>(m: [T; 6]) -> [T; 6] {
+    let (four, two, five) = (T::f(4.0), T::f(2.0), T::f(5.0));
+    let (p12, m21, p34, m43) = (m[1] + m[2], m[2] - m[1], m[3] + m[4], m[4] - m[3]);
+    [
+        four * m[0],
+        four * (m21 + m[5]) + two * m43,
+        -(five * m[0] + four * p12 + p34),
+        -m21 - two * m43 - five * m[5],
+        m[0] + p12 + p34,
+        m[5],
+    ]
+}
+
+/// G^T applied to six values m: a row or column of a filter's gradient.
+#[inline(always)]
+fn gt6<T: Float>(m: [T; 6]) -> [T; 3] {
+    let (sixth, twelfth, q24) = (T::f(1.0 / 6.0), T::f(1.0 / 12.0), T::f(1.0 / 24.0));
+    let (p12, m21, p34, m34) = (m[1] + m[2], m[2] - m[1], m[3] + m[4], m[3] - m[4]);
+    [T::f(0.25) * m[0] - sixth * p12 + q24 * p34, sixth * m21 + twelfth * m34, sixth * (p34 - p12) + m[5]]
+}
+
+/// Floats of per-thread scratch for the backward of a group: V (36, C, n), Z (36, OC, n),
+/// Md (36, C, n), and the row transform or, after it, the runs Z and dd are built from.
+pub fn backward_scratch(p: &Plan) -> usize {
+    let n = p.group * p.tiles();
+    XI * (2 * p.c + p.oc) * n + p.rows_scratch().max(72 * n)
+}
+
+/// One group's share of the backward: Mw (36, OC, C) += this group's products (turn it into
+/// dW with `finish_weight_grad` once every group is in), db (OC) += the sum of its live
+/// windows' dy, and, when `dx` is given, dx (gs, C, H, W) += the group's input gradient.
+/// xs (gs, C, H, W), dy and winners (gs, OC, PH, PW); `u` from `transform_weights`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_group_impl<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    db: &mut [T],
+    dx: Option<&mut [T]>,
+    scratch: &mut [T],
+) {
+    let (img, plane, t) = (p.c * p.h * p.w, p.ph * p.pw, p.tiles());
+    let out = p.oc * plane;
+    let gs = xs.len() / img;
+    let n = gs * t;
+    let (v, rest) = scratch.split_at_mut(XI * p.c * n);
+    let (z, rest) = rest.split_at_mut(XI * p.oc * n);
+    let (md, rows) = rest.split_at_mut(XI * p.c * n);
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        transform_input(p, x, v, n, i * t, rows);
+    }
+    // Z = A dY A^T for each filter, as runs over the group's tiles. Per window (4 of a tile):
+    // d = its pooled gradient where alive (else 0, and 0 where the window does not exist), and
+    // its winner's row and column in the window (0 or 1, in T). dY[r][s] is d of window
+    // (r/2, s/2) where (r%2, s%2) won it, else 0; then A along s, then along r.
+    let (dd, rest) = rows.split_at_mut(4 * n); // the row-transform scratch is free again
+    let (wr, rest) = rest.split_at_mut(4 * n);
+    let (wc, rest) = rest.split_at_mut(4 * n);
+    let (dyt, rest) = rest.split_at_mut(16 * n);
+    let tz = &mut rest[..24 * n];
+    for o in 0..p.oc {
+        dd.fill(T::zero());
+        wr.fill(T::zero());
+        wc.fill(T::zero());
+        for i in 0..gs {
+            let (dyr, ar) = (&dy[i * out + o * plane..][..plane], &arg[i * out + o * plane..][..plane]);
+            for (win, slots) in p.slots.iter().enumerate() {
+                let at = win * n + i * t;
+                for s in slots {
+                    let (k, q) = (at + s.tile as usize, s.pooled as usize);
+                    let live = ar[q] != DEAD;
+                    let off = if live { ar[q] - s.corner } else { 0 }; // one of 0, 1, OW, OW + 1
+                    let r = off >= p.ow as u32;
+                    wr[k] = if r { T::one() } else { T::zero() };
+                    wc[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
+                    dd[k] = if live { dyr[q] } else { T::zero() };
+                }
+            }
+            // The live windows' dy, in the pooled plane's order.
+            db[o] += dyr.iter().zip(ar).fold(T::zero(), |s, (&d, &a)| if a != DEAD { s + d } else { s });
+        }
+        for r in 0..4 {
+            for s in 0..4 {
+                let win = 2 * (r / 2) + s / 2;
+                let (dr, dc) = (T::f((r % 2) as f64), T::f((s % 2) as f64));
+                let (d, wr, wc) = (&dd[win * n..][..n], &wr[win * n..][..n], &wc[win * n..][..n]);
+                let dst = &mut dyt[(4 * r + s) * n..][..n];
+                for k in 0..n {
+                    dst[k] = if wr[k] == dr && wc[k] == dc { d[k] } else { T::zero() };
+                }
+            }
+        }
+        // tz[r][b] = (dY A^T)[r][b]: A along each row of dY.
+        for r in 0..4 {
+            let y = |s: usize| &dyt[(4 * r + s) * n..][..n];
+            let (y0, y1, y2, y3) = (y(0), y(1), y(2), y(3));
+            let mut outs = tz[6 * r * n..].chunks_mut(n);
+            let [t0, t1, t2, t3, t4, t5]: [&mut [T]; 6] = std::array::from_fn(|_| outs.next().unwrap());
+            for k in 0..n {
+                let z = a6([y0[k], y1[k], y2[k], y3[k]]);
+                (t0[k], t1[k], t2[k], t3[k], t4[k], t5[k]) = (z[0], z[1], z[2], z[3], z[4], z[5]);
+            }
+        }
+        // Z[6a + b] = (A tz)[a][b]: A along each column of tz.
+        for b in 0..6 {
+            let y = |r: usize| &tz[(6 * r + b) * n..][..n];
+            let (y0, y1, y2, y3) = (y(0), y(1), y(2), y(3));
+            let mut outs = z[(b * p.oc + o) * n..].chunks_mut(6 * p.oc * n);
+            let [z0, z1, z2, z3, z4, z5]: [&mut [T]; 6] = std::array::from_fn(|_| &mut outs.next().unwrap()[..n]);
+            for k in 0..n {
+                let v = a6([y0[k], y1[k], y2[k], y3[k]]);
+                (z0[k], z1[k], z2[k], z3[k], z4[k], z5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
+            }
+        }
+    }
+    for xi in 0..XI {
+        let (zk, vk) = (&z[xi * p.oc * n..][..p.oc * n], &v[xi * p.c * n..][..p.c * n]);
+        let mwk = &mut mw[xi * p.oc * p.c..][..p.oc * p.c];
+        gemm(false, true, p.oc, p.c, n, T::one(), zk, vk, T::one(), mwk); // Mw[xi] += Z[xi] V[xi]^T
+    }
+    let Some(dx) = dx else { return };
+    for xi in 0..XI {
+        let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
+        let mdk = &mut md[xi * p.c * n..][..p.c * n];
+        gemm(true, false, p.c, n, p.oc, T::one(), uk, zk, T::zero(), mdk); // Md[xi] = U[xi]^T Z[xi]
+    }
+    // dd = B Md B^T per tile, for each channel as runs over the group's tiles: B along a
+    // (each column b of Md), then along b (each row a). Then dd's element (a, b) of tile
+    // (i, j) is added to dx[c][4i + a][4j + b]; the patches of neighbouring tiles overlap by
+    // two. Only pixels some window reads get a share (the rest of a patch was zeros).
+    let (pa, rest) = rows.split_at_mut(36 * n); // the Z runs' scratch is free again
+    let ddr = &mut rest[..36 * n];
+    let (rows_in, cols_in) = (2 * p.ph + 2, 2 * p.pw + 2);
+    let img_plane = p.h * p.w;
+    for c in 0..p.c {
+        for b in 0..6 {
+            let m = |a: usize| &md[((6 * a + b) * p.c + c) * n..][..n];
+            let (m0, m1, m2, m3, m4, m5) = (m(0), m(1), m(2), m(3), m(4), m(5));
+            let mut outs = pa[b * n..].chunks_mut(6 * n); // pa[6a + b]
+            let [q0, q1, q2, q3, q4, q5]: [&mut [T]; 6] = std::array::from_fn(|_| &mut outs.next().unwrap()[..n]);
+            for k in 0..n {
+                let v = b6([m0[k], m1[k], m2[k], m3[k], m4[k], m5[k]]);
+                (q0[k], q1[k], q2[k], q3[k], q4[k], q5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
+            }
+        }
+        for a in 0..6 {
+            let q = |b: usize| &pa[(6 * a + b) * n..][..n];
+            let (q0, q1, q2, q3, q4, q5) = (q(0), q(1), q(2), q(3), q(4), q(5));
+            let mut outs = ddr[6 * a * n..].chunks_mut(n); // ddr[6a + b]
+            let [d0, d1, d2, d3, d4, d5]: [&mut [T]; 6] = std::array::from_fn(|_| outs.next().unwrap());
+            for k in 0..n {
+                let v = b6([q0[k], q1[k], q2[k], q3[k], q4[k], q5[k]]);
+                (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
+            }
+        }
+        for i in 0..gs {
+            let dxc = &mut dx[i * img + c * img_plane..][..img_plane];
+            for (k, &origin) in p.origin.iter().enumerate() {
+                let (r0, c0) = (origin / p.w, origin % p.w);
+                for a in 0..6.min(rows_in - r0) {
+                    let dst = &mut dxc[origin + a * p.w..][..6.min(cols_in - c0)];
+                    for (b, d) in dst.iter_mut().enumerate() {
+                        *d += ddr[(6 * a + b) * n + i * t + k];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dW (OC, C, 3, 3) += G^T Mw[o][c] G, Mw (36, OC, C) summed over every group: for each
+/// filter, as runs over the channels (G^T along a, then along b), then added to dW.
+pub fn finish_weight_grad<T: Float>(p: &Plan, mw: &[T], dw: &mut [T]) {
+    let c = p.c;
+    let (mut ga, mut g) = (zero_vec(18 * c), zero_vec(9 * c));
+    for o in 0..p.oc {
+        for b in 0..6 {
+            let m = |a: usize| &mw[((6 * a + b) * p.oc + o) * c..][..c];
+            let (m0, m1, m2, m3, m4, m5) = (m(0), m(1), m(2), m(3), m(4), m(5));
+            let mut outs = ga[b * c..].chunks_mut(6 * c); // ga[6kh + b]
+            let [r0, r1, r2]: [&mut [T]; 3] = std::array::from_fn(|_| &mut outs.next().unwrap()[..c]);
+            for j in 0..c {
+                let v = gt6([m0[j], m1[j], m2[j], m3[j], m4[j], m5[j]]);
+                (r0[j], r1[j], r2[j]) = (v[0], v[1], v[2]);
+            }
+        }
+        for kh in 0..3 {
+            let q = |b: usize| &ga[(6 * kh + b) * c..][..c];
+            let (q0, q1, q2, q3, q4, q5) = (q(0), q(1), q(2), q(3), q(4), q(5));
+            let mut outs = g[3 * kh * c..].chunks_mut(c); // g[3kh + kw]
+            let [w0, w1, w2]: [&mut [T]; 3] = std::array::from_fn(|_| outs.next().unwrap());
+            for j in 0..c {
+                let v = gt6([q0[j], q1[j], q2[j], q3[j], q4[j], q5[j]]);
+                (w0[j], w1[j], w2[j]) = (v[0], v[1], v[2]);
+            }
+        }
+        for (j, dwj) in dw[o * c * 9..][..c * 9].chunks_exact_mut(9).enumerate() {
+            for (tap, d) in dwj.iter_mut().enumerate() {
+                *d += g[tap * c + j];
+            }
+        }
+    }
+}
+
+// The same code compiled with AVX-512 and with AVX2 enabled, so the compiler vectorises the
+// transforms 16 or 8 floats wide; no FMA is enabled, so the results are the portable bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn backward_group_avx512<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    db: &mut [T],
+    dx: Option<&mut [T]>,
+    s: &mut [T],
+) {
+    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+fn backward_group_avx2<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    db: &mut [T],
+    dx: Option<&mut [T]>,
+    s: &mut [T],
+) {
+    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
+}
+
+/// One group's backward (see `backward_group_impl`), in the widest build the CPU runs.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_group<T: Float>(
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    db: &mut [T],
+    dx: Option<&mut [T]>,
+    scratch: &mut [T],
+) {
+    backward_group_on(super::isa(), p, u, xs, dy, arg, mw, db, dx, scratch)
+}
+
+/// `backward_group` in a given build, which the caller has checked this CPU runs.
+#[allow(clippy::too_many_arguments)]
+fn backward_group_on<T: Float>(
+    build: Isa,
+    p: &Plan,
+    u: &[T],
+    xs: &[T],
+    dy: &[T],
+    arg: &[u32],
+    mw: &mut [T],
+    db: &mut [T],
+    dx: Option<&mut [T]>,
+    scratch: &mut [T],
+) {
+    match build {
+        // SAFETY: the caller checked that the CPU has AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) },
+        // SAFETY: the caller checked that the CPU has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { backward_group_avx2(p, u, xs, dy, arg, mw, db, dx, scratch) },
+        _ => backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{winograd, Conv2d, ConvReluPool, Ctx, Layer, MaxPool2d};
+    use crate::tensor::{from_vec, slice, Tensor};
+
+    /// A deterministic pseudo-random fill in [-1, 1).
+    fn fill<T: Float>(n: usize, seed: u64) -> Vec<T> {
+        let mut z = seed;
+        (0..n)
+            .map(|_| {
+                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                T::f(((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
+            })
+            .collect()
+    }
+
+    /// A block with random weights, Winograd on or off.
+    fn block<T: Float>(c: usize, oc: usize, winograd: bool) -> ConvReluPool<T> {
+        let mut b = ConvReluPool::new(Conv2d::<T>::new(c, oc, (3, 3), 1, 0), MaxPool2d::new(2, 2));
+        b.winograd = winograd;
+        b.conv.weight.value = from_vec(&[oc, c, 3, 3], fill(oc * c * 9, 5));
+        b.conv.bias.value = from_vec(&[oc], fill(oc, 6));
+        b
+    }
+
+    /// Largest |a - b| over the largest |a|.
+    fn rel(a: &[f64], b: &[f64]) -> f64 {
+        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+        a.iter().zip(b).fold(0.0f64, |m, (p, q)| m.max((p - q).abs())) / scale
+    }
+
+    /// (N, C, OC, H, W): the reference's second and third blocks (14 and 6 pooled rows: 7x7
+    /// and 3x3 tiles), odd pooled sizes (the last tiles' second windows missing), one filter,
+    /// and 361 windows per image (one image per group, several groups per thread).
+    const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+        (3, 32, 64, 31, 31),
+        (9, 64, 128, 14, 14),
+        (2, 3, 5, 17, 19),
+        (5, 2, 3, 16, 17),
+        (4, 3, 1, 18, 18),
+        (4, 2, 3, 40, 40),
+        (2, 3, 2, 11, 12),
+    ];
+
+    /// Each shape takes this backward, and a block's gradients by it are those of im2col +
+    /// GEMM (the forward, F(2x2), picks the same winners in f64): dx, dW and db.
+    #[test]
+    fn backward_matches_the_gemm_path() {
+        for (n, c, oc, h, w) in SHAPES {
+            let shape = [n, c, h, w];
+            assert!(pays(&ConvGeometry::new(c, h, w, 3, 3, 1, 0)), "{shape:?} should take F(4x4)");
+            let x = from_vec(&shape, fill::<f64>(n * c * h * w, 7));
+            let (mut a, mut b) = (block::<f64>(c, oc, true), block::<f64>(c, oc, false));
+            let (ya, yb) = (a.forward(&x, Ctx::eval()), b.forward(&x, Ctx::eval()));
+            assert_eq!(a.winners(), b.winners(), "{shape:?}: the forwards' winners");
+            let dy = from_vec(ya.shape(), fill::<f64>(ya.len(), 8));
+            let (dxa, dxb) = (a.backward(&dy), b.backward(&dy));
+            let pairs: [(&str, &Tensor<f64>, &Tensor<f64>); 3] = [
+                ("dx", &dxb, &dxa),
+                ("dW", &b.conv.weight.grad, &a.conv.weight.grad),
+                ("db", &b.conv.bias.grad, &a.conv.bias.grad),
+            ];
+            for (what, want, got) in pairs {
+                let e = rel(slice(want), slice(got));
+                assert!(e < 1e-12, "f64 {shape:?} {what}: {e:.2e}");
+            }
+            assert!(
+                slice(&yb).contains(&0.0) && slice(&dxa).iter().any(|&v| v != 0.0),
+                "{shape:?}: dead and live windows"
+            );
+        }
+    }
+
+    /// In f32, the gradients of both Winograd backwards against the f64 GEMM path's, on the
+    /// same winners: F(4x4)'s error stays under 2e-5 of the largest gradient (F(2x2)'s is
+    /// printed beside it; `cargo test -- --nocapture` shows both).
+    #[test]
+    fn f32_error_against_f64() {
+        for (n, c, oc, h, w) in SHAPES {
+            let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
+            let (x32, wt32) = (fill::<f32>(n * c * h * w, 7), fill::<f32>(oc * c * 9, 5));
+            // The reference: f64 on the same (f32-representable) numbers, im2col + GEMM.
+            let mut b = block::<f64>(c, oc, false);
+            b.conv.weight.value = from_vec(&[oc, c, 3, 3], wt32.iter().map(|&v| v as f64).collect());
+            let y = b.forward(&from_vec(&[n, c, h, w], x32.iter().map(|&v| v as f64).collect()), Ctx::eval());
+            let dy32 = fill::<f32>(y.len(), 8);
+            let dx = b.backward(&from_vec(y.shape(), dy32.iter().map(|&v| v as f64).collect()));
+            let want = [slice(&dx).to_vec(), slice(&b.conv.weight.grad).to_vec(), slice(&b.conv.bias.grad).to_vec()];
+            let arg = b.winners().to_vec();
+
+            let (mut dw4, mut db4, mut dx4) = (vec![0.0f32; oc * c * 9], vec![0.0f32; oc], vec![0.0f32; x32.len()]);
+            let p = Plan::new(&g, oc, n);
+            let u = transform_weights(&p, &wt32);
+            let mut mw = vec![0.0; XI * oc * c];
+            let mut s = vec![0.0; backward_scratch(&p)];
+            let (img, out) = (c * h * w, y.len() / n);
+            for first in (0..n).step_by(p.group) {
+                let gs = p.group.min(n - first);
+                let (xg, dyg, ag) = (
+                    &x32[first * img..][..gs * img],
+                    &dy32[first * out..][..gs * out],
+                    &arg[first * out..][..gs * out],
+                );
+                backward_group(
+                    &p,
+                    &u,
+                    xg,
+                    dyg,
+                    ag,
+                    &mut mw,
+                    &mut db4,
+                    Some(&mut dx4[first * img..][..gs * img]),
+                    &mut s,
+                );
+            }
+            finish_weight_grad(&p, &mw, &mut dw4);
+
+            let (mut dw2, mut db2, mut dx2) = (vec![0.0f32; oc * c * 9], vec![0.0f32; oc], vec![0.0f32; x32.len()]);
+            let p = winograd::Plan::new(&g, oc, n);
+            let u = winograd::transform_weights(&p, &wt32);
+            let mut mw = vec![0.0; winograd::XI * oc * c];
+            let mut s = vec![0.0; winograd::backward_scratch(&p)];
+            for first in (0..n).step_by(p.group) {
+                let gs = p.group.min(n - first);
+                let (xg, dyg, ag) = (
+                    &x32[first * img..][..gs * img],
+                    &dy32[first * out..][..gs * out],
+                    &arg[first * out..][..gs * out],
+                );
+                winograd::backward_group(
+                    &p,
+                    &u,
+                    xg,
+                    dyg,
+                    ag,
+                    &mut mw,
+                    &mut db2,
+                    Some(&mut dx2[first * img..][..gs * img]),
+                    &mut s,
+                );
+            }
+            winograd::finish_weight_grad(&p, &mw, &mut dw2);
+
+            let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            for (i, what) in ["dx", "dW", "db"].into_iter().enumerate() {
+                let (e4, e2) = match i {
+                    0 => (rel(&want[0], &f64s(&dx4)), rel(&want[0], &f64s(&dx2))),
+                    1 => (rel(&want[1], &f64s(&dw4)), rel(&want[1], &f64s(&dw2))),
+                    _ => (rel(&want[2], &f64s(&db4)), rel(&want[2], &f64s(&db2))),
+                };
+                eprintln!("f32 {:?} {what}: F(4x4) {e4:.1e}, F(2x2) {e2:.1e}", (n, c, oc, h, w));
+                assert!(e4 < 2e-5, "f32 {:?} {what}: F(4x4) off by {e4:.2e} of the largest", (n, c, oc, h, w));
+            }
+        }
+    }
+
+    /// The AVX-512 and AVX2 builds give the portable build's bits, each checked where the CPU
+    /// runs it (an AVX-512 CPU runs both).
+    #[test]
+    fn vector_builds_match_portable_bit_for_bit() {
+        crate::layers::check_each_vector_isa("its F(4x4) Winograd build", build_matches_portable);
+    }
+
+    fn build_matches_portable(build: Isa) {
+        let (c, oc, h, w) = (5, 7, 17, 15); // PH 7, PW 6: a missing window in the last tile row
+        let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
+        let p = Plan::new(&g, oc, 3);
+        let n = p.group; // one whole group (2 or 3 images, as the thread count allows)
+        let u = transform_weights(&p, &fill::<f32>(oc * c * 9, 1));
+        let x = fill::<f32>(n * c * h * w, 3);
+        // Winners from the forward of the f32 block (im2col + GEMM), whose windows live or not.
+        let mut b = block::<f32>(c, oc, false);
+        let y = b.forward(&from_vec(&[n, c, h, w], x.clone()), Ctx::eval());
+        let (arg, dy) = (b.winners().to_vec(), fill::<f32>(y.len(), 4));
+        assert!(arg.contains(&DEAD) && arg.iter().any(|&a| a != DEAD), "dead and live windows");
+        let mut s = vec![0.0; backward_scratch(&p)];
+        let (mut mw1, mut mw2) = (vec![0.0; XI * oc * c], vec![0.0; XI * oc * c]);
+        let (mut dx1, mut dx2) = (vec![0.0; n * c * h * w], vec![0.0; n * c * h * w]);
+        let (mut db1, mut db2) = (vec![0.0; oc], vec![0.0; oc]);
+        backward_group_on(build, &p, &u, &x, &dy, &arg, &mut mw1, &mut db1, Some(&mut dx1), &mut s);
+        backward_group_impl(&p, &u, &x, &dy, &arg, &mut mw2, &mut db2, Some(&mut dx2), &mut s);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&mw1), bits(&mw2), "{build:?} backward dW");
+        assert_eq!(bits(&db1), bits(&db2), "{build:?} backward db");
+        assert_eq!(bits(&dx1), bits(&dx2), "{build:?} backward dx");
+        assert!(dx1.iter().any(|&v| v != 0.0) && mw1.iter().any(|&v| v != 0.0));
+    }
+}
