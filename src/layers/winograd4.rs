@@ -558,6 +558,21 @@ mod tests {
         (2, 3, 2, 11, 12),
     ];
 
+    /// Which pooled maps (PH x PW) take this backward: F(2x2) does 16 products per window,
+    /// F(4x4) 36 per tile of four, counting the windows an odd size leaves empty.
+    #[test]
+    fn pays_on_maps_of_several_tiles_that_waste_little() {
+        let takes = |ph: usize, pw: usize| pays(&ConvGeometry::new(2, 2 * ph + 2, 2 * pw + 2, 3, 3, 1, 0));
+        // The reference's blocks: 14x14 and 6x6 pooled (49 and 9 tiles) do, 2x2 (one tile) not.
+        assert!(takes(14, 14) && takes(6, 6) && !takes(2, 2));
+        // 3x3: 4 tiles, 144 products for 9 windows, as many as F(2x2). 5x5: 9 tiles, 324
+        // against 400, more than 3/4. 7x7: 576 against 784. 4x4: 4 tiles, 576 against 256 * 3.
+        assert!(!takes(3, 3) && !takes(5, 5) && takes(7, 7) && takes(4, 4));
+        // A map one window high (or wide) leaves half of every tile empty: 1x8 pooled is 4
+        // tiles, 576 products for 8 windows. 8x4 is 8 full tiles.
+        assert!(!takes(1, 8) && !takes(8, 1) && takes(8, 4));
+    }
+
     /// Each shape takes this backward, and a block's gradients by it are those of im2col +
     /// GEMM (the forward, F(2x2), picks the same winners in f64): dx, dW and db.
     #[test]
