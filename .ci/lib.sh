@@ -60,8 +60,8 @@ require_chromium() {
   export MEDCNN_REQUIRE_CHROMIUM=1
 }
 
-# AVX-512F, for the unit tests that check the AVX-512 code of layers/direct_conv.rs and
-# layers/winograd.rs bit for bit against the portable code. Required where the CPU has it (so a
+# AVX-512F, for the unit tests that check the AVX-512 code of layers/direct_conv.rs,
+# layers/winograd.rs and layers/winograd4.rs bit for bit against the portable code. Required where the CPU has it (so a
 # detection that wrongly skips them fails CI); not every machine CI lands on does (an AMD EPYC
 # of family 25 model 1, Zen 3, has AVX2 only), and there those tests print `skipped: why` and
 # this step says, on stderr, that the AVX-512 code went unchecked in this run. The flags are
