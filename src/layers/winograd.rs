@@ -553,13 +553,13 @@ fn backward_group_on<T: Float>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::layers::{ConvReluPool, Ctx, Layer};
     use crate::tensor::{from_vec, slice, Tensor};
 
-    /// A deterministic pseudo-random fill in [-1, 1).
-    fn fill<T: Float>(n: usize, seed: u64) -> Vec<T> {
+    /// A deterministic pseudo-random fill in [-1, 1) (`winograd4.rs`'s tests use it too).
+    pub(in crate::layers) fn fill<T: Float>(n: usize, seed: u64) -> Vec<T> {
         let mut z = seed;
         (0..n)
             .map(|_| {
@@ -569,8 +569,8 @@ mod tests {
             .collect()
     }
 
-    /// A block with random weights, Winograd on or off.
-    fn block<T: Float>(c: usize, oc: usize, winograd: bool) -> ConvReluPool<T> {
+    /// A block with random weights, Winograd on or off (`winograd4.rs`'s tests use it too).
+    pub(in crate::layers) fn block<T: Float>(c: usize, oc: usize, winograd: bool) -> ConvReluPool<T> {
         let mut b = ConvReluPool::new(Conv2d::<T>::new(c, oc, (3, 3), 1, 0), MaxPool2d::new(2, 2));
         b.winograd = winograd;
         b.conv.weight.value = from_vec(&[oc, c, 3, 3], fill(oc * c * 9, 5));

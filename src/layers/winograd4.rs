@@ -516,28 +516,12 @@ fn backward_group_on<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::{winograd, Conv2d, ConvReluPool, Ctx, Layer, MaxPool2d};
+    use crate::layers::winograd::{
+        self,
+        tests::{block, fill},
+    };
+    use crate::layers::{Ctx, Layer};
     use crate::tensor::{from_vec, slice, Tensor};
-
-    /// A deterministic pseudo-random fill in [-1, 1).
-    fn fill<T: Float>(n: usize, seed: u64) -> Vec<T> {
-        let mut z = seed;
-        (0..n)
-            .map(|_| {
-                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                T::f(((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
-            })
-            .collect()
-    }
-
-    /// A block with random weights, Winograd on or off.
-    fn block<T: Float>(c: usize, oc: usize, winograd: bool) -> ConvReluPool<T> {
-        let mut b = ConvReluPool::new(Conv2d::<T>::new(c, oc, (3, 3), 1, 0), MaxPool2d::new(2, 2));
-        b.winograd = winograd;
-        b.conv.weight.value = from_vec(&[oc, c, 3, 3], fill(oc * c * 9, 5));
-        b.conv.bias.value = from_vec(&[oc], fill(oc, 6));
-        b
-    }
 
     /// Largest |a - b| over the largest |a|.
     fn rel(a: &[f64], b: &[f64]) -> f64 {
