@@ -520,7 +520,7 @@ mod tests {
         self,
         tests::{block, fill},
     };
-    use crate::layers::{Ctx, Layer};
+    use crate::layers::{Conv2d, ConvReluPool, Ctx, Layer, MaxPool2d};
     use crate::tensor::{from_vec, slice, Tensor};
 
     /// Largest |a - b| over the largest |a|.
@@ -583,6 +583,36 @@ mod tests {
                 slice(&yb).contains(&0.0) && slice(&dxa).iter().any(|&v| v != 0.0),
                 "{shape:?}: dead and live windows"
             );
+        }
+    }
+
+    /// A padded block (PyTorch's usual `Conv2d(c, 3, padding=1)`): its fast paths run on the
+    /// images with the zero border written out, and each group's padded dx is cropped into dx.
+    /// With several groups in one thread's range of images, each group must start from a
+    /// zeroed padded dx: by F(4x4) (34x34 images, one image per group) and by F(2x2) (a 6x6
+    /// pooled map, 29 images per group, 64 images).
+    #[test]
+    fn padded_blocks_with_several_groups_per_thread_range() {
+        for (n, c, oc, h, w, four) in [(4, 2, 3, 34, 34, true), (64, 2, 3, 6, 6, false)] {
+            let shape = [n, c, h, w];
+            assert_eq!(pays(&ConvGeometry::new(c, h + 2, w + 2, 3, 3, 1, 0)), four, "{shape:?}");
+            let padded = |winograd: bool| {
+                let mut b = ConvReluPool::new(Conv2d::<f64>::new(c, oc, (3, 3), 1, 1), MaxPool2d::new(2, 2));
+                b.winograd = winograd;
+                b.conv.weight.value = from_vec(&[oc, c, 3, 3], fill(oc * c * 9, 5));
+                b.conv.bias.value = from_vec(&[oc], fill(oc, 6));
+                b
+            };
+            let (mut a, mut b) = (padded(true), padded(false));
+            let x = from_vec(&shape, fill::<f64>(n * c * h * w, 7));
+            let ya = a.forward(&x, Ctx::eval());
+            b.forward(&x, Ctx::eval());
+            let dy = from_vec(ya.shape(), fill::<f64>(ya.len(), 8));
+            let (dxa, dxb) = (a.backward(&dy), b.backward(&dy));
+            let e = rel(slice(&dxb), slice(&dxa));
+            assert!(e < 1e-12, "{shape:?} padded dx: {e:.2e}");
+            let e = rel(slice(&b.conv.weight.grad), slice(&a.conv.weight.grad));
+            assert!(e < 1e-12, "{shape:?} padded dW: {e:.2e}");
         }
     }
 
