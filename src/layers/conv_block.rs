@@ -478,7 +478,8 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 let mut dw = zero_vec(oc * k);
                 let mut db = zero_vec(oc);
                 if let Some(wplan) = &wplan {
-                    // By the adjoint of the Winograd forward (see `winograd.rs`), a group at a time.
+                    // By the adjoint of a Winograd forward (`winograd.rs`, or on large maps
+                    // `winograd4.rs`: see `WinogradBackward`), a group at a time.
                     let mut mw = zero_vec(wplan.xi() * oc * c);
                     let mut scratch = zero_vec(wplan.scratch());
                     // A padded conv's dx comes back padded, then loses its border (`crop_add`).

@@ -58,7 +58,7 @@ pub const XI: usize = 36;
 pub fn pays(g: &ConvGeometry) -> bool {
     let (ph, pw) = (g.oh / 2, g.ow / 2);
     let tiles = ph.div_ceil(2) * pw.div_ceil(2);
-    tiles >= 4 && 4 * XI * tiles <= 3 * 16 * ph * pw
+    tiles >= 4 && 4 * XI * tiles <= 3 * super::winograd::XI * ph * pw
 }
 
 /// Where a tile's pooling window lands: the tile, the window's index in the pooled plane
@@ -88,8 +88,6 @@ pub struct Plan {
     pub group: usize,
     /// For each window of a tile, (wi, wj) as 2wi + wj, the tiles where it exists.
     slots: [Vec<Slot>; 4],
-    /// Per tile k = i*TW + j: its top-left pixel 4i*W + 4j (where its input patch starts).
-    origin: Vec<usize>,
 }
 
 impl Plan {
@@ -109,8 +107,7 @@ impl Plan {
                 })
                 .collect()
         });
-        let origin = (0..th * tw).map(|k| 4 * (k / tw) * g.w + 4 * (k % tw)).collect();
-        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, th, tw, group, slots, origin }
+        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, th, tw, group, slots }
     }
     /// Tiles (2x2 blocks of pooling windows) per image.
     pub fn tiles(&self) -> usize {
@@ -250,10 +247,11 @@ fn gt6<T: Float>(m: [T; 6]) -> [T; 3] {
 }
 
 /// Floats of per-thread scratch for the backward of a group: V (36, C, n), Z (36, OC, n),
-/// Md (36, C, n), and the row transform or, after it, the runs Z and dd are built from.
+/// Md (36, C, n), and the row transform or, after it, the runs Z is built from (52 per tile)
+/// and then dd's (2 x 36 per tile).
 pub fn backward_scratch(p: &Plan) -> usize {
     let n = p.group * p.tiles();
-    XI * (2 * p.c + p.oc) * n + p.rows_scratch().max(72 * n)
+    XI * (2 * p.c + p.oc) * n + p.rows_scratch().max(2 * XI * n)
 }
 
 /// One group's share of the backward: Mw (36, OC, C) += this group's products (turn it into
@@ -292,10 +290,11 @@ fn backward_group_impl<T: Float>(
     let (wc, rest) = rest.split_at_mut(4 * n);
     let (dyt, rest) = rest.split_at_mut(16 * n);
     let tz = &mut rest[..24 * n];
+    // Every filter writes the windows that exist, at the same places; those that do not stay 0.
+    dd.fill(T::zero());
+    wr.fill(T::zero());
+    wc.fill(T::zero());
     for o in 0..p.oc {
-        dd.fill(T::zero());
-        wr.fill(T::zero());
-        wc.fill(T::zero());
         for i in 0..gs {
             let (dyr, ar) = (&dy[i * out + o * plane..][..plane], &arg[i * out + o * plane..][..plane]);
             for (win, slots) in p.slots.iter().enumerate() {
@@ -362,8 +361,8 @@ fn backward_group_impl<T: Float>(
     // (each column b of Md), then along b (each row a). Then dd's element (a, b) of tile
     // (i, j) is added to dx[c][4i + a][4j + b]; the patches of neighbouring tiles overlap by
     // two. Only pixels some window reads get a share (the rest of a patch was zeros).
-    let (pa, rest) = rows.split_at_mut(36 * n); // the Z runs' scratch is free again
-    let ddr = &mut rest[..36 * n];
+    let (pa, rest) = rows.split_at_mut(XI * n); // the Z runs' scratch is free again
+    let ddr = &mut rest[..XI * n];
     let (rows_in, cols_in) = (2 * p.ph + 2, 2 * p.pw + 2);
     let img_plane = p.h * p.w;
     for c in 0..p.c {
@@ -389,10 +388,10 @@ fn backward_group_impl<T: Float>(
         }
         for i in 0..gs {
             let dxc = &mut dx[i * img + c * img_plane..][..img_plane];
-            for (k, &origin) in p.origin.iter().enumerate() {
-                let (r0, c0) = (origin / p.w, origin % p.w);
+            for k in 0..t {
+                let (r0, c0) = (4 * (k / p.tw), 4 * (k % p.tw)); // the patch's top-left pixel
                 for a in 0..6.min(rows_in - r0) {
-                    let dst = &mut dxc[origin + a * p.w..][..6.min(cols_in - c0)];
+                    let dst = &mut dxc[(r0 + a) * p.w + c0..][..6.min(cols_in - c0)];
                     for (b, d) in dst.iter_mut().enumerate() {
                         *d += ddr[(6 * a + b) * n + i * t + k];
                     }
