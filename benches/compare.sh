@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # medcnn and PyTorch side by side: same machine, same network, same batch, same thread count,
 # alternating in one run, ROUNDS times (these machines share their host, so a single pair of
-# runs can be off by 2x). Prints each round and the medians and ranges of images/s.
+# runs can be off by 2x). Prints each round, the medians and ranges of images/s, and each conv
+# layer's forward and backward ms beside PyTorch's conv alone at the same place.
 # Needs a Python with torch (see benches/pytorch_reference.py):
 #
 #   PYTHON=~/torchenv/bin/python bash benches/compare.sh [THREADS] [BATCH] [-- SPEC FLAGS]
@@ -49,4 +50,19 @@ print(f"median (range) images/s: train medcnn {summary('train_images_per_sec', '
       f"PyTorch {summary('train_images_per_sec', 'torch')}, ratio {statistics.median(tr):.2f}x ({min(tr):.2f}-{max(tr):.2f}); "
       f"inference medcnn {summary('infer_images_per_sec', 'medcnn')}, PyTorch {summary('infer_images_per_sec', 'torch')}, "
       f"ratio {statistics.median(ir):.2f}x ({min(ir):.2f}-{max(ir):.2f})")
+# Each conv layer (medcnn's fused conv + ReLU + pool, or its plain conv) against PyTorch's conv
+# alone at the same place: the layer names match, PyTorch's ReLU and pool are separate layers.
+def ms(who, name, key):
+    v = [l[key] for x in rows[who] for l in x["layers"] if l["name"] == name]
+    return statistics.median(v), min(v), max(v)
+convs = [l["name"] for l in rows["torch"][0]["layers"] if l["layer"] == "Conv2d"]
+if convs:
+    print("per conv layer, ms median (range): medcnn's layer against PyTorch's Conv2d alone")
+    print(f"{'layer':<16} {'medcnn fwd':>20} {'torch conv fwd':>20} {'medcnn bwd':>20} {'torch conv bwd':>20}")
+    fmt = lambda t: f"{t[0]:.2f} ({t[1]:.2f}-{t[2]:.2f})"
+    for name in convs:
+        if not any(l["name"] == name for l in m0["layers"]):
+            continue
+        cells = [fmt(ms(who, name, key)) for key in ("forward_ms", "backward_ms") for who in ("medcnn", "torch")]
+        print(f"{name:<16} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} {cells[3]:>20}")
 PY
