@@ -153,6 +153,12 @@ impl Block {
 /// input and upstream gradient. Returns the algorithm the fused forward took and the worst
 /// relative difference of [y, dx, dW, db].
 fn fused_vs_plain(b: &Block, fast: bool, seed: u64) -> (ConvAlgo, [f64; 4]) {
+    fused_vs_plain_after(b, fast, seed, None)
+}
+
+/// `fused_vs_plain`, with the fused block first run forward and backward on an input of shape
+/// `before` (its buffers then hold that input's values) when one is given.
+fn fused_vs_plain_after(b: &Block, fast: bool, seed: u64, before: Option<[usize; 4]>) -> (ConvAlgo, [f64; 4]) {
     let mut rng = Lcg(seed);
     let mut conv = Conv2d::<f64>::new(b.c, b.oc, b.kernel, b.stride, b.padding);
     randomize(&mut conv, &mut rng);
@@ -166,8 +172,14 @@ fn fused_vs_plain(b: &Block, fast: bool, seed: u64) -> (ConvAlgo, [f64; 4]) {
     (fused.direct, fused.winograd) = (fast, fast);
     let (mut relu, mut plain_pool) = (Relu::<f64>::new(), b.pool());
 
-    let x = rng.tensor(&b.input);
     let ctx = Ctx::train(0);
+    if let Some(shape) = before {
+        let y = fused.forward(&rng.tensor(&shape).mapv(|v| v + 2.0), ctx);
+        fused.backward(&rng.tensor(y.shape()));
+        fused.conv.weight.grad.fill(0.0);
+        fused.conv.bias.grad.fill(0.0);
+    }
+    let x = rng.tensor(&b.input);
     let y_plain = plain_pool.forward(&relu.forward(&conv.forward(&x, ctx), ctx), ctx);
     let y_fused = fused.forward(&x, ctx);
     let dy = rng.tensor(y_plain.shape());
@@ -246,6 +258,40 @@ fn fused_block_equals_conv_relu_pool() {
         }
     }
     assert!(failures.is_empty(), "fused and plain differ by more than {FUSED_TOL:e}: {failures:?}");
+}
+
+/// A block's buffers outlive a batch: a padded fast path keeps its padded copy of the input
+/// (`ConvReluPool::padded`) from one forward to the next and writes only what the new shape
+/// needs. Run on a larger input first (values 1 to 3, so nothing of it is zero), then on a
+/// smaller one, each fast path must still give what the plain layers give: a border left from
+/// the last input would move the conv next to it by O(1).
+#[test]
+fn a_block_run_on_another_input_size_keeps_nothing_of_the_last() {
+    let (one, two, zero) = (Hw::square(1), Hw::square(2), Hw::square(0));
+    let pool2 = (two, two, zero, false);
+    let b = |c, padding, input| Block {
+        c,
+        oc: 3,
+        kernel: Hw::square(3),
+        stride: one,
+        padding,
+        pool: pool2,
+        input,
+        input_grad: c > 1,
+    };
+    #[rustfmt::skip]
+    let settings = [
+        ("1 channel, p1, 9x8 after 12x13", b(1, one, [2, 1, 9, 8]), [3, 1, 12, 13], ConvAlgo::Direct),
+        ("1 channel, p2, 6x7 after 12x13", b(1, two, [2, 1, 6, 7]), [3, 1, 12, 13], ConvAlgo::Direct),
+        ("2 channels, p1, 9x8 after 12x13", b(2, one, [2, 2, 9, 8]), [3, 2, 12, 13], ConvAlgo::Winograd),
+        ("2 channels, p2, 6x7 after 12x13", b(2, two, [2, 2, 6, 7]), [3, 2, 12, 13], ConvAlgo::Winograd),
+    ];
+    for (i, (name, block, before, want)) in settings.into_iter().enumerate() {
+        let (algo, errs) = fused_vs_plain_after(&block, true, 700 + i as u64, Some(before));
+        println!("{name:<36} {algo:?} {}", sci(&errs));
+        assert_eq!(algo, want, "{name}");
+        assert!(errs.iter().all(|&e| e <= FUSED_TOL), "{name}: fused and plain differ by {}", sci(&errs));
+    }
 }
 
 /// A seeded sweep over kernels 1..5, strides 1..3 and paddings per axis, pools of every kind
