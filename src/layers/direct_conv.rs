@@ -646,6 +646,17 @@ mod tests {
         crate::layers::check_each_vector_isa("its direct path", matches_portable);
     }
 
+    /// Which build runs and whether the direct path is taken at all: f32 runs the CPU's widest
+    /// vectors and takes the path wherever it has AVX2 or AVX-512; f64 (the gradient checks)
+    /// always takes it, in the portable build.
+    #[test]
+    fn the_build_and_the_choice_follow_the_cpu() {
+        assert_eq!(isa::<f32>(), crate::layers::isa());
+        assert_eq!(isa::<f64>(), Isa::Portable);
+        assert_eq!(worthwhile::<f32>(), crate::layers::isa() != Isa::Portable);
+        assert!(worthwhile::<f64>());
+    }
+
     fn matches_portable(isa: Isa) {
         for (h, w, oc) in [(64, 64, 32), (9, 12, 3), (11, 13, 5), (6, 21, 2)] {
             let g = ConvGeometry::new(1, h, w, 3, 3, 1, 0);
