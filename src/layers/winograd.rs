@@ -569,6 +569,35 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// Which blocks take Winograd: a 3x3 stride-1 conv (padded or not) with several input
+    /// channels, pooled 2x2 with stride 2 in floor mode, on a plane of at least 4x4 once padded.
+    /// One channel goes to the direct path instead (its products would be one wide).
+    #[test]
+    fn applies_to_3x3_convs_of_several_channels_pooled_2x2() {
+        let conv = |c: usize, k: usize, s: usize, p: usize| Conv2d::<f32>::new(c, 4, k, s, p);
+        let pool2 = MaxPool2d::new(2, 2);
+        let yes =
+            [(conv(2, 3, 1, 0), [1, 2, 4, 4]), (conv(3, 3, 1, 1), [2, 3, 2, 2]), (conv(8, 3, 1, 2), [1, 8, 9, 5])];
+        for (c, x) in &yes {
+            assert!(applies(c, &pool2, x), "{x:?} with padding {}", c.padding());
+        }
+        let no: [(Conv2d<f32>, MaxPool2d, &[usize]); 10] = [
+            (conv(1, 3, 1, 0), MaxPool2d::new(2, 2), &[1, 1, 8, 8]),
+            (conv(2, 5, 1, 0), MaxPool2d::new(2, 2), &[1, 2, 8, 8]),
+            (conv(2, 3, 2, 0), MaxPool2d::new(2, 2), &[1, 2, 8, 8]),
+            (conv(2, 3, 1, 0), MaxPool2d::new(3, 2), &[1, 2, 8, 8]),
+            (conv(2, 3, 1, 0), MaxPool2d::new(2, 1), &[1, 2, 8, 8]),
+            (conv(2, 3, 1, 0), MaxPool2d::with_options(2, 2, 0, true), &[1, 2, 8, 8]),
+            (conv(2, 3, 1, 0), MaxPool2d::with_options(2, 2, 1, false), &[1, 2, 8, 8]),
+            (conv(2, 3, 1, 0), MaxPool2d::new(2, 2), &[1, 2, 3, 8]),
+            (conv(2, 3, 1, 0), MaxPool2d::new(2, 2), &[1, 2, 8, 3]),
+            (conv(2, 3, 1, 0), MaxPool2d::new(2, 2), &[2, 8, 8]),
+        ];
+        for (i, (c, p, x)) in no.iter().enumerate() {
+            assert!(!applies(c, p, x), "case {i}: {x:?}");
+        }
+    }
+
     /// A block with random weights, Winograd on or off (`winograd4.rs`'s tests use it too).
     pub(in crate::layers) fn block<T: Float>(c: usize, oc: usize, winograd: bool) -> ConvReluPool<T> {
         let mut b = ConvReluPool::new(Conv2d::<T>::new(c, oc, (3, 3), 1, 0), MaxPool2d::new(2, 2));
