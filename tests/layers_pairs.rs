@@ -294,6 +294,48 @@ fn a_block_run_on_another_input_size_keeps_nothing_of_the_last() {
     }
 }
 
+/// What the model summary, the spec checks and `medcnn bench` read from a conv layer and a
+/// fused block: its description, its output shape (the one `forward` returns) and its
+/// operations (a multiply-add as 2: 2 N OC C KH KW OH OW, counted here from the settings).
+#[test]
+fn conv_and_fused_block_describe_their_shapes_and_operations() {
+    let cases = [
+        // (C, OC, kernel, stride, padding, input, OH, OW, description)
+        (1, 32, Hw::square(3), Hw::square(1), Hw::square(0), [2, 1, 64, 64], 62, 62, "Conv2d(1->32, k3x3, s1, p0)"),
+        (
+            3,
+            5,
+            Hw { h: 3, w: 5 },
+            Hw { h: 2, w: 1 },
+            Hw { h: 1, w: 2 },
+            [3, 3, 9, 8],
+            5,
+            8,
+            "Conv2d(3->5, k3x5, s2x1, p1x2)",
+        ),
+        (2, 4, Hw::square(5), Hw::square(2), Hw::square(2), [1, 2, 11, 10], 6, 5, "Conv2d(2->4, k5x5, s2, p2)"),
+    ];
+    for (c, oc, kernel, stride, padding, input, oh, ow, text) in cases {
+        let mut conv = Conv2d::<f64>::new(c, oc, kernel, stride, padding);
+        assert_eq!((conv.in_channels(), conv.out_channels()), (c, oc));
+        assert_eq!(Layer::<f64>::describe(&conv), text);
+        let want = [input[0], oc, oh, ow];
+        assert_eq!(conv.output_shape(&input), want, "{text}");
+        let x = Lcg(3).tensor(&input);
+        assert_eq!(conv.forward(&x, Ctx::eval()).shape(), want, "{text}: forward");
+        let ops = 2 * input[0] * oc * c * kernel.h * kernel.w * oh * ow;
+        assert_eq!(conv.flops(&input), ops as u64, "{text}");
+
+        let pool = MaxPool2d::new(2, 2);
+        let pooled = [input[0], oc, oh / 2, ow / 2];
+        let mut fused = ConvReluPool::new(conv, pool);
+        assert_eq!(fused.describe(), format!("{text} + ReLU + MaxPool2d(k2, s2, p0)"));
+        assert_eq!(fused.output_shape(&input), pooled, "{text} fused");
+        assert_eq!(fused.forward(&x, Ctx::eval()).shape(), pooled, "{text} fused: forward");
+        assert_eq!(fused.flops(&input), ops as u64, "{text} fused: the conv's operations (ReLU and pool count none)");
+    }
+}
+
 /// A seeded sweep over kernels 1..5, strides 1..3 and paddings per axis, pools of every kind
 /// (padding up to half the kernel, ceil mode or not), 1..3 channels, batches 1..3, odd and even
 /// planes: `can_fuse` says yes to each and the fused block agrees with the plain layers.
