@@ -228,6 +228,8 @@ fn fused_block_equals_conv_relu_pool() {
         ("1 channel, 3x3 p(2,1), odd planes", b(1, 5, Hw::square(3), one, Hw { h: 2, w: 1 }, pool2, [2, 1, 9, 11]), ConvAlgo::Direct),
         ("4 channels, 3x3 p(1,2), odd planes", b(4, 6, Hw::square(3), one, Hw { h: 1, w: 2 }, pool2, [3, 4, 9, 11]), ConvAlgo::Winograd),
         ("4 channels, 3x3 p2, planes 2x3", b(4, 6, Hw::square(3), one, two, pool2, [2, 4, 2, 3]), ConvAlgo::Winograd),
+        // The least a Winograd group can hold: one image of one pooling window (one tile).
+        ("one image of one pooling window", b(2, 3, Hw::square(3), one, zero, pool2, [1, 2, 4, 5]), ConvAlgo::Winograd),
     ];
     println!("\n{:<52} {:<9} {:>9} {:>9} {:>9} {:>9}", "setting", "algo", "y", "dx", "dW", "db");
     let mut failures = Vec::new();

@@ -591,6 +591,16 @@ mod tests {
     /// NaN (a phase value or col entry left unwritten shows); col2im against the direct sum of
     /// every column entry into the pixel it came from, tap after tap (the same order, so the
     /// same bits).
+    /// Images per GEMM: enough for 256 columns, at least one, at most the batch.
+    #[test]
+    fn groups_fill_256_columns_within_the_batch() {
+        assert_eq!(group_size(64, 10), 4); // 8x8 planes: 4 images, 256 columns
+        assert_eq!(group_size(100, 10), 3); // 300 columns, the fewest images past 256
+        assert_eq!(group_size(62 * 62, 10), 1); // a large plane alone
+        assert_eq!(group_size(4, 10), 10); // tiny planes: the whole batch, not 64
+        assert_eq!(group_size(4, 0), 1);
+    }
+
     #[test]
     fn im2col_and_col2im_match_their_definitions() {
         for g in geometries() {
