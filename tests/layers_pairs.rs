@@ -7,7 +7,9 @@
 //! - gradient checks (f64, every element of dx, dW and db, against central differences, <= 1e-6,
 //!   the checker of `common/grad.rs`; max-pool inputs are distinct values so no window ties);
 //! - the fused `ConvReluPool` against `Conv2d` + `Relu` + `MaxPool2d` in a row: forward output,
-//!   dx, dW and db, on fixed settings (each asserting which algorithm ran) and a seeded sweep;
+//!   dx, dW and db, on fixed settings (each asserting which algorithm ran), a seeded sweep, and
+//!   a block run on a second input size; with what both report of themselves (description,
+//!   output shape, operations) checked against their settings;
 //! - numbers produced once by PyTorch 2.15.0 (float64), the script pasted above each test:
 //!   an average pool with padding, one in ceil mode, a conv with a (2, 1) stride.
 //!

@@ -586,11 +586,6 @@ mod tests {
         1.0 + (i as f64 * 0.37).sin()
     }
 
-    /// im2col against its definition, col[(c,i,j), (oh,ow)] = x[c, oh*SH-PH+i, ow*SW-PW+j]
-    /// (0 outside the image), into a wider col (ld > L, a column offset), with scratch full of
-    /// NaN (a phase value or col entry left unwritten shows); col2im against the direct sum of
-    /// every column entry into the pixel it came from, tap after tap (the same order, so the
-    /// same bits).
     /// Images per GEMM: enough for 256 columns, at least one, at most the batch.
     #[test]
     fn groups_fill_256_columns_within_the_batch() {
@@ -601,6 +596,11 @@ mod tests {
         assert_eq!(group_size(4, 0), 1);
     }
 
+    /// im2col against its definition, col[(c,i,j), (oh,ow)] = x[c, oh*SH-PH+i, ow*SW-PW+j]
+    /// (0 outside the image), into a wider col (ld > L, a column offset), with scratch full of
+    /// NaN (a phase value or col entry left unwritten shows); col2im against the direct sum of
+    /// every column entry into the pixel it came from, tap after tap (the same order, so the
+    /// same bits).
     #[test]
     fn im2col_and_col2im_match_their_definitions() {
         for g in geometries() {
