@@ -18,6 +18,54 @@
 //! Shapes are NCHW for images and (N, features) after `Flatten`. This is the CPU path, the
 //! reference that every CUDA kernel (`kernels/*.cu`) is tested against.
 
+/// The vector builds of a fast path's portable code, written once for every fast path:
+///
+/// `vector_builds!(pub fn name / name_on = name_impl(a: A, b: B, ...));` defines
+/// - `name_on(build, a, b, ...)`: `name_impl` compiled with AVX-512F enabled, with AVX2
+///   enabled, or as it is (SSE2 on x86-64), as `build` says; the caller has checked that this CPU
+///   runs it (the tests call each build this way);
+/// - `name(a, b, ...)`: `name_on` in the widest build this CPU runs (`isa()`).
+///
+/// `name_impl` is `#[inline(always)]`, so each build gets its own copy, which the compiler
+/// vectorises 16, 8 or 4 floats wide. No FMA is enabled, so every build gives the portable
+/// code's bits (each fast path's tests check it, build by build). The type parameter is `T:
+/// Float`, named `T` in the signature.
+macro_rules! vector_builds {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident / $on:ident = $body:ident ($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<T: Float>($($arg: $ty),*) {
+            $on($crate::layers::isa(), $($arg),*)
+        }
+
+        #[doc = concat!("`", stringify!($name), "` in a given build, which the caller has checked this CPU runs.")]
+        #[allow(clippy::too_many_arguments)]
+        fn $on<T: Float>(build: $crate::layers::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx512<T: Float>($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx2<T: Float>($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            match build {
+                // SAFETY: the caller checked that the CPU has AVX-512F.
+                #[cfg(target_arch = "x86_64")]
+                $crate::layers::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: the caller checked that the CPU has AVX2.
+                #[cfg(target_arch = "x86_64")]
+                $crate::layers::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                _ => $body($($arg),*),
+            }
+        }
+    };
+}
+
 pub mod avg_pool2d;
 pub mod conv2d;
 pub mod conv_block;

@@ -35,7 +35,7 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
-use super::{Conv2d, Isa, MaxPool2d};
+use super::{Conv2d, MaxPool2d};
 use crate::tensor::{gemm, zero_vec, Float};
 
 /// Elements of a transformed tile (4x4), and so the number of GEMMs each way: xi = 4a + b.
@@ -259,72 +259,18 @@ fn forward_group_impl<T: Float>(
     transform_output(p, m, gs, b, y, arg, vals, &mut scratch.wins);
 }
 
-// The same code compiled with AVX-512 enabled, so the compiler vectorises the transforms 16
-// floats wide; no FMA is enabled, so the results are bit for bit the portable ones.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn forward_group_avx512<T: Float>(
-    p: &Plan,
-    u: &[T],
-    b: &[T],
-    xs: &[T],
-    y: &mut [T],
-    arg: &mut [u32],
-    s: &mut ForwardScratch<T>,
-) {
-    forward_group_impl(p, u, b, xs, y, arg, s)
-}
-
-// And with AVX2, 8 floats wide, for CPUs without AVX-512 (again no FMA: the same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn forward_group_avx2<T: Float>(
-    p: &Plan,
-    u: &[T],
-    b: &[T],
-    xs: &[T],
-    y: &mut [T],
-    arg: &mut [u32],
-    s: &mut ForwardScratch<T>,
-) {
-    forward_group_impl(p, u, b, xs, y, arg, s)
-}
-
-/// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
-pub fn forward_group<T: Float>(
-    p: &Plan,
-    u: &[T],
-    b: &[T],
-    xs: &[T],
-    y: &mut [T],
-    arg: &mut [u32],
-    scratch: &mut ForwardScratch<T>,
-) {
-    forward_group_on(super::isa(), p, u, b, xs, y, arg, scratch)
-}
-
-/// `forward_group` in a given build, which the caller has checked this CPU runs.
-#[allow(clippy::too_many_arguments)]
-fn forward_group_on<T: Float>(
-    build: Isa,
-    p: &Plan,
-    u: &[T],
-    b: &[T],
-    xs: &[T],
-    y: &mut [T],
-    arg: &mut [u32],
-    scratch: &mut ForwardScratch<T>,
-) {
-    match build {
-        // SAFETY: the caller checked that the CPU has AVX-512F.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { forward_group_avx512(p, u, b, xs, y, arg, scratch) },
-        // SAFETY: the caller checked that the CPU has AVX2.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { forward_group_avx2(p, u, b, xs, y, arg, scratch) },
-        _ => forward_group_impl(p, u, b, xs, y, arg, scratch),
-    }
-}
+vector_builds!(
+    /// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
+    pub fn forward_group / forward_group_on = forward_group_impl(
+        p: &Plan,
+        u: &[T],
+        b: &[T],
+        xs: &[T],
+        y: &mut [T],
+        arg: &mut [u32],
+        scratch: &mut ForwardScratch<T>,
+    )
+);
 
 // ---------------------------------------------------------------------------------------
 // Backward, by the adjoint of the same algorithm.
@@ -477,84 +423,25 @@ pub fn finish_weight_grad<T: Float>(p: &Plan, mw: &[T], dw: &mut [T]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-fn backward_group_avx512<T: Float>(
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    s: &mut [T],
-) {
-    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-fn backward_group_avx2<T: Float>(
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    s: &mut [T],
-) {
-    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
-}
-
-/// One group's backward (see `backward_group_impl`), in the widest build the CPU runs.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_group<T: Float>(
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    scratch: &mut [T],
-) {
-    backward_group_on(super::isa(), p, u, xs, dy, arg, mw, db, dx, scratch)
-}
-
-/// `backward_group` in a given build, which the caller has checked this CPU runs.
-#[allow(clippy::too_many_arguments)]
-fn backward_group_on<T: Float>(
-    build: Isa,
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    scratch: &mut [T],
-) {
-    match build {
-        // SAFETY: the caller checked that the CPU has AVX-512F.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) },
-        // SAFETY: the caller checked that the CPU has AVX2.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { backward_group_avx2(p, u, xs, dy, arg, mw, db, dx, scratch) },
-        _ => backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch),
-    }
-}
+vector_builds!(
+    /// One group's backward (see `backward_group_impl`), in the widest build the CPU runs.
+    pub fn backward_group / backward_group_on = backward_group_impl(
+        p: &Plan,
+        u: &[T],
+        xs: &[T],
+        dy: &[T],
+        arg: &[u32],
+        mw: &mut [T],
+        db: &mut [T],
+        dx: Option<&mut [T]>,
+        scratch: &mut [T],
+    )
+);
 
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::layers::Isa;
     use crate::layers::{ConvReluPool, Ctx, Layer};
     use crate::tensor::{from_vec, slice, Tensor};
 

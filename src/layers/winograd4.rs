@@ -46,7 +46,6 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::DEAD;
-use super::Isa;
 use crate::tensor::{gemm, zero_vec, Float};
 
 /// Elements of a transformed tile (6x6), and so the number of GEMMs each way: xi = 6a + b.
@@ -435,82 +434,20 @@ pub fn finish_weight_grad<T: Float>(p: &Plan, mw: &[T], dw: &mut [T]) {
     }
 }
 
-// The same code compiled with AVX-512 and with AVX2 enabled, so the compiler vectorises the
-// transforms 16 or 8 floats wide; no FMA is enabled, so the results are the portable bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-fn backward_group_avx512<T: Float>(
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    s: &mut [T],
-) {
-    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-fn backward_group_avx2<T: Float>(
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    s: &mut [T],
-) {
-    backward_group_impl(p, u, xs, dy, arg, mw, db, dx, s)
-}
-
-/// One group's backward (see `backward_group_impl`), in the widest build the CPU runs.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_group<T: Float>(
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    scratch: &mut [T],
-) {
-    backward_group_on(super::isa(), p, u, xs, dy, arg, mw, db, dx, scratch)
-}
-
-/// `backward_group` in a given build, which the caller has checked this CPU runs.
-#[allow(clippy::too_many_arguments)]
-fn backward_group_on<T: Float>(
-    build: Isa,
-    p: &Plan,
-    u: &[T],
-    xs: &[T],
-    dy: &[T],
-    arg: &[u32],
-    mw: &mut [T],
-    db: &mut [T],
-    dx: Option<&mut [T]>,
-    scratch: &mut [T],
-) {
-    match build {
-        // SAFETY: the caller checked that the CPU has AVX-512F.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { backward_group_avx512(p, u, xs, dy, arg, mw, db, dx, scratch) },
-        // SAFETY: the caller checked that the CPU has AVX2.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { backward_group_avx2(p, u, xs, dy, arg, mw, db, dx, scratch) },
-        _ => backward_group_impl(p, u, xs, dy, arg, mw, db, dx, scratch),
-    }
-}
+vector_builds!(
+    /// One group's backward (see `backward_group_impl`), in the widest build the CPU runs.
+    pub fn backward_group / backward_group_on = backward_group_impl(
+        p: &Plan,
+        u: &[T],
+        xs: &[T],
+        dy: &[T],
+        arg: &[u32],
+        mw: &mut [T],
+        db: &mut [T],
+        dx: Option<&mut [T]>,
+        scratch: &mut [T],
+    )
+);
 
 #[cfg(test)]
 mod tests {
@@ -519,6 +456,7 @@ mod tests {
         self,
         tests::{block, fill},
     };
+    use crate::layers::Isa;
     use crate::layers::{Conv2d, ConvReluPool, Ctx, Layer, MaxPool2d};
     use crate::tensor::{from_vec, slice, Tensor};
 
