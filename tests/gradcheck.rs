@@ -72,6 +72,12 @@ fn every_layer_matches_finite_differences() {
     let mut conv_groups = Conv2d::<f64>::new(2, 3, (3, 3), 1, 1);
     let mut conv_no_dx = Conv2d::<f64>::new(2, 3, (5, 5), 2, 2);
     conv_no_dx.input_grad = false;
+    // These two by im2col + GEMM; the same shapes otherwise take Winograd (`winograd_conv.rs`),
+    // checked below on planes of odd and even size, with and without dx.
+    (conv_s1.winograd, conv_groups.winograd) = (false, false);
+    let mut wino_conv = Conv2d::<f64>::new(3, 2, (3, 3), 1, 1);
+    let mut wino_conv_no_dx = Conv2d::<f64>::new(2, 3, (3, 3), 1, (0, 1));
+    wino_conv_no_dx.input_grad = false;
     let mut linear = Linear::<f64>::new(7, 5);
     let mut fused = ConvReluPool::new(Conv2d::<f64>::new(2, 3, (3, 3), 1, 1), MaxPool2d::new(2, 2));
     let mut fused_s2 = ConvReluPool::new(Conv2d::<f64>::new(2, 2, (3, 3), 2, 1), MaxPool2d::new(3, 2));
@@ -96,6 +102,8 @@ fn every_layer_matches_finite_differences() {
         &mut winograd_no_dx,
         &mut gemm_no_dx,
         &mut winograd_f2,
+        &mut wino_conv,
+        &mut wino_conv_no_dx,
     ] {
         for p in l.params_mut() {
             p.value = direct_rng.tensor(p.value.shape());
@@ -140,6 +148,8 @@ fn every_layer_matches_finite_differences() {
         ("ConvReluPool 2->3 k3 Winograd, F(4x4), no dx", Box::new(winograd_no_dx), direct_rng.tensor(&[3, 2, 10, 11])),
         ("ConvReluPool 2->3 k3 p1 GEMM, no dx", Box::new(gemm_no_dx), direct_rng.tensor(&[3, 2, 7, 6])),
         ("ConvReluPool 3->2 k3 Winograd, F(2x2) bwd", Box::new(winograd_f2), direct_rng.tensor(&[2, 3, 8, 8])),
+        ("Conv2d 3->2 k3 p1 by Winograd, 5x6 plane", Box::new(wino_conv), direct_rng.tensor(&[2, 3, 5, 6])),
+        ("Conv2d 2->3 k3 p(0,1) by Winograd, no dx", Box::new(wino_conv_no_dx), direct_rng.tensor(&[3, 2, 6, 5])),
     ];
 
     println!(

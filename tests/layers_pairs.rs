@@ -163,6 +163,7 @@ fn fused_vs_plain(b: &Block, fast: bool, seed: u64) -> (ConvAlgo, [f64; 4]) {
 fn fused_vs_plain_after(b: &Block, fast: bool, seed: u64, before: Option<[usize; 4]>) -> (ConvAlgo, [f64; 4]) {
     let mut rng = Lcg(seed);
     let mut conv = Conv2d::<f64>::new(b.c, b.oc, b.kernel, b.stride, b.padding);
+    conv.winograd = false; // the reference: the three layers in a row, by im2col + GEMM
     randomize(&mut conv, &mut rng);
     let mut twin = Conv2d::<f64>::new(b.c, b.oc, b.kernel, b.stride, b.padding);
     twin.weight.value = conv.weight.value.clone();

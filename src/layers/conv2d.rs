@@ -25,7 +25,7 @@
 
 use rayon::prelude::*;
 
-use super::{batch_ranges, nchw, out_len, split_by_ranges, Ctx, Hw, Layer, Param};
+use super::{batch_ranges, nchw, out_len, split_by_ranges, winograd_conv, Ctx, Hw, Layer, Param};
 use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
 
 /// The sizes of one convolution, shared by im2col, col2im and the layer: input (C, H, W),
@@ -66,6 +66,70 @@ impl ConvGeometry {
     /// Columns of col: L = OH*OW.
     pub fn l(&self) -> usize {
         self.oh * self.ow
+    }
+}
+
+/// What a fast path (`direct_conv.rs`, `winograd.rs`, `winograd_conv.rs`) reads for a padded
+/// conv: the same conv, unpadded, on the images with their zero border written out,
+/// x_p[c, i + PH, j + PW] = x[c, i, j] in planes of (HP, WP), zero elsewhere. Both give the
+/// same conv plane. HP >= H + 2PH and WP >= W + 2PW: a path whose tiles need an even output
+/// asks for one more zero row or column, whose outputs nobody reads. Backward, the border's
+/// gradient belongs to constants and is dropped (`crop_add`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Padded {
+    /// The conv as written, on the images as they are.
+    g: ConvGeometry,
+    hp: usize,
+    wp: usize,
+}
+
+impl Padded {
+    /// Planes of exactly (H + 2PH, W + 2PW).
+    pub fn new(g: &ConvGeometry) -> Self {
+        Padded { g: *g, hp: g.h + 2 * g.ph, wp: g.w + 2 * g.pw }
+    }
+    /// Planes of (HP, WP), at least the padded size.
+    pub fn with_size(g: &ConvGeometry, hp: usize, wp: usize) -> Self {
+        assert!(hp >= g.h + 2 * g.ph && wp >= g.w + 2 * g.pw, "Padded: {hp}x{wp} is smaller than the padded input");
+        Padded { g: *g, hp, wp }
+    }
+    /// Whether the fast path needs the copy at all (it does not for the images as they are).
+    pub fn copies(&self) -> bool {
+        (self.hp, self.wp) != (self.g.h, self.g.w)
+    }
+    /// The unpadded conv on the padded planes: input (C, HP, WP), the same kernel and stride.
+    pub fn geometry(&self) -> ConvGeometry {
+        let g = &self.g;
+        ConvGeometry::with_hw(g.c, self.hp, self.wp, Hw { h: g.kh, w: g.kw }, Hw { h: g.sh, w: g.sw }, Hw::square(0))
+    }
+    /// What the fast path reads: x itself where no copy is needed (`buf` emptied), else `buf`
+    /// filled with the padded planes of x (reusing its allocation).
+    pub fn input<'a, T: Float>(&self, x: &'a [T], buf: &'a mut Vec<T>) -> &'a [T] {
+        if !self.copies() {
+            buf.clear();
+            return x;
+        }
+        let (g, wp) = (&self.g, self.wp);
+        buf.resize(x.len() / (g.h * g.w) * self.hp * wp, T::zero());
+        buf.par_chunks_mut(self.hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(p, xp)| {
+            p[..g.ph * wp].fill(T::zero());
+            p[(g.ph + g.h) * wp..].fill(T::zero());
+            for (row, xrow) in p[g.ph * wp..].chunks_exact_mut(wp).zip(xp.chunks_exact(g.w)) {
+                row[..g.pw].fill(T::zero());
+                row[g.pw..g.pw + g.w].copy_from_slice(xrow);
+                row[g.pw + g.w..].fill(T::zero());
+            }
+        });
+        buf
+    }
+    /// dx (planes, H, W) += the interior of dx_p (planes, HP, WP): the adjoint of `input`.
+    pub fn crop_add<T: Float>(&self, dxp: &[T], dx: &mut [T]) {
+        let g = &self.g;
+        for (d, p) in dx.chunks_exact_mut(g.h * g.w).zip(dxp.chunks_exact(self.hp * self.wp)) {
+            for (drow, prow) in d.chunks_exact_mut(g.w).zip(p[g.ph * self.wp..].chunks_exact(self.wp)) {
+                drow.iter_mut().zip(&prow[g.pw..g.pw + g.w]).for_each(|(a, b)| *a += *b);
+            }
+        }
     }
 }
 
@@ -349,6 +413,9 @@ pub fn conv_forward_group<T: Float>(
     }
 }
 
+/// Each thread range's (dW, db) of a conv backward, in range order (`Conv2d::add_range_sums`).
+pub(crate) type RangeSums<T> = Vec<(Vec<T>, Vec<T>)>;
+
 pub struct Conv2d<T: Float> {
     in_channels: usize,
     out_channels: usize,
@@ -366,12 +433,19 @@ pub struct Conv2d<T: Float> {
     /// gradient of the images, and it is the most expensive GEMM of its backward); backward
     /// then returns an empty (0, C, H, W) tensor. Explain's models keep it on (saliency).
     pub input_grad: bool,
+    /// Run a 3x3 stride-1 conv of several channels by Winograd F(2x2, 3x3)
+    /// (`winograd_conv.rs`) instead of im2col + GEMM. On by default; tests turn it off to
+    /// compare the two paths.
+    pub winograd: bool,
+    /// On the Winograd path: the last forward's input with its zero border written out, kept
+    /// for the backward (empty where the input needs no border).
+    padded: Vec<T>,
 }
 
 impl<T: Float> Conv2d<T> {
     /// grad(W) += dW, grad(b) += db for each range's (dW, db), in range order: the same sum for
     /// a given thread count, whichever thread finished first. Every conv backward ends here.
-    pub(crate) fn add_range_sums(&mut self, partials: Vec<(Vec<T>, Vec<T>)>) {
+    pub(crate) fn add_range_sums(&mut self, partials: RangeSums<T>) {
         let gw = slice_mut(&mut self.weight.grad);
         let gb = slice_mut(&mut self.bias.grad);
         for (dw, db) in partials {
@@ -403,6 +477,8 @@ impl<T: Float> Conv2d<T> {
             bias: Param::new(zeros(&[out_channels])),
             x: None,
             input_grad: true,
+            winograd: true,
+            padded: Vec::new(),
         }
     }
 
@@ -423,6 +499,11 @@ impl<T: Float> Conv2d<T> {
     /// (PH, PW), zeros added on each side.
     pub fn padding(&self) -> Hw {
         self.padding
+    }
+
+    /// Whether an input of this shape runs the Winograd path (forward and backward both ask).
+    fn runs_winograd(&self, input: &[usize]) -> bool {
+        self.winograd && winograd_conv::applies(self, input)
     }
 
     pub fn geometry(&self, input: &[usize]) -> ConvGeometry {
@@ -462,10 +543,15 @@ impl<T: Float> Layer<T> for Conv2d<T> {
     fn forward_owned(&mut self, x: Tensor<T>, _ctx: Ctx) -> Tensor<T> {
         let (n, c, h, w) = nchw("Conv2d", &x);
         let g = self.geometry(x.shape());
+        let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
+        if self.runs_winograd(x.shape()) {
+            let y = winograd_conv::forward(&g, wt, b, slice(&x), n, &mut self.padded);
+            self.x = Some(x);
+            return y;
+        }
         let (oc, k, l) = (self.out_channels, g.k(), g.l());
         let gsize = group_size(l, n);
         let mut y = zeros(&[n, oc, g.oh, g.ow]);
-        let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
         // One group of images per task; each task keeps its own col and GEMM-output buffers.
         slice_mut(&mut y).par_chunks_mut(gsize * oc * l).zip(slice(&x).par_chunks(gsize * c * h * w)).for_each_init(
             || (zero_vec(k * gsize * l), zero_vec(if gsize > 1 { oc * gsize * l } else { 0 }), Vec::new()),
@@ -483,6 +569,11 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         assert_eq!(dy.shape(), &[n, oc, g.oh, g.ow], "Conv2d: dy shape");
         let wt = slice(&self.weight.value);
         let input_grad = self.input_grad;
+        if self.runs_winograd(x.shape()) {
+            let (dx, partials) = winograd_conv::backward(&g, wt, oc, slice(x), &self.padded, slice(dy), n, input_grad);
+            self.add_range_sums(partials);
+            return dx;
+        }
         let img = c * h * w;
         let mut dx = zeros(&[if input_grad { n } else { 0 }, c, h, w]);
         let gsize = group_size(l, n);

@@ -32,11 +32,11 @@
 //! `Conv2d(c, 3, padding=1)`) is the same conv, unpadded, on the input with its zero border
 //! written out, x_p (C, H + 2PH, W + 2PW) with x_p[c, i + PH, j + PW] = x[c, i, j]: both give
 //! the same conv plane, so the same winners. Backward, the border's gradient belongs to
-//! constants and is dropped: dx[c, i, j] = dx_p[c, i + PH, j + PW] (`pad_images`, `crop_add`).
+//! constants and is dropped: dx[c, i, j] = dx_p[c, i + PH, j + PW] (`conv2d::Padded`).
 
 use rayon::prelude::*;
 
-use super::conv2d::{col2im, group_size, im2col_group, ConvGeometry};
+use super::conv2d::{col2im, group_size, im2col_group, ConvGeometry, Padded};
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Hw, Layer, MaxPool2d, Param};
 use super::{direct_conv, winograd, winograd4};
 use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
@@ -209,9 +209,10 @@ impl<T: Float> ConvReluPool<T> {
         let algo = self.algo(x.shape());
         // The fast paths read an unpadded conv: a padded one reads the padded images instead.
         let mut padded = std::mem::take(&mut self.padded);
+        let frame = Padded::new(&g);
         let (gf, xf) = match algo {
             ConvAlgo::Gemm => (g, slice(x)),
-            _ => fast_input(&g, slice(x), &mut padded),
+            _ => (frame.geometry(), frame.input(slice(x), &mut padded)),
         };
         let (wt, b, pool) = (slice(&self.conv.weight.value), slice(&self.conv.bias.value), &self.pool);
         let out = oc * ph * pw;
@@ -272,56 +273,6 @@ impl<T: Float> ConvReluPool<T> {
         self.argmax = argmax;
         self.padded = padded;
         y
-    }
-}
-
-/// What a fast path reads for input x (N, C, H, W): an unpadded conv reads x itself; a padded
-/// one reads `buf`, filled with the padded images (`pad_images`), under the unpadded geometry
-/// of their size.
-fn fast_input<'a, T: Float>(g: &ConvGeometry, x: &'a [T], buf: &'a mut Vec<T>) -> (ConvGeometry, &'a [T]) {
-    if (g.ph, g.pw) == (0, 0) {
-        buf.clear();
-        return (*g, x);
-    }
-    let gp = padded_geometry(g);
-    pad_images(g, x, buf);
-    (gp, &buf[..])
-}
-
-/// The unpadded geometry of the padded images: input (C, H + 2PH, W + 2PW), same kernel and
-/// stride, no padding; its output plane (OH, OW) is the padded conv's.
-fn padded_geometry(g: &ConvGeometry) -> ConvGeometry {
-    let (h, w) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
-    let gp = ConvGeometry::with_hw(g.c, h, w, Hw { h: g.kh, w: g.kw }, Hw { h: g.sh, w: g.sw }, Hw::square(0));
-    debug_assert_eq!((gp.oh, gp.ow), (g.oh, g.ow));
-    gp
-}
-
-/// buf = x (N, C, H, W) with a zero border of PH rows and PW columns on each side:
-/// buf[n, c, i + PH, j + PW] = x[n, c, i, j], zero elsewhere. Reuses buf's allocation.
-fn pad_images<T: Float>(g: &ConvGeometry, x: &[T], buf: &mut Vec<T>) {
-    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
-    let planes = x.len() / (g.h * g.w);
-    buf.resize(planes * hp * wp, T::zero());
-    buf.par_chunks_mut(hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(p, xp)| {
-        p[..g.ph * wp].fill(T::zero());
-        p[(g.ph + g.h) * wp..].fill(T::zero());
-        for (row, xrow) in p[g.ph * wp..].chunks_exact_mut(wp).zip(xp.chunks_exact(g.w)) {
-            row[..g.pw].fill(T::zero());
-            row[g.pw..g.pw + g.w].copy_from_slice(xrow);
-            row[g.pw + g.w..].fill(T::zero());
-        }
-    });
-}
-
-/// dx (planes, H, W) += the interior of dx_p (planes, H + 2PH, W + 2PW), the adjoint of
-/// `pad_images` (the border's gradient is dropped: it belongs to the constant zeros).
-fn crop_add<T: Float>(g: &ConvGeometry, dxp: &[T], dx: &mut [T]) {
-    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
-    for (d, p) in dx.chunks_exact_mut(g.h * g.w).zip(dxp.chunks_exact(hp * wp)) {
-        for (drow, prow) in d.chunks_exact_mut(g.w).zip(p[g.ph * wp..].chunks_exact(wp)) {
-            drow.iter_mut().zip(&prow[g.pw..g.pw + g.w]).for_each(|(a, b)| *a += *b);
-        }
     }
 }
 
@@ -465,8 +416,9 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         // Each fast path's plan only where it runs (a plan of another shape may not exist:
         // Winograd's needs at least one 2x2 tile).
         // The fast paths read what their forward read: the padded images for a padded conv.
-        let padded = algo != ConvAlgo::Gemm && (g.ph, g.pw) != (0, 0);
-        let (gf, xf) = if padded { (padded_geometry(&g), &self.padded[..]) } else { (g, xs) };
+        let frame = Padded::new(&g);
+        let padded = algo != ConvAlgo::Gemm && frame.copies();
+        let (gf, xf) = if padded { (frame.geometry(), &self.padded[..]) } else { (g, xs) };
         assert_eq!(xf.len(), n * c * gf.h * gf.w, "ConvReluPool: the forward did not keep the padded images");
         let imgf = c * gf.h * gf.w;
         let wplan = (algo == ConvAlgo::Winograd).then(|| WinogradBackward::new(&gf, wt, oc, n));
@@ -504,7 +456,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                         };
                         wplan.backward_group(xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
                         if input_grad && padded {
-                            crop_add(&g, &dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
+                            frame.crop_add(&dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
                         }
                         first += gs;
                     }

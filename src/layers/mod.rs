@@ -78,6 +78,7 @@ pub mod max_pool2d;
 pub mod relu;
 pub mod winograd;
 pub mod winograd4;
+pub mod winograd_conv;
 
 pub use avg_pool2d::{AvgPool2d, GlobalAvgPool2d};
 pub use conv2d::Conv2d;

@@ -52,11 +52,11 @@ pub fn applies<T: Float>(conv: &Conv2d<T>, pool: &MaxPool2d, input: &[usize]) ->
 pub struct Plan {
     pub c: usize,
     pub oc: usize,
-    h: usize,
-    w: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
     ow: usize,
-    ph: usize,
-    pw: usize,
+    pub(super) ph: usize,
+    pub(super) pw: usize,
     /// Images per group: enough that each GEMM has at least 256 columns (tiles), but no more
     /// than each thread's share of the batch (the last block has only 4 tiles per image).
     pub group: usize,
@@ -128,7 +128,7 @@ pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
 /// of every tile row i are re[t], ro[t], re[t + PW], ro[t + PW] with t = i*PW + j. Then B^T
 /// along the columns is four contiguous runs over all T tiles at once.
 #[inline(always)]
-fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usize, rows: &mut [T]) {
+pub(super) fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usize, rows: &mut [T]) {
     let (pw, t) = (p.pw, p.tiles());
     let half = (p.ph + 1) * pw; // one b of re or ro
     let (re, ro) = rows[..8 * half].split_at_mut(4 * half);
@@ -167,6 +167,39 @@ fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usiz
     }
 }
 
+/// The 2x2 conv outputs of tile k, + bias, from s[xi] = M[xi] of one filter as runs over the
+/// tiles: u = A^T M (2x4), then u A. In the order c00, c01, c10, c11.
+#[inline(always)]
+pub(super) fn tile_outputs<T: Float>(s: &[&[T]; 16], k: usize, bias: T) -> [T; 4] {
+    let u0 = [
+        s[0][k] + s[4][k] + s[8][k],
+        s[1][k] + s[5][k] + s[9][k],
+        s[2][k] + s[6][k] + s[10][k],
+        s[3][k] + s[7][k] + s[11][k],
+    ];
+    let u1 = [
+        s[4][k] - s[8][k] - s[12][k],
+        s[5][k] - s[9][k] - s[13][k],
+        s[6][k] - s[10][k] - s[14][k],
+        s[7][k] - s[11][k] - s[15][k],
+    ];
+    [
+        u0[0] + u0[1] + u0[2] + bias,
+        u0[1] - u0[2] - u0[3] + bias,
+        u1[0] + u1[1] + u1[2] + bias,
+        u1[1] - u1[2] - u1[3] + bias,
+    ]
+}
+
+/// M[xi] (OC, n) = U[xi] (OC, C) V[xi] (C, n) for the 16 xi: the products of a forward.
+#[inline(always)]
+pub(super) fn multiply<T: Float>(p: &Plan, u: &[T], v: &[T], n: usize, m: &mut [T]) {
+    for xi in 0..16 {
+        let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
+        gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
+    }
+}
+
 /// y (G, OC, PH, PW) and winners for a group of G images, from M (16, OC, G*T): A^T M A per
 /// tile, + bias, then pool and ReLU exactly as `conv_block.rs` does (candidates in row-major
 /// order, a later one wins only if `!(v <= best)`, dead if the best is <= 0). Each filter's
@@ -194,23 +227,7 @@ fn transform_output<T: Float>(
         let s: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * n..][..n]);
         let bias = b[o];
         for k in 0..n {
-            // u = A^T s (2x4), then the 2x2 outputs u A.
-            let u0 = [
-                s[0][k] + s[4][k] + s[8][k],
-                s[1][k] + s[5][k] + s[9][k],
-                s[2][k] + s[6][k] + s[10][k],
-                s[3][k] + s[7][k] + s[11][k],
-            ];
-            let u1 = [
-                s[4][k] - s[8][k] - s[12][k],
-                s[5][k] - s[9][k] - s[13][k],
-                s[6][k] - s[10][k] - s[14][k],
-                s[7][k] - s[11][k] - s[15][k],
-            ];
-            let c00 = u0[0] + u0[1] + u0[2] + bias;
-            let c01 = u0[1] - u0[2] - u0[3] + bias;
-            let c10 = u1[0] + u1[1] + u1[2] + bias;
-            let c11 = u1[1] - u1[2] - u1[3] + bias;
+            let [c00, c01, c10, c11] = tile_outputs(&s, k, bias);
             let (mut best, mut off) = (c00, offs[0]);
             for (v, d) in [(c01, offs[1]), (c10, offs[2]), (c11, offs[3])] {
                 let take = !(v <= best);
@@ -252,10 +269,7 @@ fn forward_group_impl<T: Float>(
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    for xi in 0..16 {
-        let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
-        gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
-    }
+    multiply(p, u, v, n, m);
     transform_output(p, m, gs, b, y, arg, vals, &mut scratch.wins);
 }
 
@@ -330,8 +344,8 @@ fn backward_group_impl<T: Float>(
     let (ss, rest) = rest.split_at_mut(n);
     let (dd, da) = rest.split_at_mut(n);
     let acol = A_COL.map(|col| col.map(|v| T::f(v as f64)));
-    // Tile k's top-left conv position 2i*OW + 2j, and its top-left pixel 2i*W + 2j.
-    let (corner, origin) = (&p.corner[..t], &p.origin[..t]);
+    // Tile k's top-left conv position 2i*OW + 2j.
+    let corner = &p.corner[..t];
     for o in 0..p.oc {
         for i in 0..gs {
             let (dyr, ar) = (&dy[i * out + o * t..][..t], &arg[i * out + o * t..][..t]);
@@ -362,12 +376,34 @@ fn backward_group_impl<T: Float>(
             }
         }
     }
+    grads_from_z(p, u, v, z, gs, mw, dx, md);
+}
+
+/// The part of a group's backward that follows Z (16, OC, n), whatever made it (the pooled
+/// block's winners here, a plain conv's output gradient in `winograd_conv.rs`): Mw (16, OC, C)
+/// += Z V^T, and, when `dx` is given, Md = U^T Z into `md` (16, C, n) and dx (gs, C, H, W) +=
+/// B Md B^T per tile. V (16, C, n) is the group's input transform.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn grads_from_z<T: Float>(
+    p: &Plan,
+    u: &[T],
+    v: &[T],
+    z: &[T],
+    gs: usize,
+    mw: &mut [T],
+    dx: Option<&mut [T]>,
+    md: &mut [T],
+) {
+    let (img, t) = (p.c * p.h * p.w, p.tiles());
+    let n = gs * t;
     for xi in 0..16 {
         let (zk, vk) = (&z[xi * p.oc * n..][..p.oc * n], &v[xi * p.c * n..][..p.c * n]);
         let mwk = &mut mw[xi * p.oc * p.c..][..p.oc * p.c];
         gemm(false, true, p.oc, p.c, n, T::one(), zk, vk, T::one(), mwk); // Mw[xi] += Z[xi] V[xi]^T
     }
     let Some(dx) = dx else { return };
+    let origin = &p.origin[..t]; // tile k's top-left pixel 2i*W + 2j
     for xi in 0..16 {
         let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
