@@ -138,12 +138,15 @@ pub(super) fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usiz
             let xr = &xc[r * p.w..][..2 * pw + 2];
             let dst = if r % 2 == 0 { &mut *re } else { &mut *ro };
             let row = (r / 2) * pw;
-            for j in 0..pw {
-                let (d0, d1, d2, d3) = (xr[2 * j], xr[2 * j + 1], xr[2 * j + 2], xr[2 * j + 3]);
-                dst[row + j] = d0 - d2;
-                dst[half + row + j] = d1 + d2;
-                dst[2 * half + row + j] = d2 - d1;
-                dst[3 * half + row + j] = d1 - d3;
+            let (r0, rest) = dst[row..].split_at_mut(half);
+            let (r1, rest) = rest.split_at_mut(half);
+            let (r2, r3) = rest.split_at_mut(half);
+            // Iterators rather than indices: no bounds check per element (a row has PW < 16
+            // tiles in the reference, too few for a vector loop, so this runs as scalar code).
+            let outs = r0[..pw].iter_mut().zip(&mut r1[..pw]).zip(r2[..pw].iter_mut().zip(&mut r3[..pw]));
+            for (((o0, o1), (o2, o3)), (a, b)) in outs.zip(xr.chunks_exact(2).zip(xr[2..].chunks_exact(2))) {
+                let (d0, d1, d2, d3) = (a[0], a[1], b[0], b[1]);
+                (*o0, *o1, *o2, *o3) = (d0 - d2, d1 + d2, d2 - d1, d1 - d3);
             }
         }
         for b in 0..4 {
