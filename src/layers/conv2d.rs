@@ -26,7 +26,7 @@
 use rayon::prelude::*;
 
 use super::{batch_ranges, nchw, out_len, split_by_ranges, winograd_conv, Ctx, Hw, Layer, Param};
-use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
+use crate::tensor::{gemm, slice, slice_mut, sum, zero_vec, zeros, Float, Tensor};
 
 /// The sizes of one convolution, shared by im2col, col2im and the layer: input (C, H, W),
 /// kernel (KH, KW), vertical and horizontal stride (SH, SW) and padding (PH, PW), output (OH, OW).
@@ -611,7 +611,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                     };
                     // db += row sums of dY
                     for (d, row) in db.iter_mut().zip(dcg.chunks_exact(ld)) {
-                        *d += row.iter().fold(T::zero(), |s, &v| s + v);
+                        *d += sum(row);
                     }
                     // dW += dY col^T
                     im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col[..k * ld], &mut phases);

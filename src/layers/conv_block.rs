@@ -336,7 +336,7 @@ fn relu_pool_plane<T: Float>(p: &MaxPool2d, g: &ConvGeometry, c: &[T], y: &mut [
 /// The sum of the pooled gradients `dy` whose window is alive (winner not `DEAD`), in eight
 /// interleaved partial sums (a fixed order, so still deterministic) that the compiler can keep
 /// in vector registers instead of one long chain of dependent adds.
-fn sum_live<T: Float>(dy: &[T], arg: &[u32]) -> T {
+pub(crate) fn sum_live<T: Float>(dy: &[T], arg: &[u32]) -> T {
     let mut acc = [T::zero(); 8];
     let (dy8, arg8) = (dy.chunks_exact(8), arg.chunks_exact(8));
     let tail = dy8.remainder().iter().zip(arg8.remainder());

@@ -36,7 +36,7 @@
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
 use super::{Conv2d, MaxPool2d};
-use crate::tensor::{gemm, zero_vec, Float};
+use crate::tensor::{gemm, sum, zero_vec, Float};
 
 /// Elements of a transformed tile (4x4), and so the number of GEMMs each way: xi = 4a + b.
 pub const XI: usize = 16;
@@ -362,7 +362,7 @@ fn backward_group_impl<T: Float>(
                 ss[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
                 dd[k] = if live { dyr[k] } else { T::zero() };
             }
-            db[o] += dd.iter().fold(T::zero(), |s, &v| s + v); // the live windows' dy
+            db[o] += sum(dd); // the live windows' dy
         }
         for a in 0..4 {
             let (a0, a1) = (acol[0][a], acol[1][a]);

@@ -45,7 +45,7 @@
 //! contiguous runs over all tiles; Z and dd as runs over the group's tiles.
 
 use super::conv2d::ConvGeometry;
-use super::conv_block::DEAD;
+use super::conv_block::{sum_live, DEAD};
 use crate::tensor::{gemm, zero_vec, Float};
 
 /// Elements of a transformed tile (6x6), and so the number of GEMMs each way: xi = 6a + b.
@@ -308,8 +308,7 @@ fn backward_group_impl<T: Float>(
                     dd[k] = if live { dyr[q] } else { T::zero() };
                 }
             }
-            // The live windows' dy, in the pooled plane's order.
-            db[o] += dyr.iter().zip(ar).fold(T::zero(), |s, (&d, &a)| if a != DEAD { s + d } else { s });
+            db[o] += sum_live(dyr, ar); // the live windows' dy
         }
         for r in 0..4 {
             for s in 0..4 {

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::conv2d::{ConvGeometry, Padded, RangeSums};
 use super::winograd::{backward_scratch, grads_from_z, multiply, tile_outputs, transform_input, Plan};
 use super::{batch_ranges, split_by_ranges, Conv2d, Hw};
-use crate::tensor::{zero_vec, zeros, Float, Tensor};
+use crate::tensor::{sum, zero_vec, zeros, Float, Tensor};
 
 /// Whether `Conv2d` runs this path for input shape (N, C, H, W): a 3x3, stride-1 conv (any
 /// padding) of several input channels (one channel would make every product one wide), with a
@@ -178,7 +178,7 @@ fn backward_group_impl<T: Float>(
     for o in 0..p.oc {
         for g in 0..gs {
             let dyo = &dy[(g * p.oc + o) * plane..][..plane];
-            db[o] += dyo.iter().fold(T::zero(), |s, &v| s + v);
+            db[o] += sum(dyo);
             for i in 0..p.ph {
                 let at = g * t + i * p.pw;
                 for (r, left, right) in [(2 * i, &mut *d0, &mut *d1), (2 * i + 1, &mut *d2, &mut *d3)] {
