@@ -24,7 +24,7 @@
 use rayon::prelude::*;
 
 use super::{nchw, window_out_hw, Ctx, Hw, Layer};
-use crate::tensor::{slice, slice_mut, zeros, Float, Tensor};
+use crate::tensor::{slice, slice_mut, sum, zeros, Float, Tensor};
 
 pub struct AvgPool2d {
     kernel: Hw,
@@ -201,7 +201,7 @@ impl<T: Float> Layer<T> for GlobalAvgPool2d {
     fn forward(&mut self, x: &Tensor<T>, _ctx: Ctx) -> Tensor<T> {
         let (n, c, h, w) = nchw("GlobalAvgPool2d", x);
         let scale = T::one() / T::f((h * w) as f64);
-        let y: Vec<T> = slice(x).chunks_exact(h * w).map(|p| p.iter().fold(T::zero(), |s, &v| s + v) * scale).collect();
+        let y: Vec<T> = slice(x).chunks_exact(h * w).map(|p| sum(p) * scale).collect();
         self.input_shape = x.shape().to_vec();
         crate::tensor::from_vec(&[n, c, 1, 1], y)
     }
