@@ -141,6 +141,8 @@ pub struct ConvReluPool<T: Float> {
     /// A padded conv on a fast path: the last forward's input with its zero border written
     /// out (see the module docs); empty otherwise. Kept, buffer and all, for the backward.
     padded: Vec<T>,
+    /// The Winograd forward's scratch, one per thread range, kept from step to step.
+    scratch: Vec<winograd::ForwardScratch<T>>,
 }
 
 impl<T: Float> ConvReluPool<T> {
@@ -156,6 +158,7 @@ impl<T: Float> ConvReluPool<T> {
             x: None,
             argmax: Vec::new(),
             padded: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -231,17 +234,22 @@ impl<T: Float> ConvReluPool<T> {
                     );
             }
             ConvAlgo::Winograd => {
-                // F(2x2, 3x3) Winograd, one group of images per task (see `winograd.rs`).
+                // F(2x2, 3x3) Winograd (see `winograd.rs`): a fixed range of images per thread,
+                // a group at a time, in the scratch that thread's range kept from the last step.
                 let plan = winograd::Plan::new(&gf, oc, n);
                 let u = winograd::transform_weights(&plan, wt);
-                slice_mut(&mut y)
-                    .par_chunks_mut(plan.group * out)
-                    .zip(argmax.par_chunks_mut(plan.group * out))
-                    .zip(xf.par_chunks(plan.group * imgf))
-                    .for_each_init(
-                        || plan.forward_scratch(),
-                        |scratch, ((yg, ag), xg)| winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch),
-                    );
+                let ranges = batch_ranges(n, rayon::current_num_threads());
+                self.scratch.resize_with(ranges.len(), Default::default);
+                let ys = split_by_ranges(slice_mut(&mut y), &ranges, out);
+                let args = split_by_ranges(&mut argmax, &ranges, out);
+                ranges.par_iter().zip(ys).zip(args).zip(&mut self.scratch).for_each(|(((r, yr), ar), scratch)| {
+                    plan.fit_forward_scratch(scratch);
+                    let xr = &xf[r.start * imgf..r.end * imgf];
+                    let chunks = yr.chunks_mut(plan.group * out).zip(ar.chunks_mut(plan.group * out));
+                    for ((yg, ag), xg) in chunks.zip(xr.chunks(plan.group * imgf)) {
+                        winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch);
+                    }
+                });
             }
             ConvAlgo::Gemm => {
                 // One group of images per task: conv (OC, G*L) = W col + b, then ReLU + pool per plane.

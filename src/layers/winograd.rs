@@ -82,15 +82,27 @@ impl Plan {
     /// channel's row transform (2 parities, 4, PH+1, PW) as floats, and one filter's pooled
     /// values and winners over the group's G*T tiles before they go to their images.
     pub fn forward_scratch<T: Float>(&self) -> ForwardScratch<T> {
+        let mut s = ForwardScratch::default();
+        self.fit_forward_scratch(&mut s);
+        s
+    }
+    /// Grows `s` to this plan's `forward_scratch` size where it is smaller (a layer keeps one
+    /// per thread from step to step: no allocation and no zeroing once it fits). What it held
+    /// stays: every group writes each float and winner before it reads it.
+    pub fn fit_forward_scratch<T: Float>(&self, s: &mut ForwardScratch<T>) {
         let n = self.group * self.tiles();
-        ForwardScratch {
-            floats: zero_vec(16 * (self.c + self.oc) * n + 8 * (self.ph + 1) * self.pw + n),
-            wins: vec![0; n],
+        let floats = 16 * (self.c + self.oc) * n + 8 * (self.ph + 1) * self.pw + n;
+        if s.floats.len() < floats {
+            s.floats = zero_vec(floats);
+        }
+        if s.wins.len() < n {
+            s.wins = vec![0; n];
         }
     }
 }
 
 /// See `Plan::forward_scratch`.
+#[derive(Default)]
 pub struct ForwardScratch<T> {
     floats: Vec<T>,
     wins: Vec<u32>,
