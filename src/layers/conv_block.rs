@@ -141,8 +141,10 @@ pub struct ConvReluPool<T: Float> {
     /// A padded conv on a fast path: the last forward's input with its zero border written
     /// out (see the module docs); empty otherwise. Kept, buffer and all, for the backward.
     padded: Vec<T>,
-    /// The Winograd forward's scratch, one per thread range, kept from step to step.
+    /// The Winograd forward's and backward's scratch, one per thread range, kept from step to
+    /// step (no allocation or zeroing once they fit).
     scratch: Vec<winograd::ForwardScratch<T>>,
+    back_scratch: Vec<Vec<T>>,
 }
 
 impl<T: Float> ConvReluPool<T> {
@@ -159,6 +161,7 @@ impl<T: Float> ConvReluPool<T> {
             argmax: Vec::new(),
             padded: Vec::new(),
             scratch: Vec::new(),
+            back_scratch: Vec::new(),
         }
     }
 
@@ -431,17 +434,22 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let imgf = c * gf.h * gf.w;
         let wplan = (algo == ConvAlgo::Winograd).then(|| WinogradBackward::new(&gf, wt, oc, n));
         let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&gf));
+        self.back_scratch.resize_with(ranges.len(), Vec::new);
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
             .zip(dx_parts)
-            .map(|(r, dx_part)| {
+            .zip(&mut self.back_scratch)
+            .map(|((r, dx_part), scratch)| {
                 let mut dw = zero_vec(oc * k);
                 let mut db = zero_vec(oc);
                 if let Some(wplan) = &wplan {
                     // By the adjoint of a Winograd forward (`winograd.rs`, or on large maps
-                    // `winograd4.rs`: see `WinogradBackward`), a group at a time.
+                    // `winograd4.rs`: see `WinogradBackward`), a group at a time, in the scratch
+                    // this thread's range kept (each group writes every float before reading it).
                     let mut mw = zero_vec(wplan.xi() * oc * c);
-                    let mut scratch = zero_vec(wplan.scratch());
+                    if scratch.len() < wplan.scratch() {
+                        *scratch = zero_vec(wplan.scratch());
+                    }
                     // A padded conv's dx comes back padded, then loses its border (`crop_add`).
                     let mut dxp = zero_vec(if padded && input_grad { wplan.group() * imgf } else { 0 });
                     let mut first = r.start;
@@ -462,7 +470,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                                 Some(&mut dxp[..gs * imgf])
                             }
                         };
-                        wplan.backward_group(xg, dyg, ag, &mut mw, &mut db, dxg, &mut scratch);
+                        wplan.backward_group(xg, dyg, ag, &mut mw, &mut db, dxg, scratch);
                         if input_grad && padded {
                             frame.crop_add(&dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
                         }
