@@ -438,8 +438,10 @@ pub struct Conv2d<T: Float> {
     /// compare the two paths.
     pub winograd: bool,
     /// On the Winograd path: the last forward's input with its zero border written out, kept
-    /// for the backward (empty where the input needs no border).
+    /// for the backward (empty where the input needs no border); and its scratch, one buffer
+    /// per thread range, kept from step to step.
     padded: Vec<T>,
+    scratch: Vec<Vec<T>>,
 }
 
 impl<T: Float> Conv2d<T> {
@@ -479,6 +481,7 @@ impl<T: Float> Conv2d<T> {
             input_grad: true,
             winograd: true,
             padded: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -545,7 +548,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         let g = self.geometry(x.shape());
         let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
         if self.runs_winograd(x.shape()) {
-            let y = winograd_conv::forward(&g, wt, b, slice(&x), n, &mut self.padded);
+            let y = winograd_conv::forward(&g, wt, b, slice(&x), n, &mut self.padded, &mut self.scratch);
             self.x = Some(x);
             return y;
         }
@@ -570,7 +573,9 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         let wt = slice(&self.weight.value);
         let input_grad = self.input_grad;
         if self.runs_winograd(x.shape()) {
-            let (dx, partials) = winograd_conv::backward(&g, wt, oc, slice(x), &self.padded, slice(dy), n, input_grad);
+            let (xs, dys) = (slice(x), slice(dy));
+            let (dx, partials) =
+                winograd_conv::backward(&g, wt, oc, xs, &self.padded, dys, n, input_grad, &mut self.scratch);
             self.add_range_sums(partials);
             return dx;
         }

@@ -244,9 +244,18 @@ vector_builds!(
     )
 );
 
-/// The conv's forward on x (N, C, H, W): y (N, OC, OH, OW), one group of images per task.
-/// `padded` receives the padded images (kept for the backward).
-pub fn forward<T: Float>(g: &ConvGeometry, wt: &[T], b: &[T], x: &[T], n: usize, padded: &mut Vec<T>) -> Tensor<T> {
+/// The conv's forward on x (N, C, H, W): y (N, OC, OH, OW), a fixed range of images per
+/// thread, a group at a time. `padded` receives the padded images (kept for the backward);
+/// `scratch` holds one buffer per thread range, kept by the caller from step to step.
+pub fn forward<T: Float>(
+    g: &ConvGeometry,
+    wt: &[T],
+    b: &[T],
+    x: &[T],
+    n: usize,
+    padded: &mut Vec<T>,
+    scratch: &mut Vec<Vec<T>>,
+) -> Tensor<T> {
     let oc = b.len();
     let s = Shape::new(g, oc, n);
     let p = &s.plan;
@@ -254,16 +263,29 @@ pub fn forward<T: Float>(g: &ConvGeometry, wt: &[T], b: &[T], x: &[T], n: usize,
     let u = super::winograd::transform_weights(p, wt);
     let mut y = zeros(&[n, oc, s.oh, s.ow]);
     let (img, out) = (p.c * p.h * p.w, oc * s.oh * s.ow);
-    crate::tensor::slice_mut(&mut y).par_chunks_mut(p.group * out).zip(xp.par_chunks(p.group * img)).for_each_init(
-        || zero_vec(s.forward_scratch()),
-        |scratch, (yg, xg)| forward_group(p, s.oh, s.ow, &u, b, xg, yg, scratch),
-    );
+    let ranges = batch_ranges(n, rayon::current_num_threads());
+    scratch.resize_with(ranges.len(), Vec::new);
+    let ys = split_by_ranges(crate::tensor::slice_mut(&mut y), &ranges, out);
+    ranges.par_iter().zip(ys).zip(scratch).for_each(|((r, yr), scratch)| {
+        fit(scratch, s.forward_scratch());
+        let xr = &xp[r.start * img..r.end * img];
+        for (yg, xg) in yr.chunks_mut(p.group * out).zip(xr.chunks(p.group * img)) {
+            forward_group(p, s.oh, s.ow, &u, b, xg, yg, scratch);
+        }
+    });
     y
+}
+
+/// Grows `s` to at least `len` floats (scratch: every group writes what it reads).
+fn fit<T: Float>(s: &mut Vec<T>, len: usize) {
+    if s.len() < len {
+        *s = zero_vec(len);
+    }
 }
 
 /// The conv's backward: dx (N, C, H, W) (or (0, C, H, W) without `input_grad`) and each
 /// thread range's (dW, db), in range order, for `Conv2d::add_range_sums`. x (N, C, H, W) is the
-/// forward's input and `padded` the padded images it kept.
+/// forward's input and `padded` the padded images it kept; `scratch` as for `forward`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
     g: &ConvGeometry,
@@ -274,6 +296,7 @@ pub fn backward<T: Float>(
     dy: &[T],
     n: usize,
     input_grad: bool,
+    scratch: &mut Vec<Vec<T>>,
 ) -> (Tensor<T>, RangeSums<T>) {
     let s = Shape::new(g, oc, n);
     let p = &s.plan;
@@ -285,12 +308,14 @@ pub fn backward<T: Float>(
     let mut dx = zeros(&[if input_grad { n } else { 0 }, g.c, g.h, g.w]);
     let ranges = batch_ranges(n, rayon::current_num_threads());
     let dx_parts = split_by_ranges(crate::tensor::slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
+    scratch.resize_with(ranges.len(), Vec::new);
     let partials = ranges
         .par_iter()
         .zip(dx_parts)
-        .map(|(r, dx_part)| {
+        .zip(scratch)
+        .map(|((r, dx_part), scratch)| {
             let (mut mw, mut db) = (zero_vec(16 * oc * g.c), zero_vec(oc));
-            let mut scratch = zero_vec(backward_scratch(p));
+            fit(scratch, backward_scratch(p));
             // The padded images' gradient, before it loses its border (where there is one).
             let mut dxp = zero_vec(if copies && input_grad { p.group * imgp } else { 0 });
             let mut first = r.start;
@@ -306,7 +331,7 @@ pub fn backward<T: Float>(
                         Some(&mut dxp[..gs * imgp])
                     }
                 };
-                backward_group(p, s.oh, s.ow, &u, xg, dyg, &mut mw, &mut db, dxg, &mut scratch);
+                backward_group(p, s.oh, s.ow, &u, xg, dyg, &mut mw, &mut db, dxg, scratch);
                 if input_grad && copies {
                     s.frame.crop_add(&dxp[..gs * imgp], &mut dx_part[at..at + gs * img]);
                 }
@@ -410,15 +435,20 @@ mod tests {
         }
     }
 
-    /// Without `input_grad` the backward gives the same dW and db and an empty dx; the input
-    /// is kept padded between forward and backward even after a forward of another size.
+    /// Without `input_grad` the backward gives the same dW and db and an empty dx; and a conv
+    /// that ran forward and backward on another size first (its padded images and scratch then
+    /// hold that size's numbers) gives the same as a fresh one.
     #[test]
     fn backward_without_dx_and_after_another_size() {
         let (c, oc, pad) = (3, 4, (1, 1));
         let (mut a, mut b) = (conv::<f64>(c, oc, pad, true), conv::<f64>(c, oc, pad, false));
         a.input_grad = false;
-        let small = from_vec(&[2, c, 5, 5], fill::<f64>(2 * c * 25, 3));
-        a.forward(&small, Ctx::train(0));
+        let big = from_vec(&[4, c, 9, 10], fill::<f64>(4 * c * 90, 3));
+        let y = a.forward(&big, Ctx::train(0));
+        a.backward(&from_vec(y.shape(), fill::<f64>(y.len(), 5)));
+        for p in a.params_mut() {
+            p.grad.fill(0.0);
+        }
         let x = from_vec(&[3, c, 6, 7], fill::<f64>(3 * c * 42, 4));
         let ya = a.forward(&x, Ctx::train(0));
         b.forward(&x, Ctx::train(0));
