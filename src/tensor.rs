@@ -4,8 +4,10 @@
 //! A tensor is an `ndarray::ArrayD` in standard (row-major, NCHW) layout; layers work on its
 //! contiguous slice. This file is not an autograd: each layer writes its own backward pass.
 
+use std::cell::RefCell;
 use std::fmt::{Debug, Display};
 use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
+use std::thread::LocalKey;
 
 use ndarray::{ArrayD, IxDyn};
 
@@ -50,6 +52,9 @@ pub trait Float:
         csc: isize,
     );
 
+    /// This thread's scratch buffer of this type (see `with_scratch`).
+    fn scratch() -> &'static LocalKey<RefCell<Vec<Self>>>;
+
     /// Lossy conversion from f64 (exact for f64, rounding for f32).
     fn f(x: f64) -> Self {
         <Self as num_traits::FromPrimitive>::from_f64(x).expect("f64 converts to every Float")
@@ -80,6 +85,10 @@ impl Float for f32 {
     ) {
         matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
+    fn scratch() -> &'static LocalKey<RefCell<Vec<f32>>> {
+        thread_local!(static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) });
+        &SCRATCH
+    }
 }
 
 impl Float for f64 {
@@ -100,6 +109,10 @@ impl Float for f64 {
         csc: isize,
     ) {
         matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+    fn scratch() -> &'static LocalKey<RefCell<Vec<f64>>> {
+        thread_local!(static SCRATCH: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) });
+        &SCRATCH
     }
 }
 
@@ -184,6 +197,25 @@ pub fn sum<T: Float>(xs: &[T]) -> T {
         }
     }
     acc.iter().fold(tail, |s, &v| s + v)
+}
+
+/// Runs `f` on `len` floats of this thread's scratch buffer: one buffer per thread and float
+/// type, shared by every layer and kept from call to call, so a fast path's scratch costs no
+/// allocation and no zeroing once the buffer is large enough, and is memory the previous
+/// layer left in cache. Measured on the reference's training step (Zen 4, 6 alternating
+/// rounds): as fast as a fresh zeroed buffer per call (median pair ratio 1.00), where one
+/// buffer per layer kept from step to step was 5% slower (0.95: four layers' buffers no
+/// longer share the cache). It holds whatever its last user left: callers write every float
+/// before they read it. Not
+/// re-entrant: `f` must not ask for scratch of the same type (the `RefCell` panics if it does).
+pub fn with_scratch<T: Float, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    T::scratch().with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            *buf = zero_vec(len);
+        }
+        f(&mut buf[..len])
+    })
 }
 
 /// A tensor from a shape and row-major data. Panics if the sizes disagree (a programming error).

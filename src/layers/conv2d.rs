@@ -438,10 +438,8 @@ pub struct Conv2d<T: Float> {
     /// compare the two paths.
     pub winograd: bool,
     /// On the Winograd path: the last forward's input with its zero border written out, kept
-    /// for the backward (empty where the input needs no border); and its scratch, one buffer
-    /// per thread range, kept from step to step.
+    /// for the backward (empty where the input needs no border).
     padded: Vec<T>,
-    scratch: Vec<Vec<T>>,
 }
 
 impl<T: Float> Conv2d<T> {
@@ -481,7 +479,6 @@ impl<T: Float> Conv2d<T> {
             input_grad: true,
             winograd: true,
             padded: Vec::new(),
-            scratch: Vec::new(),
         }
     }
 
@@ -548,7 +545,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         let g = self.geometry(x.shape());
         let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
         if self.runs_winograd(x.shape()) {
-            let y = winograd_conv::forward(&g, wt, b, slice(&x), n, &mut self.padded, &mut self.scratch);
+            let y = winograd_conv::forward(&g, wt, b, slice(&x), n, &mut self.padded);
             self.x = Some(x);
             return y;
         }
@@ -574,8 +571,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         let input_grad = self.input_grad;
         if self.runs_winograd(x.shape()) {
             let (xs, dys) = (slice(x), slice(dy));
-            let (dx, partials) =
-                winograd_conv::backward(&g, wt, oc, xs, &self.padded, dys, n, input_grad, &mut self.scratch);
+            let (dx, partials) = winograd_conv::backward(&g, wt, oc, xs, &self.padded, dys, n, input_grad);
             self.add_range_sums(partials);
             return dx;
         }

@@ -39,7 +39,7 @@ use rayon::prelude::*;
 use super::conv2d::{col2im, group_size, im2col_group, ConvGeometry, Padded};
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Hw, Layer, MaxPool2d, Param};
 use super::{direct_conv, winograd, winograd4};
-use crate::tensor::{gemm, slice, slice_mut, zero_vec, zeros, Float, Tensor};
+use crate::tensor::{gemm, slice, slice_mut, with_scratch, zero_vec, zeros, Float, Tensor};
 
 /// The three ways to compute a block; all keep the same winners (`argmax`), so any backward
 /// can follow any forward.
@@ -141,10 +141,6 @@ pub struct ConvReluPool<T: Float> {
     /// A padded conv on a fast path: the last forward's input with its zero border written
     /// out (see the module docs); empty otherwise. Kept, buffer and all, for the backward.
     padded: Vec<T>,
-    /// The Winograd forward's and backward's scratch, one per thread range, kept from step to
-    /// step (no allocation or zeroing once they fit).
-    scratch: Vec<winograd::ForwardScratch<T>>,
-    back_scratch: Vec<Vec<T>>,
 }
 
 impl<T: Float> ConvReluPool<T> {
@@ -160,8 +156,6 @@ impl<T: Float> ConvReluPool<T> {
             x: None,
             argmax: Vec::new(),
             padded: Vec::new(),
-            scratch: Vec::new(),
-            back_scratch: Vec::new(),
         }
     }
 
@@ -238,20 +232,21 @@ impl<T: Float> ConvReluPool<T> {
             }
             ConvAlgo::Winograd => {
                 // F(2x2, 3x3) Winograd (see `winograd.rs`): a fixed range of images per thread,
-                // a group at a time, in the scratch that thread's range kept from the last step.
+                // a group at a time, in that thread's scratch (`tensor::with_scratch`).
                 let plan = winograd::Plan::new(&gf, oc, n);
                 let u = winograd::transform_weights(&plan, wt);
                 let ranges = batch_ranges(n, rayon::current_num_threads());
-                self.scratch.resize_with(ranges.len(), Default::default);
                 let ys = split_by_ranges(slice_mut(&mut y), &ranges, out);
                 let args = split_by_ranges(&mut argmax, &ranges, out);
-                ranges.par_iter().zip(ys).zip(args).zip(&mut self.scratch).for_each(|(((r, yr), ar), scratch)| {
-                    plan.fit_forward_scratch(scratch);
+                ranges.par_iter().zip(ys).zip(args).for_each(|((r, yr), ar)| {
+                    let mut wins = vec![0; plan.group * plan.tiles()];
                     let xr = &xf[r.start * imgf..r.end * imgf];
                     let chunks = yr.chunks_mut(plan.group * out).zip(ar.chunks_mut(plan.group * out));
-                    for ((yg, ag), xg) in chunks.zip(xr.chunks(plan.group * imgf)) {
-                        winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch);
-                    }
+                    with_scratch(plan.forward_scratch(), |scratch| {
+                        for ((yg, ag), xg) in chunks.zip(xr.chunks(plan.group * imgf)) {
+                            winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch, &mut wins);
+                        }
+                    });
                 });
             }
             ConvAlgo::Gemm => {
@@ -434,48 +429,45 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let imgf = c * gf.h * gf.w;
         let wplan = (algo == ConvAlgo::Winograd).then(|| WinogradBackward::new(&gf, wt, oc, n));
         let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&gf));
-        self.back_scratch.resize_with(ranges.len(), Vec::new);
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
             .zip(dx_parts)
-            .zip(&mut self.back_scratch)
-            .map(|((r, dx_part), scratch)| {
+            .map(|(r, dx_part)| {
                 let mut dw = zero_vec(oc * k);
                 let mut db = zero_vec(oc);
                 if let Some(wplan) = &wplan {
                     // By the adjoint of a Winograd forward (`winograd.rs`, or on large maps
-                    // `winograd4.rs`: see `WinogradBackward`), a group at a time, in the scratch
-                    // this thread's range kept (each group writes every float before reading it).
+                    // `winograd4.rs`: see `WinogradBackward`), a group at a time, in this
+                    // thread's scratch (`tensor::with_scratch`).
                     let mut mw = zero_vec(wplan.xi() * oc * c);
-                    if scratch.len() < wplan.scratch() {
-                        *scratch = zero_vec(wplan.scratch());
-                    }
                     // A padded conv's dx comes back padded, then loses its border (`crop_add`).
                     let mut dxp = zero_vec(if padded && input_grad { wplan.group() * imgf } else { 0 });
-                    let mut first = r.start;
-                    while first < r.end {
-                        let gs = wplan.group().min(r.end - first);
-                        let imgs = first..first + gs;
-                        let (xg, dyg, ag) = (
-                            &xf[imgs.start * imgf..imgs.end * imgf],
-                            &dys[imgs.start * out..imgs.end * out],
-                            &args[imgs.start * out..imgs.end * out],
-                        );
-                        let at = (first - r.start) * img;
-                        let dxg = match (input_grad, padded) {
-                            (false, _) => None,
-                            (true, false) => Some(&mut dx_part[at..at + gs * img]),
-                            (true, true) => {
-                                dxp[..gs * imgf].fill(T::zero());
-                                Some(&mut dxp[..gs * imgf])
+                    with_scratch(wplan.scratch(), |scratch| {
+                        let mut first = r.start;
+                        while first < r.end {
+                            let gs = wplan.group().min(r.end - first);
+                            let imgs = first..first + gs;
+                            let (xg, dyg, ag) = (
+                                &xf[imgs.start * imgf..imgs.end * imgf],
+                                &dys[imgs.start * out..imgs.end * out],
+                                &args[imgs.start * out..imgs.end * out],
+                            );
+                            let at = (first - r.start) * img;
+                            let dxg = match (input_grad, padded) {
+                                (false, _) => None,
+                                (true, false) => Some(&mut dx_part[at..at + gs * img]),
+                                (true, true) => {
+                                    dxp[..gs * imgf].fill(T::zero());
+                                    Some(&mut dxp[..gs * imgf])
+                                }
+                            };
+                            wplan.backward_group(xg, dyg, ag, &mut mw, &mut db, dxg, scratch);
+                            if input_grad && padded {
+                                frame.crop_add(&dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
                             }
-                        };
-                        wplan.backward_group(xg, dyg, ag, &mut mw, &mut db, dxg, scratch);
-                        if input_grad && padded {
-                            frame.crop_add(&dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
+                            first += gs;
                         }
-                        first += gs;
-                    }
+                    });
                     wplan.finish_weight_grad(&mw, &mut dw);
                     return (dw, db);
                 }

@@ -78,34 +78,13 @@ impl Plan {
     pub fn tiles(&self) -> usize {
         self.ph * self.pw
     }
-    /// The scratch one task's forward groups reuse: V (16, C, G*T), M (16, OC, G*T) and one
-    /// channel's row transform (2 parities, 4, PH+1, PW) as floats, and one filter's pooled
-    /// values and winners over the group's G*T tiles before they go to their images.
-    pub fn forward_scratch<T: Float>(&self) -> ForwardScratch<T> {
-        let mut s = ForwardScratch::default();
-        self.fit_forward_scratch(&mut s);
-        s
-    }
-    /// Grows `s` to this plan's `forward_scratch` size where it is smaller (a layer keeps one
-    /// per thread from step to step: no allocation and no zeroing once it fits). What it held
-    /// stays: every group writes each float and winner before it reads it.
-    pub fn fit_forward_scratch<T: Float>(&self, s: &mut ForwardScratch<T>) {
+    /// Floats of scratch for one group's forward: V (16, C, G*T), M (16, OC, G*T), one
+    /// filter's pooled values over the group's G*T tiles before they go to their images, and
+    /// one channel's row transform (2 parities, 4, PH+1, PW). The winners take G*T more u32s.
+    pub fn forward_scratch(&self) -> usize {
         let n = self.group * self.tiles();
-        let floats = 16 * (self.c + self.oc) * n + 8 * (self.ph + 1) * self.pw + n;
-        if s.floats.len() < floats {
-            s.floats = zero_vec(floats);
-        }
-        if s.wins.len() < n {
-            s.wins = vec![0; n];
-        }
+        16 * (self.c + self.oc) * n + n + 8 * (self.ph + 1) * self.pw
     }
-}
-
-/// See `Plan::forward_scratch`.
-#[derive(Default)]
-pub struct ForwardScratch<T> {
-    floats: Vec<T>,
-    wins: Vec<u32>,
 }
 
 /// U (16, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 4a + b.
@@ -264,7 +243,8 @@ fn transform_output<T: Float>(
 }
 
 /// Forward for a group of images: xs (G, C, H, W) -> y (G, OC, PH, PW) and winners, given
-/// the transformed weights `u` from `transform_weights`; `scratch` from `plan.forward_scratch()`.
+/// the transformed weights `u` from `transform_weights`; `scratch` of `plan.forward_scratch()`
+/// floats and `wins` of G*T.
 #[inline(always)]
 fn forward_group_impl<T: Float>(
     p: &Plan,
@@ -273,19 +253,20 @@ fn forward_group_impl<T: Float>(
     xs: &[T],
     y: &mut [T],
     arg: &mut [u32],
-    scratch: &mut ForwardScratch<T>,
+    scratch: &mut [T],
+    wins: &mut [u32],
 ) {
     let (img, t) = (p.c * p.h * p.w, p.tiles());
     let gs = xs.len() / img;
     let n = gs * t; // columns of V and M: every tile of the group
-    let (v, rest) = scratch.floats.split_at_mut(16 * p.c * p.group * t);
+    let (v, rest) = scratch.split_at_mut(16 * p.c * p.group * t);
     let (m, rest) = rest.split_at_mut(16 * p.oc * p.group * t);
     let (vals, rows) = rest.split_at_mut(p.group * t);
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
     multiply(p, u, v, n, m);
-    transform_output(p, m, gs, b, y, arg, vals, &mut scratch.wins);
+    transform_output(p, m, gs, b, y, arg, vals, wins);
 }
 
 vector_builds!(
@@ -297,7 +278,8 @@ vector_builds!(
         xs: &[T],
         y: &mut [T],
         arg: &mut [u32],
-        scratch: &mut ForwardScratch<T>,
+        scratch: &mut [T],
+        wins: &mut [u32],
     )
 );
 
@@ -608,10 +590,10 @@ pub(super) mod tests {
         let (bias, mut x) = (fill::<f32>(oc, 2), fill::<f32>(n * c * h * w, 3));
         x[17] = f32::NAN;
         let out = n * oc * p.tiles();
-        let mut s = p.forward_scratch();
+        let (mut s, mut wins) = (vec![0.0; p.forward_scratch()], vec![0; n * p.tiles()]);
         let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; out], vec![0; out], vec![0.0; out], vec![0; out]);
-        forward_group_on(build, &p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
-        forward_group_impl(&p, &u, &bias, &x, &mut y2, &mut a2, &mut s);
+        forward_group_on(build, &p, &u, &bias, &x, &mut y1, &mut a1, &mut s, &mut wins);
+        forward_group_impl(&p, &u, &bias, &x, &mut y2, &mut a2, &mut s, &mut wins);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&y1), bits(&y2), "{build:?} forward y");
         assert_eq!(a1, a2, "{build:?} forward winners");
@@ -619,7 +601,7 @@ pub(super) mod tests {
 
         // Backward, on a NaN-free input so that every number is compared.
         x[17] = 0.25;
-        forward_group(&p, &u, &bias, &x, &mut y1, &mut a1, &mut s);
+        forward_group(&p, &u, &bias, &x, &mut y1, &mut a1, &mut s, &mut wins);
         let dy = fill::<f32>(out, 4);
         let mut s = vec![0.0; backward_scratch(&p)];
         let (mut mw1, mut mw2) = (vec![0.0; 16 * oc * c], vec![0.0; 16 * oc * c]);

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::conv2d::{ConvGeometry, Padded, RangeSums};
 use super::winograd::{backward_scratch, grads_from_z, multiply, tile_outputs, transform_input, Plan};
 use super::{batch_ranges, split_by_ranges, Conv2d, Hw};
-use crate::tensor::{sum, zero_vec, zeros, Float, Tensor};
+use crate::tensor::{sum, with_scratch, zero_vec, zeros, Float, Tensor};
 
 /// Whether `Conv2d` runs this path for input shape (N, C, H, W): a 3x3, stride-1 conv (any
 /// padding) of several input channels (one channel would make every product one wide), with a
@@ -245,17 +245,9 @@ vector_builds!(
 );
 
 /// The conv's forward on x (N, C, H, W): y (N, OC, OH, OW), a fixed range of images per
-/// thread, a group at a time. `padded` receives the padded images (kept for the backward);
-/// `scratch` holds one buffer per thread range, kept by the caller from step to step.
-pub fn forward<T: Float>(
-    g: &ConvGeometry,
-    wt: &[T],
-    b: &[T],
-    x: &[T],
-    n: usize,
-    padded: &mut Vec<T>,
-    scratch: &mut Vec<Vec<T>>,
-) -> Tensor<T> {
+/// thread, a group at a time in that thread's scratch (`tensor::with_scratch`). `padded`
+/// receives the padded images (kept for the backward).
+pub fn forward<T: Float>(g: &ConvGeometry, wt: &[T], b: &[T], x: &[T], n: usize, padded: &mut Vec<T>) -> Tensor<T> {
     let oc = b.len();
     let s = Shape::new(g, oc, n);
     let p = &s.plan;
@@ -264,28 +256,21 @@ pub fn forward<T: Float>(
     let mut y = zeros(&[n, oc, s.oh, s.ow]);
     let (img, out) = (p.c * p.h * p.w, oc * s.oh * s.ow);
     let ranges = batch_ranges(n, rayon::current_num_threads());
-    scratch.resize_with(ranges.len(), Vec::new);
     let ys = split_by_ranges(crate::tensor::slice_mut(&mut y), &ranges, out);
-    ranges.par_iter().zip(ys).zip(scratch).for_each(|((r, yr), scratch)| {
-        fit(scratch, s.forward_scratch());
+    ranges.par_iter().zip(ys).for_each(|(r, yr)| {
         let xr = &xp[r.start * img..r.end * img];
-        for (yg, xg) in yr.chunks_mut(p.group * out).zip(xr.chunks(p.group * img)) {
-            forward_group(p, s.oh, s.ow, &u, b, xg, yg, scratch);
-        }
+        with_scratch(s.forward_scratch(), |scratch| {
+            for (yg, xg) in yr.chunks_mut(p.group * out).zip(xr.chunks(p.group * img)) {
+                forward_group(p, s.oh, s.ow, &u, b, xg, yg, scratch);
+            }
+        });
     });
     y
 }
 
-/// Grows `s` to at least `len` floats (scratch: every group writes what it reads).
-fn fit<T: Float>(s: &mut Vec<T>, len: usize) {
-    if s.len() < len {
-        *s = zero_vec(len);
-    }
-}
-
 /// The conv's backward: dx (N, C, H, W) (or (0, C, H, W) without `input_grad`) and each
 /// thread range's (dW, db), in range order, for `Conv2d::add_range_sums`. x (N, C, H, W) is the
-/// forward's input and `padded` the padded images it kept; `scratch` as for `forward`.
+/// forward's input and `padded` the padded images it kept.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
     g: &ConvGeometry,
@@ -296,7 +281,6 @@ pub fn backward<T: Float>(
     dy: &[T],
     n: usize,
     input_grad: bool,
-    scratch: &mut Vec<Vec<T>>,
 ) -> (Tensor<T>, RangeSums<T>) {
     let s = Shape::new(g, oc, n);
     let p = &s.plan;
@@ -308,35 +292,34 @@ pub fn backward<T: Float>(
     let mut dx = zeros(&[if input_grad { n } else { 0 }, g.c, g.h, g.w]);
     let ranges = batch_ranges(n, rayon::current_num_threads());
     let dx_parts = split_by_ranges(crate::tensor::slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
-    scratch.resize_with(ranges.len(), Vec::new);
     let partials = ranges
         .par_iter()
         .zip(dx_parts)
-        .zip(scratch)
-        .map(|((r, dx_part), scratch)| {
+        .map(|(r, dx_part)| {
             let (mut mw, mut db) = (zero_vec(16 * oc * g.c), zero_vec(oc));
-            fit(scratch, backward_scratch(p));
             // The padded images' gradient, before it loses its border (where there is one).
             let mut dxp = zero_vec(if copies && input_grad { p.group * imgp } else { 0 });
-            let mut first = r.start;
-            while first < r.end {
-                let gs = p.group.min(r.end - first);
-                let (xg, dyg) = (&xp[first * imgp..][..gs * imgp], &dy[first * out..][..gs * out]);
-                let at = (first - r.start) * img;
-                let dxg = match (input_grad, copies) {
-                    (false, _) => None,
-                    (true, false) => Some(&mut dx_part[at..at + gs * img]),
-                    (true, true) => {
-                        dxp[..gs * imgp].fill(T::zero());
-                        Some(&mut dxp[..gs * imgp])
+            with_scratch(backward_scratch(p), |scratch| {
+                let mut first = r.start;
+                while first < r.end {
+                    let gs = p.group.min(r.end - first);
+                    let (xg, dyg) = (&xp[first * imgp..][..gs * imgp], &dy[first * out..][..gs * out]);
+                    let at = (first - r.start) * img;
+                    let dxg = match (input_grad, copies) {
+                        (false, _) => None,
+                        (true, false) => Some(&mut dx_part[at..at + gs * img]),
+                        (true, true) => {
+                            dxp[..gs * imgp].fill(T::zero());
+                            Some(&mut dxp[..gs * imgp])
+                        }
+                    };
+                    backward_group(p, s.oh, s.ow, &u, xg, dyg, &mut mw, &mut db, dxg, scratch);
+                    if input_grad && copies {
+                        s.frame.crop_add(&dxp[..gs * imgp], &mut dx_part[at..at + gs * img]);
                     }
-                };
-                backward_group(p, s.oh, s.ow, &u, xg, dyg, &mut mw, &mut db, dxg, scratch);
-                if input_grad && copies {
-                    s.frame.crop_add(&dxp[..gs * imgp], &mut dx_part[at..at + gs * img]);
+                    first += gs;
                 }
-                first += gs;
-            }
+            });
             let mut dw = zero_vec(oc * g.c * 9);
             super::winograd::finish_weight_grad(p, &mw, &mut dw);
             (dw, db)
