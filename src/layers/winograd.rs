@@ -246,6 +246,7 @@ fn transform_output<T: Float>(
 /// the transformed weights `u` from `transform_weights`; `scratch` of `plan.forward_scratch()`
 /// floats and `wins` of G*T.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_group_impl<T: Float>(
     p: &Plan,
     u: &[T],
