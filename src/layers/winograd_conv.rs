@@ -381,7 +381,7 @@ mod tests {
 
     /// The Winograd conv gives what im2col + GEMM gives, forward and backward (dx, dW, db):
     /// the stride-2 spec's third conv, even and odd planes (an extra tile row, column or both),
-    /// padding on one axis or none, a plane of one tile, several groups per thread.
+    /// padding on one axis or none, a plane of one tile, several groups in a thread's range.
     #[test]
     fn winograd_conv_matches_im2col() {
         // (n, c, oc, h, w, padding)
@@ -393,6 +393,9 @@ mod tests {
             (3, 2, 2, 2, 2, (1, 1)),
             (33, 3, 4, 4, 4, (0, 0)),
             (2, 2, 3, 30, 31, (2, 1)),
+            // 256 tiles an image: groups of one, so each thread's range holds several groups,
+            // each writing its own images' padded dx.
+            (8, 2, 3, 32, 31, (1, 1)),
         ];
         for (n, c, oc, h, w, pad) in shapes {
             let shape = [n, c, h, w];
