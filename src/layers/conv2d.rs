@@ -22,6 +22,10 @@
 //!
 //! col2im is the transpose (adjoint) of im2col: where im2col copies one pixel into several
 //! columns, col2im sums those columns' gradients into that pixel.
+//!
+//! Two other ways run where they pay: a 3x3 stride-1 conv of several channels goes by
+//! Winograd (`winograd_conv.rs`), and dW of a conv with few taps per filter by dot products
+//! (`weight_grad_dots`), both tested against this im2col + GEMM path.
 
 use rayon::prelude::*;
 
