@@ -440,33 +440,18 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                     // `winograd4.rs`: see `WinogradBackward`), a group at a time, in this
                     // thread's scratch (`tensor::with_scratch`).
                     let mut mw = zero_vec(wplan.xi() * oc * c);
-                    // A padded conv's dx comes back padded, then loses its border (`crop_add`).
-                    let mut dxp = zero_vec(if padded && input_grad { wplan.group() * imgf } else { 0 });
+                    // A padded conv's dx comes back padded, then loses its border.
+                    let dx_range = input_grad.then_some(dx_part);
                     with_scratch(wplan.scratch(), |scratch| {
-                        let mut first = r.start;
-                        while first < r.end {
-                            let gs = wplan.group().min(r.end - first);
+                        frame.for_each_group(r.clone(), wplan.group(), dx_range, |first, gs, dxg| {
                             let imgs = first..first + gs;
                             let (xg, dyg, ag) = (
                                 &xf[imgs.start * imgf..imgs.end * imgf],
                                 &dys[imgs.start * out..imgs.end * out],
                                 &args[imgs.start * out..imgs.end * out],
                             );
-                            let at = (first - r.start) * img;
-                            let dxg = match (input_grad, padded) {
-                                (false, _) => None,
-                                (true, false) => Some(&mut dx_part[at..at + gs * img]),
-                                (true, true) => {
-                                    dxp[..gs * imgf].fill(T::zero());
-                                    Some(&mut dxp[..gs * imgf])
-                                }
-                            };
                             wplan.backward_group(xg, dyg, ag, &mut mw, &mut db, dxg, scratch);
-                            if input_grad && padded {
-                                frame.crop_add(&dxp[..gs * imgf], &mut dx_part[at..at + gs * img]);
-                            }
-                            first += gs;
-                        }
+                        });
                     });
                     wplan.finish_weight_grad(&mw, &mut dw);
                     return (dw, db);

@@ -297,28 +297,12 @@ pub fn backward<T: Float>(
         .zip(dx_parts)
         .map(|(r, dx_part)| {
             let (mut mw, mut db) = (zero_vec(16 * oc * g.c), zero_vec(oc));
-            // The padded images' gradient, before it loses its border (where there is one).
-            let mut dxp = zero_vec(if copies && input_grad { p.group * imgp } else { 0 });
+            let dx_range = input_grad.then_some(dx_part);
             with_scratch(backward_scratch(p), |scratch| {
-                let mut first = r.start;
-                while first < r.end {
-                    let gs = p.group.min(r.end - first);
+                s.frame.for_each_group(r.clone(), p.group, dx_range, |first, gs, dxg| {
                     let (xg, dyg) = (&xp[first * imgp..][..gs * imgp], &dy[first * out..][..gs * out]);
-                    let at = (first - r.start) * img;
-                    let dxg = match (input_grad, copies) {
-                        (false, _) => None,
-                        (true, false) => Some(&mut dx_part[at..at + gs * img]),
-                        (true, true) => {
-                            dxp[..gs * imgp].fill(T::zero());
-                            Some(&mut dxp[..gs * imgp])
-                        }
-                    };
                     backward_group(p, s.oh, s.ow, &u, xg, dyg, &mut mw, &mut db, dxg, scratch);
-                    if input_grad && copies {
-                        s.frame.crop_add(&dxp[..gs * imgp], &mut dx_part[at..at + gs * img]);
-                    }
-                    first += gs;
-                }
+                });
             });
             let mut dw = zero_vec(oc * g.c * 9);
             super::winograd::finish_weight_grad(p, &mw, &mut dw);
