@@ -25,9 +25,10 @@
 use rayon::prelude::*;
 
 use super::conv2d::{ConvGeometry, Padded, RangeSums};
-use super::winograd::{backward_scratch, grads_from_z, multiply, tile_outputs, transform_input, Plan};
+use super::winograd::{backward_scratch, finish_weight_grad, grads_from_z, multiply, tile_outputs};
+use super::winograd::{transform_input, transform_weights, Plan};
 use super::{batch_ranges, split_by_ranges, Conv2d, Hw};
-use crate::tensor::{sum, with_scratch, zero_vec, zeros, Float, Tensor};
+use crate::tensor::{slice_mut, sum, with_scratch, zero_vec, zeros, Float, Tensor};
 
 /// Whether `Conv2d` runs this path for input shape (N, C, H, W): a 3x3, stride-1 conv (any
 /// padding) of several input channels (one channel would make every product one wide), with a
@@ -252,11 +253,11 @@ pub fn forward<T: Float>(g: &ConvGeometry, wt: &[T], b: &[T], x: &[T], n: usize,
     let s = Shape::new(g, oc, n);
     let p = &s.plan;
     let xp = s.frame.input(x, padded);
-    let u = super::winograd::transform_weights(p, wt);
+    let u = transform_weights(p, wt);
     let mut y = zeros(&[n, oc, s.oh, s.ow]);
     let (img, out) = (p.c * p.h * p.w, oc * s.oh * s.ow);
     let ranges = batch_ranges(n, rayon::current_num_threads());
-    let ys = split_by_ranges(crate::tensor::slice_mut(&mut y), &ranges, out);
+    let ys = split_by_ranges(slice_mut(&mut y), &ranges, out);
     ranges.par_iter().zip(ys).for_each(|(r, yr)| {
         let xr = &xp[r.start * img..r.end * img];
         with_scratch(s.forward_scratch(), |scratch| {
@@ -288,10 +289,10 @@ pub fn backward<T: Float>(
     let xp = if copies { padded } else { x };
     let (img, imgp, out) = (g.c * g.h * g.w, p.c * p.h * p.w, oc * s.oh * s.ow);
     assert_eq!(xp.len(), n * imgp, "winograd_conv: the forward did not keep the padded images");
-    let u = super::winograd::transform_weights(p, wt);
+    let u = transform_weights(p, wt);
     let mut dx = zeros(&[if input_grad { n } else { 0 }, g.c, g.h, g.w]);
     let ranges = batch_ranges(n, rayon::current_num_threads());
-    let dx_parts = split_by_ranges(crate::tensor::slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
+    let dx_parts = split_by_ranges(slice_mut(&mut dx), &ranges, if input_grad { img } else { 0 });
     let partials = ranges
         .par_iter()
         .zip(dx_parts)
@@ -305,7 +306,7 @@ pub fn backward<T: Float>(
                 });
             });
             let mut dw = zero_vec(oc * g.c * 9);
-            super::winograd::finish_weight_grad(p, &mw, &mut dw);
+            finish_weight_grad(p, &mw, &mut dw);
             (dw, db)
         })
         .collect();
@@ -443,7 +444,7 @@ mod tests {
         let s = Shape::new(&g, oc, 3);
         let p = &s.plan;
         let n = p.group;
-        let u = crate::layers::winograd::transform_weights(p, &fill::<f32>(oc * c * 9, 1));
+        let u = transform_weights(p, &fill::<f32>(oc * c * 9, 1));
         let bias = fill::<f32>(oc, 2);
         let mut padded = Vec::new();
         let x = fill::<f32>(n * c * h * w, 3);
