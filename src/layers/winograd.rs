@@ -477,7 +477,7 @@ pub(super) mod tests {
     use super::*;
     use crate::layers::Isa;
     use crate::layers::{ConvReluPool, Ctx, Layer};
-    use crate::tensor::{from_vec, slice, Tensor};
+    use crate::tensor::{from_vec, slice};
 
     /// A deterministic pseudo-random fill in [-1, 1) (`winograd4.rs`'s tests use it too).
     pub(in crate::layers) fn fill<T: Float>(n: usize, seed: u64) -> Vec<T> {
@@ -528,10 +528,12 @@ pub(super) mod tests {
         b
     }
 
-    /// Largest |a - b| over the largest |a|.
-    fn rel<T: Float>(a: &Tensor<T>, b: &Tensor<T>) -> f64 {
+    /// Largest |a - b| over the largest |a| (`winograd4.rs`'s and `winograd_conv.rs`'s tests
+    /// use it too).
+    pub(in crate::layers) fn rel<T: Float>(a: &[T], b: &[T]) -> f64 {
+        assert_eq!(a.len(), b.len());
         let scale = a.iter().fold(0.0f64, |m, v| m.max(v.as_f64().abs())).max(1e-30);
-        a.iter().zip(b.iter()).fold(0.0f64, |m, (p, q)| m.max((p.as_f64() - q.as_f64()).abs())) / scale
+        a.iter().zip(b).fold(0.0f64, |m, (p, q)| m.max((p.as_f64() - q.as_f64()).abs())) / scale
     }
 
     /// Winograd's forward gives what im2col + GEMM gives and picks the same winners, and its
@@ -557,20 +559,20 @@ pub(super) mod tests {
             let x64 = from_vec(&shape, fill::<f64>(n * c * h * w, 7));
             let (mut a, mut b) = (block::<f64>(c, oc, true), block::<f64>(c, oc, false));
             let (ya, yb) = (a.forward(&x64, Ctx::eval()), b.forward(&x64, Ctx::eval()));
-            assert!(rel(&yb, &ya) < 1e-12, "f64 {shape:?}: {:.2e}", rel(&yb, &ya));
+            assert!(rel(slice(&yb), slice(&ya)) < 1e-12, "f64 {shape:?}: {:.2e}", rel(slice(&yb), slice(&ya)));
             let dy = from_vec(ya.shape(), fill::<f64>(ya.len(), 8));
             let (dxa, dxb) = (a.backward(&dy), b.backward(&dy));
-            assert!(rel(&dxb, &dxa) < 1e-12, "f64 {shape:?} dx: {:.2e}", rel(&dxb, &dxa));
+            assert!(rel(slice(&dxb), slice(&dxa)) < 1e-12, "f64 {shape:?} dx: {:.2e}", rel(slice(&dxb), slice(&dxa)));
             let (ga, gb) = (&a.conv.weight.grad, &b.conv.weight.grad);
-            assert!(rel(gb, ga) < 1e-12, "f64 {shape:?} dW: {:.2e}", rel(gb, ga));
+            assert!(rel(slice(gb), slice(ga)) < 1e-12, "f64 {shape:?} dW: {:.2e}", rel(slice(gb), slice(ga)));
             let (ga, gb) = (&a.conv.bias.grad, &b.conv.bias.grad);
-            assert!(rel(gb, ga) < 1e-12, "f64 {shape:?} db: {:.2e}", rel(gb, ga));
+            assert!(rel(slice(gb), slice(ga)) < 1e-12, "f64 {shape:?} db: {:.2e}", rel(slice(gb), slice(ga)));
 
             // f32: the products are rounded differently, so only close.
             let x32 = from_vec(&shape, fill::<f32>(n * c * h * w, 7));
             let (mut a, mut b) = (block::<f32>(c, oc, true), block::<f32>(c, oc, false));
             let (ya, yb) = (a.forward(&x32, Ctx::eval()), b.forward(&x32, Ctx::eval()));
-            assert!(rel(&yb, &ya) < 1e-5, "f32 {shape:?}: {:.2e}", rel(&yb, &ya));
+            assert!(rel(slice(&yb), slice(&ya)) < 1e-5, "f32 {shape:?}: {:.2e}", rel(slice(&yb), slice(&ya)));
             assert!(slice(&ya).iter().any(|&v| v > 0.0) && slice(&ya).contains(&0.0), "live and dead windows");
         }
     }

@@ -453,17 +453,11 @@ mod tests {
     use super::*;
     use crate::layers::winograd::{
         self,
-        tests::{block, fill},
+        tests::{block, fill, rel},
     };
     use crate::layers::Isa;
     use crate::layers::{Conv2d, ConvReluPool, Ctx, Layer, MaxPool2d};
     use crate::tensor::{from_vec, slice, Tensor};
-
-    /// Largest |a - b| over the largest |a|.
-    fn rel(a: &[f64], b: &[f64]) -> f64 {
-        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-        a.iter().zip(b).fold(0.0f64, |m, (p, q)| m.max((p - q).abs())) / scale
-    }
 
     /// (N, C, OC, H, W): the reference's second and third blocks (14 and 6 pooled rows: 7x7
     /// and 3x3 tiles), odd pooled sizes (the last tiles' second windows missing), one filter,

@@ -316,7 +316,7 @@ pub fn backward<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::winograd::tests::fill;
+    use crate::layers::winograd::tests::{fill, rel};
     use crate::layers::{Ctx, Isa, Layer};
     use crate::tensor::{from_vec, slice};
 
@@ -327,13 +327,6 @@ mod tests {
         l.weight.value = from_vec(&[oc, c, 3, 3], fill(oc * c * 9, 5));
         l.bias.value = from_vec(&[oc], fill(oc, 6));
         l
-    }
-
-    /// Largest |a - b| over the largest |a|.
-    fn rel<T: Float>(a: &[T], b: &[T]) -> f64 {
-        assert_eq!(a.len(), b.len());
-        let scale = a.iter().fold(0.0f64, |m, v| m.max(v.as_f64().abs())).max(1e-30);
-        a.iter().zip(b).fold(0.0f64, |m, (p, q)| m.max((p.as_f64() - q.as_f64()).abs())) / scale
     }
 
     /// Which convs take this path: 3x3, stride 1, any padding, several channels, a conv plane
