@@ -454,7 +454,19 @@ pub fn conv_forward_group<T: Float>(
 
 /// Convs with at most this many taps per filter (K = C*KH*KW, the first conv of most specs:
 /// 9 to 27 for one or three channels) take dW by `weight_grad_dots`, the others by `gemm`.
-pub(crate) const DOT_TAPS: usize = 32;
+const DOT_TAPS: usize = 32;
+
+/// dW (OC, K) += dY (OC, ld) col^T, col (K, ld), the im2col paths' weight gradient: by dot
+/// products for filters of at most `DOT_TAPS` taps, else by `gemm` (for 288 taps the dot
+/// products were the slower).
+pub(crate) fn weight_grad<T: Float>(dy: &[T], col: &[T], ld: usize, dw: &mut [T]) {
+    let (oc, k) = (dy.len() / ld, col.len() / ld);
+    if k <= DOT_TAPS {
+        weight_grad_dots(dy, col, ld, dw);
+    } else {
+        gemm(false, true, oc, k, ld, T::one(), dy, col, T::one(), dw);
+    }
+}
 
 /// dW (OC, K) += dY (OC, ld) col^T for col (K, ld): every entry the dot product of a row of dY
 /// and a row of col. As a GEMM both operands are read across their rows (K = ld is the
@@ -527,7 +539,7 @@ fn dot<T: Float>(x: &[T], y: &[T]) -> T {
 vector_builds!(
     /// dW += dY col^T by dot products (see `weight_grad_dots_impl`), in the widest build the
     /// CPU runs.
-    pub(crate) fn weight_grad_dots / weight_grad_dots_on = weight_grad_dots_impl(
+    fn weight_grad_dots / weight_grad_dots_on = weight_grad_dots_impl(
         dy: &[T],
         col: &[T],
         ld: usize,
@@ -738,11 +750,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                     }
                     // dW += dY col^T
                     im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col[..k * ld], &mut phases);
-                    if k <= DOT_TAPS {
-                        weight_grad_dots(dcg, &col[..k * ld], ld, &mut dw);
-                    } else {
-                        gemm(false, true, oc, k, ld, T::one(), dcg, &col, T::one(), &mut dw);
-                    }
+                    weight_grad(dcg, &col[..k * ld], ld, &mut dw);
                     if input_grad {
                         // dcol = W^T dY, then dx_i = col2im(dcol's columns of image i)
                         gemm(true, false, k, ld, oc, T::one(), wt, dcg, T::zero(), &mut dcol[..k * ld]);

@@ -36,7 +36,7 @@
 
 use rayon::prelude::*;
 
-use super::conv2d::{col2im, group_size, im2col_group, weight_grad_dots, ConvGeometry, Padded, DOT_TAPS};
+use super::conv2d::{col2im, group_size, im2col_group, weight_grad, ConvGeometry, Padded};
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Hw, Layer, MaxPool2d, Param};
 use super::{direct_conv, winograd, winograd4};
 use crate::tensor::{gemm, slice, slice_mut, with_scratch, zero_vec, zeros, Float, Tensor};
@@ -492,12 +492,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                         }
                     }
                     im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col, &mut phases);
-                    if k <= DOT_TAPS {
-                        weight_grad_dots(&dc[..oc * ld], &col[..k * ld], ld, &mut dw);
-                    // dW += dc col^T
-                    } else {
-                        gemm(false, true, oc, k, ld, T::one(), &dc, &col, T::one(), &mut dw);
-                    }
+                    weight_grad(&dc[..oc * ld], &col[..k * ld], ld, &mut dw); // dW += dc col^T
                     if input_grad {
                         gemm(true, false, k, ld, oc, T::one(), wt, &dc, T::zero(), &mut dcol); // dcol = W^T dc
                         for i in 0..gs {
