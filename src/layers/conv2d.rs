@@ -29,6 +29,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm_nt::gemm_nt;
 use super::{batch_ranges, nchw, out_len, split_by_ranges, winograd_conv, Ctx, Hw, Layer, Param};
 use crate::tensor::{gemm, slice, slice_mut, sum, zero_vec, zeros, Float, Tensor};
 
@@ -452,100 +453,12 @@ pub fn conv_forward_group<T: Float>(
     }
 }
 
-/// Convs with at most this many taps per filter (K = C*KH*KW, the first conv of most specs:
-/// 9 to 27 for one or three channels) take dW by `weight_grad_dots`, the others by `gemm`.
-const DOT_TAPS: usize = 32;
-
-/// dW (OC, K) += dY (OC, ld) col^T, col (K, ld), the im2col paths' weight gradient: by dot
-/// products for filters of at most `DOT_TAPS` taps, else by `gemm` (for 288 taps the dot
-/// products were the slower).
+/// dW (OC, K) += dY (OC, ld) col^T, col (K, ld): the im2col paths' weight gradient, every
+/// entry a dot product of two rows (`gemm_nt`: no packing of either operand).
 pub(crate) fn weight_grad<T: Float>(dy: &[T], col: &[T], ld: usize, dw: &mut [T]) {
     let (oc, k) = (dy.len() / ld, col.len() / ld);
-    if k <= DOT_TAPS {
-        weight_grad_dots(dy, col, ld, dw);
-    } else {
-        gemm(false, true, oc, k, ld, T::one(), dy, col, T::one(), dw);
-    }
+    gemm_nt(oc, k, ld, dy, col, dw);
 }
-
-/// dW (OC, K) += dY (OC, ld) col^T for col (K, ld): every entry the dot product of a row of dY
-/// and a row of col. As a GEMM both operands are read across their rows (K = ld is the
-/// dimension they are stored along), and matrixmultiply packs each of them element by
-/// element: for the stride-2 spec's 5x5 first conv (K = 25, OC = 32) that packing was 70% of
-/// its backward. Here two filters by two taps at a time (`dots2x2`), each product in 16 lane
-/// partial sums: a fixed order, so deterministic.
-#[inline(always)]
-fn weight_grad_dots_impl<T: Float>(dy: &[T], col: &[T], ld: usize, dw: &mut [T]) {
-    let (oc, k) = (dy.len() / ld, col.len() / ld);
-    let (a, b) = (|o: usize| &dy[o * ld..][..ld], |t: usize| &col[t * ld..][..ld]);
-    for o in (0..oc).step_by(2) {
-        for t in (0..k).step_by(2) {
-            if o + 1 < oc && t + 1 < k {
-                let d = dots2x2(a(o), a(o + 1), b(t), b(t + 1));
-                dw[o * k + t] += d[0];
-                dw[o * k + t + 1] += d[1];
-                dw[(o + 1) * k + t] += d[2];
-                dw[(o + 1) * k + t + 1] += d[3];
-            } else {
-                // An odd last filter or tap: its products one at a time.
-                for oo in o..(o + 2).min(oc) {
-                    for tt in t..(t + 2).min(k) {
-                        dw[oo * k + tt] += dot(a(oo), b(tt));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The four dot products of rows a0, a1 with rows b0, b1 (in the order a0.b0, a0.b1, a1.b0,
-/// a1.b1): 16 lane partial sums each over the whole chunks of 16, then the tail, then the
-/// lanes in order.
-#[inline(always)]
-fn dots2x2<T: Float>(a0: &[T], a1: &[T], b0: &[T], b1: &[T]) -> [T; 4] {
-    let mut s = [[T::zero(); 16]; 4];
-    let chunks = a0.chunks_exact(16).zip(a1.chunks_exact(16)).zip(b0.chunks_exact(16).zip(b1.chunks_exact(16)));
-    for ((x0, x1), (y0, y1)) in chunks {
-        for l in 0..16 {
-            s[0][l] += x0[l] * y0[l];
-            s[1][l] += x0[l] * y1[l];
-            s[2][l] += x1[l] * y0[l];
-            s[3][l] += x1[l] * y1[l];
-        }
-    }
-    let whole = a0.len() / 16 * 16;
-    let pairs = [(a0, b0), (a0, b1), (a1, b0), (a1, b1)];
-    std::array::from_fn(|i| {
-        let (x, y) = pairs[i];
-        let tail = (whole..x.len()).fold(T::zero(), |acc, q| acc + x[q] * y[q]);
-        s[i].iter().fold(tail, |acc, &v| acc + v)
-    })
-}
-
-/// One dot product, in the same order as each of `dots2x2`'s.
-#[inline(always)]
-fn dot<T: Float>(x: &[T], y: &[T]) -> T {
-    let mut s = [T::zero(); 16];
-    for (xc, yc) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
-        for l in 0..16 {
-            s[l] += xc[l] * yc[l];
-        }
-    }
-    let whole = x.len() / 16 * 16;
-    let tail = (whole..x.len()).fold(T::zero(), |acc, q| acc + x[q] * y[q]);
-    s.iter().fold(tail, |acc, &v| acc + v)
-}
-
-vector_builds!(
-    /// dW += dY col^T by dot products (see `weight_grad_dots_impl`), in the widest build the
-    /// CPU runs.
-    fn weight_grad_dots / weight_grad_dots_on = weight_grad_dots_impl(
-        dy: &[T],
-        col: &[T],
-        ld: usize,
-        dw: &mut [T],
-    )
-);
 
 /// Each thread range's (dW, db) of a conv backward, in range order (`Conv2d::add_range_sums`).
 pub(crate) type RangeSums<T> = Vec<(Vec<T>, Vec<T>)>;
@@ -781,36 +694,6 @@ impl<T: Float> Layer<T> for Conv2d<T> {
 mod tests {
     use super::*;
     use crate::layers::winograd::tests::fill;
-
-    /// `weight_grad_dots` adds what `gemm` adds: odd and even filter and tap counts (the 2x2
-    /// blocks and the single products at the edges), rows shorter than, equal to and longer
-    /// than 16 with and without a tail, onto a dW that already holds values.
-    #[test]
-    fn weight_grad_dots_match_gemm() {
-        for (oc, k, ld) in [(1, 1, 1), (2, 2, 16), (3, 5, 7), (4, 25, 1024), (5, 4, 33), (2, 3, 48), (7, 9, 100)] {
-            let (dy, col) = (fill::<f64>(oc * ld, 1), fill::<f64>(k * ld, 2));
-            let start = fill::<f64>(oc * k, 3);
-            let (mut want, mut got) = (start.clone(), start);
-            gemm(false, true, oc, k, ld, 1.0, &dy, &col, 1.0, &mut want);
-            weight_grad_dots(&dy, &col, ld, &mut got);
-            let worst = want.iter().zip(&got).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-            assert!(worst < 1e-12 * ld as f64, "({oc}, {k}, {ld}): {worst:e}");
-        }
-    }
-
-    /// The AVX-512 and AVX2 builds of `weight_grad_dots` give the portable build's bits.
-    #[test]
-    fn weight_grad_dots_builds_match_portable_bit_for_bit() {
-        crate::layers::check_each_vector_isa("its dot-product dW build", |build| {
-            let (oc, k, ld) = (5, 7, 1000);
-            let (dy, col) = (fill::<f32>(oc * ld, 4), fill::<f32>(k * ld, 5));
-            let (mut a, mut b) = (fill::<f32>(oc * k, 6), fill::<f32>(oc * k, 6));
-            weight_grad_dots_on(build, &dy, &col, ld, &mut a);
-            weight_grad_dots_impl(&dy, &col, ld, &mut b);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a), bits(&b), "{build:?}");
-        });
-    }
 
     /// Geometries that reach every branch of the phase split: strides 1, 2 and 3 (the constant
     /// and run-time strided copies), kernels smaller than, equal to and larger than the stride,

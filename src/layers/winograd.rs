@@ -35,6 +35,7 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
+use super::gemm_nt::gemm_nt;
 use super::{Conv2d, MaxPool2d};
 use crate::tensor::{gemm, sum, zero_vec, Float};
 
@@ -398,7 +399,7 @@ pub(super) fn grads_from_z<T: Float>(
     for xi in 0..16 {
         let (zk, vk) = (&z[xi * p.oc * n..][..p.oc * n], &v[xi * p.c * n..][..p.c * n]);
         let mwk = &mut mw[xi * p.oc * p.c..][..p.oc * p.c];
-        gemm(false, true, p.oc, p.c, n, T::one(), zk, vk, T::one(), mwk); // Mw[xi] += Z[xi] V[xi]^T
+        gemm_nt(p.oc, p.c, n, zk, vk, mwk); // Mw[xi] += Z[xi] V[xi]^T
     }
     let Some(dx) = dx else { return };
     let origin = &p.origin[..t]; // tile k's top-left pixel 2i*W + 2j

@@ -46,6 +46,7 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{sum_live, DEAD};
+use super::gemm_nt::gemm_nt;
 use crate::tensor::{gemm, zero_vec, Float};
 
 /// Elements of a transformed tile (6x6), and so the number of GEMMs each way: xi = 6a + b.
@@ -347,7 +348,7 @@ fn backward_group_impl<T: Float>(
     for xi in 0..XI {
         let (zk, vk) = (&z[xi * p.oc * n..][..p.oc * n], &v[xi * p.c * n..][..p.c * n]);
         let mwk = &mut mw[xi * p.oc * p.c..][..p.oc * p.c];
-        gemm(false, true, p.oc, p.c, n, T::one(), zk, vk, T::one(), mwk); // Mw[xi] += Z[xi] V[xi]^T
+        gemm_nt(p.oc, p.c, n, zk, vk, mwk); // Mw[xi] += Z[xi] V[xi]^T
     }
     let Some(dx) = dx else { return };
     for xi in 0..XI {

@@ -1,0 +1,273 @@
+//! C (M, N) += A (M, K) B (N, K)^T, with both operands stored along K: every entry of C is
+//! the dot product of a row of A and a row of B. The weight gradients are products of this
+//! shape (the Winograd paths' Mw[xi] = Z[xi] V[xi]^T over a group's tiles, the im2col paths'
+//! dW = dY col^T over its columns). A GEMM library computes them by packing both operands
+//! into panels across K, element by element (neither is stored that way): that packing was
+//! 15-17% of the reference's training step (AMD Zen 4, benches/README.md). Here each row is
+//! read as it lies, 16 floats at a time.
+//!
+//! One dot product, the order every build keeps (so every build gives the same bits):
+//!   s[l] = fma(a[q + l], b[q + l], s[l])  for q = 0, 16, 32, ... and l = 0..16
+//!   (the last, partial chunk only for the lanes l < K mod 16),
+//! then the 16 lanes summed as a tree: s[l] + s[l + 8], then + 4, + 2, + 1; then C += that.
+//! A fused multiply-add rounds once; `f32::mul_add` is the same operation in every build.
+//!
+//! The AVX-512 micro-kernel takes 4 rows of A and 4 rows of B: 16 dot products in 16
+//! registers, 8 loads per 16 FMAs, and at the end the 16 trees in 30 shuffles and 15 adds
+//! instead of 240 scalar adds (see `reduce16`). The AVX2 build and the portable code compute
+//! one product at a time (the compiler vectorises each across its 16 lanes).
+
+use super::Isa;
+use crate::tensor::Float;
+
+/// Lanes of partial sums per dot product.
+const LANES: usize = 16;
+
+/// Which build runs here: the AVX-512 kernel, the AVX2 build (both need FMA), or portable.
+pub(crate) fn build() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fma = std::arch::is_x86_feature_detected!("fma");
+        if fma && std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if fma && std::arch::is_x86_feature_detected!("avx2") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// C (m, n) += A (m, k) B (n, k)^T, all row-major and contiguous.
+pub fn gemm_nt<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+    gemm_nt_on(build(), m, n, k, a, b, c)
+}
+
+/// `gemm_nt` in a given build, which the caller has checked this CPU runs.
+pub(crate) fn gemm_nt_on<T: Float>(build: Isa, m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "gemm_nt: operands too short for {m}x{n}x{k}");
+    match build {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() => {
+            // SAFETY: T is f32 (checked just above), so the slices are f32 slices; the caller
+            // checked that the CPU has AVX-512F and FMA.
+            unsafe {
+                let cast = |s: &[T]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());
+                let cm = std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len());
+                avx512::gemm_nt(m, n, k, cast(a), cast(b), cm)
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+                portable(m, n, k, a, b, c)
+            }
+            // SAFETY: the caller checked that the CPU has AVX2 and FMA.
+            unsafe { avx2(m, n, k, a, b, c) }
+        }
+        _ => portable(m, n, k, a, b, c),
+    }
+}
+
+/// One product at a time, in the order the module doc gives.
+#[inline(always)]
+fn portable<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] += dot(&a[i * k..][..k], &b[j * k..][..k]);
+        }
+    }
+}
+
+/// One dot product: 16 lane sums by FMA, the last chunk partial, then the tree.
+#[inline(always)]
+fn dot<T: Float>(x: &[T], y: &[T]) -> T {
+    let mut s = [T::zero(); LANES];
+    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (xt, yt) = (xc.remainder(), yc.remainder());
+    for (xs, ys) in xc.zip(yc) {
+        for l in 0..LANES {
+            s[l] = xs[l].mul_add(ys[l], s[l]);
+        }
+    }
+    for l in 0..xt.len() {
+        s[l] = xt[l].mul_add(yt[l], s[l]);
+    }
+    tree(s)
+}
+
+/// The 16 lanes summed as a tree: (l, l + 8), then (l, l + 4), (l, l + 2), (0, 1).
+#[inline(always)]
+fn tree<T: Float>(s: [T; LANES]) -> T {
+    let t: [T; 8] = std::array::from_fn(|l| s[l] + s[l + 8]);
+    let u: [T; 4] = std::array::from_fn(|l| t[l] + t[l + 4]);
+    let v: [T; 2] = std::array::from_fn(|l| u[l] + u[l + 2]);
+    v[0] + v[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Full 4x4 blocks by the micro-kernel; the edges (m or n not a multiple of 4) one
+    /// product at a time, in the same order.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (m4, n4) = (m / 4 * 4, n / 4 * 4);
+        for i in (0..m4).step_by(4) {
+            for j in (0..n4).step_by(4) {
+                // SAFETY: rows i..i+4 of A and j..j+4 of B have k elements each, and C's
+                // rows i..i+4 have n >= j + 4 (the caller checked the lengths).
+                unsafe { block4x4(a.as_ptr().add(i * k), b.as_ptr().add(j * k), k, c.as_mut_ptr().add(i * n + j), n) }
+            }
+        }
+        for i in 0..m {
+            let js = if i < m4 { n4..n } else { 0..n };
+            for j in js {
+                c[i * n + j] += super::dot(&a[i * k..][..k], &b[j * k..][..k]);
+            }
+        }
+    }
+
+    /// C[i][j] += row i of A . row j of B for the 4x4 block at `c` (row stride ldc).
+    /// Accumulator p = i + 4j.
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn block4x4(a: *const f32, b: *const f32, k: usize, c: *mut f32, ldc: usize) {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let whole = k / 16 * 16;
+        let mut q = 0;
+        while q < whole {
+            let ar = [0, 1, 2, 3].map(|i| _mm512_loadu_ps(a.add(i * k + q)));
+            let br = [0, 1, 2, 3].map(|j| _mm512_loadu_ps(b.add(j * k + q)));
+            for j in 0..4 {
+                for i in 0..4 {
+                    acc[i + 4 * j] = _mm512_fmadd_ps(ar[i], br[j], acc[i + 4 * j]);
+                }
+            }
+            q += 16;
+        }
+        if whole < k {
+            // The partial chunk: only its lanes take the FMA (mask3 keeps the others as they are).
+            let mask: __mmask16 = (1u32 << (k - whole)) as u16 - 1;
+            let ar = [0, 1, 2, 3].map(|i| _mm512_maskz_loadu_ps(mask, a.add(i * k + q)));
+            let br = [0, 1, 2, 3].map(|j| _mm512_maskz_loadu_ps(mask, b.add(j * k + q)));
+            for j in 0..4 {
+                for i in 0..4 {
+                    acc[i + 4 * j] = _mm512_mask3_fmadd_ps(ar[i], br[j], acc[i + 4 * j], mask);
+                }
+            }
+        }
+        let sums = reduce16(acc);
+        // 128-bit lane i holds row i: p = i + 4j for j = 0..4.
+        let lanes = [
+            _mm512_extractf32x4_ps::<0>(sums),
+            _mm512_extractf32x4_ps::<1>(sums),
+            _mm512_extractf32x4_ps::<2>(sums),
+            _mm512_extractf32x4_ps::<3>(sums),
+        ];
+        for (i, lane) in lanes.into_iter().enumerate() {
+            let row = c.add(i * ldc);
+            _mm_storeu_ps(row, _mm_add_ps(_mm_loadu_ps(row), lane));
+        }
+    }
+
+    /// The 16 accumulators' trees at once (`tree`'s adds, the same pairs): 128-bit lane i of
+    /// the result holds the sums of accumulators i, i + 4, i + 8, i + 12.
+    #[target_feature(enable = "avx512f")]
+    fn reduce16(acc: [__m512; 16]) -> __m512 {
+        // t = s[l] + s[l + 8]: two accumulators per register, as [t_2p | t_2p+1].
+        let t: [__m512; 8] = std::array::from_fn(|p| {
+            let (x, y) = (acc[2 * p], acc[2 * p + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(x, y), _mm512_shuffle_f32x4::<0xEE>(x, y))
+        });
+        // u = t[l] + t[l + 4]: four per register, [u_4q | u_4q+1 | u_4q+2 | u_4q+3].
+        let u: [__m512; 4] = std::array::from_fn(|q| {
+            let (x, y) = (t[2 * q], t[2 * q + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(x, y), _mm512_shuffle_f32x4::<0xDD>(x, y))
+        });
+        // v = u[l] + u[l + 2]: 128-bit lane i of w_r is [v_8r+i (2) | v_8r+4+i (2)].
+        let v: [__m512; 2] = std::array::from_fn(|r| {
+            let (x, y) = (u[2 * r], u[2 * r + 1]);
+            _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y))
+        });
+        // w = v[0] + v[1]: lane i is [w_i, w_4+i, w_8+i, w_12+i].
+        _mm512_add_ps(_mm512_shuffle_ps::<0x88>(v[0], v[1]), _mm512_shuffle_ps::<0xDD>(v[0], v[1]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::winograd::tests::fill;
+
+    /// Shapes that reach every branch: whole 4x4 blocks, edge rows and columns (m or n not a
+    /// multiple of 4, or below 4), K shorter than, equal to and longer than 16, with and without
+    /// a partial chunk.
+    const SHAPES: [(usize, usize, usize); 12] = [
+        (1, 1, 1),
+        (2, 2, 16),
+        (3, 5, 7),
+        (4, 4, 16),
+        (4, 4, 17),
+        (4, 25, 1024),
+        (5, 4, 33),
+        (8, 8, 15),
+        (9, 13, 98),
+        (7, 9, 100),
+        (12, 8, 3),
+        (64, 32, 450),
+    ];
+
+    /// C += A B^T, against the sums taken in f64 one term at a time, onto a C that already
+    /// holds values, in f32 (the kernel's type) and f64 (the portable code).
+    #[test]
+    fn adds_the_products_of_rows() {
+        for (m, n, k) in SHAPES {
+            let (a, b, c0) = (fill::<f64>(m * k, 1), fill::<f64>(n * k, 2), fill::<f64>(m * n, 3));
+            let want: Vec<f64> = (0..m * n)
+                .map(|e| c0[e] + (0..k).map(|q| a[(e / n) * k + q] * b[(e % n) * k + q]).sum::<f64>())
+                .collect();
+            let mut got = c0.clone();
+            gemm_nt(m, n, k, &a, &b, &mut got);
+            let worst = want.iter().zip(&got).fold(0.0f64, |w, (x, y)| w.max((x - y).abs()));
+            assert!(worst < 1e-13 * k as f64, "f64 ({m}, {n}, {k}): {worst:e}");
+            let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let mut got32 = f(&c0);
+            gemm_nt(m, n, k, &f(&a), &f(&b), &mut got32);
+            let worst = want.iter().zip(&got32).fold(0.0f64, |w, (x, &y)| w.max((x - y as f64).abs()));
+            assert!(worst < 1e-6 * k as f64, "f32 ({m}, {n}, {k}): {worst:e}");
+        }
+    }
+
+    /// The AVX-512 micro-kernel (its shuffled trees included) and the AVX2 build give the
+    /// portable code's bits, for every shape above.
+    #[test]
+    fn builds_match_portable_bit_for_bit() {
+        crate::layers::check_each_vector_isa("gemm_nt", |build| {
+            for (m, n, k) in SHAPES {
+                let (a, b) = (fill::<f32>(m * k, 4), fill::<f32>(n * k, 5));
+                let (mut got, mut want) = (fill::<f32>(m * n, 6), fill::<f32>(m * n, 6));
+                gemm_nt_on(build, m, n, k, &a, &b, &mut got);
+                portable(m, n, k, &a, &b, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{build:?} ({m}, {n}, {k})");
+            }
+        });
+    }
+
+    /// The order is the one the module doc gives: the lanes' tree, not a running sum. With
+    /// 1e8 in lane 0 and ones elsewhere (f32's spacing at 1e8 is 8), a running sum loses every
+    /// one. The tree: t = (1e8, 2, ..., 2) (1e8 + 1 rounds back), u = (1e8, 4, 4, 4), v = (1e8,
+    /// 8) (1e8 + 4 is a tie, to even), w = 1e8 + 8.
+    #[test]
+    fn sums_lanes_as_a_tree() {
+        // Four rows each way (the micro-kernel's block) and one more (the edge code).
+        let mut a = vec![1.0f32; 5 * 16];
+        a.iter_mut().step_by(16).for_each(|v| *v = 1e8);
+        let b = vec![1.0f32; 5 * 16];
+        let mut c = vec![0.0f32; 25];
+        gemm_nt(5, 5, 16, &a, &b, &mut c);
+        assert!(c.iter().all(|&v| v == 100_000_008.0), "{c:?}");
+    }
+}
