@@ -29,9 +29,9 @@
 
 use rayon::prelude::*;
 
-use super::gemm_nt::gemm_nt;
+use super::gemm::{gemm_nn, gemm_nt};
 use super::{batch_ranges, nchw, out_len, split_by_ranges, winograd_conv, Ctx, Hw, Layer, Param};
-use crate::tensor::{gemm, slice, slice_mut, sum, zero_vec, zeros, Float, Tensor};
+use crate::tensor::{slice, slice_mut, sum, zero_vec, zeros, Float, Tensor};
 
 /// The sizes of one convolution, shared by im2col, col2im and the layer: input (C, H, W),
 /// kernel (KH, KW), vertical and horizontal stride (SH, SW) and padding (PH, PW), output (OH, OW).
@@ -437,9 +437,9 @@ pub fn conv_forward_group<T: Float>(
     let ld = gs * l;
     im2col_group(g, xs, &mut col[..k * ld], phases);
     if gs == 1 {
-        gemm(false, false, oc, l, k, T::one(), w, col, T::zero(), ys);
+        gemm_nn(oc, l, k, w, k, 1, col, ys);
     } else {
-        gemm(false, false, oc, ld, k, T::one(), w, col, T::zero(), &mut yc[..oc * ld]);
+        gemm_nn(oc, ld, k, w, k, 1, col, &mut yc[..oc * ld]);
         for (i, yi) in ys.chunks_exact_mut(oc * l).enumerate() {
             for (o, yrow) in yi.chunks_exact_mut(l).enumerate() {
                 yrow.copy_from_slice(&yc[o * ld + i * l..][..l]);
@@ -666,7 +666,7 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                     weight_grad(dcg, &col[..k * ld], ld, &mut dw);
                     if input_grad {
                         // dcol = W^T dY, then dx_i = col2im(dcol's columns of image i)
-                        gemm(true, false, k, ld, oc, T::one(), wt, dcg, T::zero(), &mut dcol[..k * ld]);
+                        gemm_nn(k, ld, oc, wt, 1, k, dcg, &mut dcol[..k * ld]);
                         for i in 0..gs {
                             let at = (first - r.start + i) * img;
                             col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld, &mut phases);

@@ -37,9 +37,10 @@
 use rayon::prelude::*;
 
 use super::conv2d::{col2im, group_size, im2col_group, weight_grad, ConvGeometry, Padded};
+use super::gemm::gemm_nn;
 use super::{batch_ranges, nchw, split_by_ranges, Conv2d, Ctx, Hw, Layer, MaxPool2d, Param};
 use super::{direct_conv, winograd, winograd4};
-use crate::tensor::{gemm, slice, slice_mut, with_scratch, zero_vec, zeros, Float, Tensor};
+use crate::tensor::{slice, slice_mut, with_scratch, zero_vec, zeros, Float, Tensor};
 
 /// The three ways to compute a block; all keep the same winners (`argmax`), so any backward
 /// can follow any forward.
@@ -260,7 +261,7 @@ impl<T: Float> ConvReluPool<T> {
                         |(col, conv, phases), ((yg, ag), xg)| {
                             let gs = xg.len() / (c * h * w);
                             im2col_group(&g, xg, col, phases);
-                            gemm(false, false, oc, gs * l, k, T::one(), wt, col, T::zero(), conv);
+                            gemm_nn(oc, gs * l, k, wt, k, 1, col, conv);
                             for (o, row) in conv[..oc * gs * l].chunks_exact_mut(gs * l).enumerate() {
                                 row.iter_mut().for_each(|v| *v += b[o]);
                             }
@@ -494,7 +495,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                     im2col_group(&g, &xs[first * img..(first + gs) * img], &mut col, &mut phases);
                     weight_grad(&dc[..oc * ld], &col[..k * ld], ld, &mut dw); // dW += dc col^T
                     if input_grad {
-                        gemm(true, false, k, ld, oc, T::one(), wt, &dc, T::zero(), &mut dcol); // dcol = W^T dc
+                        gemm_nn(k, ld, oc, wt, 1, k, &dc, &mut dcol); // dcol = W^T dc
                         for i in 0..gs {
                             let at = (first - r.start + i) * img;
                             col2im(&g, &dcol[i * l..], &mut dx_part[at..at + img], ld, &mut phases);

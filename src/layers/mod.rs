@@ -73,7 +73,7 @@ pub mod cross_entropy;
 pub mod direct_conv;
 pub mod dropout;
 pub mod flatten;
-pub mod gemm_nt;
+pub mod gemm;
 pub mod linear;
 pub mod max_pool2d;
 pub mod relu;

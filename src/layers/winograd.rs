@@ -35,9 +35,9 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
-use super::gemm_nt::gemm_nt;
+use super::gemm::{gemm_nn, gemm_nt};
 use super::{Conv2d, MaxPool2d};
-use crate::tensor::{gemm, sum, zero_vec, Float};
+use crate::tensor::{sum, zero_vec, Float};
 
 /// Elements of a transformed tile (4x4), and so the number of GEMMs each way: xi = 4a + b.
 pub const XI: usize = 16;
@@ -191,7 +191,7 @@ pub(super) fn tile_outputs<T: Float>(s: &[&[T]; 16], k: usize, bias: T) -> [T; 4
 pub(super) fn multiply<T: Float>(p: &Plan, u: &[T], v: &[T], n: usize, m: &mut [T]) {
     for xi in 0..16 {
         let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
-        gemm(false, false, p.oc, n, p.c, T::one(), uk, vk, T::zero(), mk); // M[xi] = U[xi] V[xi]
+        gemm_nn(p.oc, n, p.c, uk, p.c, 1, vk, mk); // M[xi] = U[xi] V[xi]
     }
 }
 
@@ -406,7 +406,7 @@ pub(super) fn grads_from_z<T: Float>(
     for xi in 0..16 {
         let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
-        gemm(true, false, p.c, n, p.oc, T::one(), uk, zk, T::zero(), mdk); // Md[xi] = U[xi]^T Z[xi]
+        gemm_nn(p.c, n, p.oc, uk, 1, p.c, zk, mdk); // Md[xi] = U[xi]^T Z[xi]
     }
     // dd = B Md B^T per tile, B = (B^T)^T: for a column m of Md, B m = (m0, m1 - m2 + m3,
     // m1 + m2 - m0, -m3), first along a (columns), then along b (rows). dd's element (a, b)

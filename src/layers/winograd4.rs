@@ -46,8 +46,8 @@
 
 use super::conv2d::ConvGeometry;
 use super::conv_block::{sum_live, DEAD};
-use super::gemm_nt::gemm_nt;
-use crate::tensor::{gemm, zero_vec, Float};
+use super::gemm::{gemm_nn, gemm_nt};
+use crate::tensor::{zero_vec, Float};
 
 /// Elements of a transformed tile (6x6), and so the number of GEMMs each way: xi = 6a + b.
 pub const XI: usize = 36;
@@ -354,7 +354,7 @@ fn backward_group_impl<T: Float>(
     for xi in 0..XI {
         let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
-        gemm(true, false, p.c, n, p.oc, T::one(), uk, zk, T::zero(), mdk); // Md[xi] = U[xi]^T Z[xi]
+        gemm_nn(p.c, n, p.oc, uk, 1, p.c, zk, mdk); // Md[xi] = U[xi]^T Z[xi]
     }
     // dd = B Md B^T per tile, for each channel as runs over the group's tiles: B along a
     // (each column b of Md), then along b (each row a). Then dd's element (a, b) of tile

@@ -1,21 +1,31 @@
-//! C (M, N) += A (M, K) B (N, K)^T, with both operands stored along K: every entry of C is
-//! the dot product of a row of A and a row of B. The weight gradients are products of this
-//! shape (the Winograd paths' Mw[xi] = Z[xi] V[xi]^T over a group's tiles, the im2col paths'
-//! dW = dY col^T over its columns). A GEMM library computes them by packing both operands
-//! into panels across K, element by element (neither is stored that way): that packing was
-//! 15-17% of the reference's training step (AMD Zen 4, benches/README.md). Here each row is
-//! read as it lies, 16 floats at a time.
+//! Our own GEMMs for the products the Winograd paths and the im2col backward make, where a
+//! GEMM library's packing costs as much as its arithmetic: operands here are read as they lie.
+//!
+//! `gemm_nt`: C (M, N) += A (M, K) B (N, K)^T, with both operands stored along K: every
+//! entry of C is the dot product of a row of A and a row of B. The weight gradients are
+//! products of this shape (the Winograd paths' Mw[xi] = Z[xi] V[xi]^T over a group's tiles,
+//! the im2col paths' dW = dY col^T over its columns). A GEMM library packs both operands into
+//! panels across K, element by element (neither is stored that way): that packing was 15-17%
+//! of the reference's training step (AMD Zen 4, benches/README.md).
 //!
 //! One dot product, the order every build keeps (so every build gives the same bits):
 //!   s[l] = fma(a[q + l], b[q + l], s[l])  for q = 0, 16, 32, ... and l = 0..16
 //!   (the last, partial chunk only for the lanes l < K mod 16),
 //! then the 16 lanes summed as a tree: s[l] + s[l + 8], then + 4, + 2, + 1; then C += that.
-//! A fused multiply-add rounds once; `f32::mul_add` is the same operation in every build.
-//!
+//! A fused multiply-add rounds once; `mul_add` is the same operation in every build.
 //! The AVX-512 micro-kernel takes 4 rows of A and 4 rows of B: 16 dot products in 16
 //! registers, 8 loads per 16 FMAs, and at the end the 16 trees in 30 shuffles and 15 adds
-//! instead of 240 scalar adds (see `reduce16`). The AVX2 build and the portable code compute
-//! one product at a time (the compiler vectorises each across its 16 lanes).
+//! instead of 240 scalar adds (see `reduce16`).
+//!
+//! `gemm_nn`: C (M, N) = A (M, K) B (K, N), B row-major, A by row and column strides (U or
+//! U^T): the Winograd forward's M[xi] = U[xi] V[xi] and the backward's Md[xi] = U[xi]^T Z[xi].
+//! Each entry is c = fma(a[i][q], b[q][j], c) for q = 0, 1, ..., K-1 from c = 0. The AVX-512
+//! micro-kernel keeps 8 rows x 48 columns of C in 24 registers: per q, three loads of B's row,
+//! eight broadcasts of A's column, 24 FMAs.
+//!
+//! The AVX2 build and the portable code compute the same operations one row (`gemm_nn`) or
+//! one product (`gemm_nt`) at a time, which the compiler vectorises; the tests check that
+//! every build gives the portable code's bits.
 
 use super::Isa;
 use crate::tensor::Float;
@@ -67,6 +77,77 @@ pub(crate) fn gemm_nt_on<T: Float>(build: Isa, m: usize, n: usize, k: usize, a: 
             unsafe { avx2(m, n, k, a, b, c) }
         }
         _ => portable(m, n, k, a, b, c),
+    }
+}
+
+/// C (m, n) = A B, A (m, k) at `a[i * rsa + q * csa]`, B (k, n) and C row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn<T: Float>(m: usize, n: usize, k: usize, a: &[T], rsa: usize, csa: usize, b: &[T], c: &mut [T]) {
+    gemm_nn_on(build(), m, n, k, a, rsa, csa, b, c)
+}
+
+/// `gemm_nn` in a given build, which the caller has checked this CPU runs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nn_on<T: Float>(
+    build: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    c: &mut [T],
+) {
+    let a_end = if m == 0 || k == 0 { 0 } else { (m - 1) * rsa + (k - 1) * csa + 1 };
+    assert!(a.len() >= a_end && b.len() >= k * n && c.len() >= m * n, "gemm_nn: operands too short for {m}x{n}x{k}");
+    match build {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() => {
+            // SAFETY: as in `gemm_nt_on`.
+            unsafe {
+                let cast = |s: &[T]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());
+                let cm = std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len());
+                avx512::gemm_nn(m, n, k, cast(a), rsa, csa, cast(b), cm)
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => {
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx2<T: Float>(m: usize, n: usize, k: usize, a: &[T], rsa: usize, csa: usize, b: &[T], c: &mut [T]) {
+                portable_nn(0..m, n, k, a, rsa, csa, b, c)
+            }
+            // SAFETY: the caller checked that the CPU has AVX2 and FMA.
+            unsafe { avx2(m, n, k, a, rsa, csa, b, c) }
+        }
+        _ => portable_nn(0..m, n, k, a, rsa, csa, b, c),
+    }
+}
+
+/// Rows `rows` of C = A B, one row at a time: c = 0, then c += a[i][q] * b[q] (fused) for each
+/// q in order, a run over the row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn portable_nn<T: Float>(
+    rows: std::ops::Range<usize>,
+    n: usize,
+    k: usize,
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    c: &mut [T],
+) {
+    for i in rows {
+        let ci = &mut c[i * n..][..n];
+        ci.fill(T::zero());
+        for q in 0..k {
+            let s = a[i * rsa + q * csa];
+            for (cv, &bv) in ci.iter_mut().zip(&b[q * n..][..n]) {
+                *cv = s.mul_add(bv, *cv);
+            }
+        }
     }
 }
 
@@ -126,6 +207,72 @@ mod avx512 {
             let js = if i < m4 { n4..n } else { 0..n };
             for j in js {
                 c[i * n + j] += super::dot(&a[i * k..][..k], &b[j * k..][..k]);
+            }
+        }
+    }
+
+    /// Blocks of 8 rows by the micro-kernel, 48 columns at a time (the last run in as few
+    /// vectors as it needs, masked); the rows left over one at a time in the portable order.
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_nn(m: usize, n: usize, k: usize, a: &[f32], rsa: usize, csa: usize, b: &[f32], c: &mut [f32]) {
+        let m8 = m / 8 * 8;
+        for j in (0..n).step_by(48) {
+            for i in (0..m8).step_by(8) {
+                // SAFETY: rows i..i+8 of A reach a[(i+7)*rsa + (k-1)*csa] < a.len(), B's rows
+                // have n columns and the masks stop at n, C's rows i..i+8 exist (the caller
+                // checked the lengths).
+                unsafe {
+                    let (a, b, c, left) =
+                        (a.as_ptr().add(i * rsa), b.as_ptr().add(j), c.as_mut_ptr().add(i * n + j), n - j);
+                    match left {
+                        0..=16 => block8::<1>(a, rsa, csa, b, n, k, c, left),
+                        17..=32 => block8::<2>(a, rsa, csa, b, n, k, c, left),
+                        _ => block8::<3>(a, rsa, csa, b, n, k, c, left),
+                    }
+                }
+            }
+        }
+        super::portable_nn(m8..m, n, k, a, rsa, csa, b, c);
+    }
+
+    /// C (8 rows at `c`, row stride n) = A's 8 rows x B's columns j..j + min(16 NV, left):
+    /// 8 x NV accumulators.
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block8<const NV: usize>(
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        n: usize,
+        k: usize,
+        c: *mut f32,
+        left: usize,
+    ) {
+        let masks: [__mmask16; NV] = std::array::from_fn(|v| {
+            let w = left.saturating_sub(16 * v);
+            if w >= 16 {
+                0xffff
+            } else {
+                ((1u32 << w) - 1) as u16
+            }
+        });
+        let mut acc = [[_mm512_setzero_ps(); NV]; 8];
+        for q in 0..k {
+            let row = b.add(q * n);
+            let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], row.wrapping_add(16 * v)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let s = _mm512_set1_ps(*a.add(i * rsa + q * csa));
+                for v in 0..NV {
+                    acc[v] = _mm512_fmadd_ps(s, bv[v], acc[v]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for v in 0..NV {
+                // (a vector's lanes past n are all off)
+                _mm512_mask_storeu_ps(c.add(i * n).wrapping_add(16 * v), masks[v], acc[v]);
             }
         }
     }
@@ -252,6 +399,62 @@ mod tests {
                 portable(m, n, k, &a, &b, &mut want);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{build:?} ({m}, {n}, {k})");
+            }
+        });
+    }
+
+    /// Shapes for `gemm_nn`: whole 12-row blocks and rows left over, runs of 32 columns with
+    /// and without a masked end (under 16, 16 to 32, more), K of 1 and more.
+    const NN_SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (12, 32, 1),
+        (12, 7, 5),
+        (13, 20, 9),
+        (24, 33, 16),
+        (25, 64, 32),
+        (5, 48, 3),
+        (36, 450, 32),
+        (64, 98, 128),
+    ];
+
+    /// C = A B against sums in f64, A as stored (rows along K) and transposed (`U^T`: rows
+    /// along M), over a C full of old values that must go.
+    #[test]
+    fn gemm_nn_gives_the_product() {
+        for (m, n, k) in NN_SHAPES {
+            let (a, b) = (fill::<f64>(m * k, 7), fill::<f64>(k * n, 8));
+            for (rsa, csa) in [(k, 1), (1, m)] {
+                let at = |i: usize, q: usize| a[i * rsa + q * csa];
+                let want: Vec<f64> =
+                    (0..m * n).map(|e| (0..k).map(|q| at(e / n, q) * b[q * n + e % n]).sum()).collect();
+                let mut got = fill::<f64>(m * n, 9);
+                gemm_nn(m, n, k, &a, rsa, csa, &b, &mut got);
+                let worst = want.iter().zip(&got).fold(0.0f64, |w, (x, y)| w.max((x - y).abs()));
+                assert!(worst < 1e-13 * k as f64, "f64 ({m}, {n}, {k}) strides ({rsa}, {csa}): {worst:e}");
+                let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+                let mut got32 = f(&fill::<f64>(m * n, 9));
+                gemm_nn(m, n, k, &f(&a), rsa, csa, &f(&b), &mut got32);
+                let worst = want.iter().zip(&got32).fold(0.0f64, |w, (x, &y)| w.max((x - y as f64).abs()));
+                assert!(worst < 1e-6 * k as f64, "f32 ({m}, {n}, {k}) strides ({rsa}, {csa}): {worst:e}");
+            }
+        }
+    }
+
+    /// The AVX-512 micro-kernel (masked ends included) and the AVX2 build of `gemm_nn` give
+    /// the portable code's bits; nothing past a row's n columns is written.
+    #[test]
+    fn gemm_nn_builds_match_portable_bit_for_bit() {
+        crate::layers::check_each_vector_isa("gemm_nn", |build| {
+            for (m, n, k) in NN_SHAPES {
+                let (a, b) = (fill::<f32>(m * k, 10), fill::<f32>(k * n, 11));
+                for (rsa, csa) in [(k, 1), (1, m)] {
+                    // One guard element past C: the masked stores must leave it.
+                    let (mut got, mut want) = (fill::<f32>(m * n + 1, 12), fill::<f32>(m * n + 1, 12));
+                    gemm_nn_on(build, m, n, k, &a, rsa, csa, &b, &mut got[..m * n]);
+                    portable_nn(0..m, n, k, &a, rsa, csa, &b, &mut want);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{build:?} ({m}, {n}, {k}) strides ({rsa}, {csa})");
+                }
             }
         });
     }
