@@ -33,6 +33,8 @@
 //! File order: the forward (filter, input and output transforms, then a group of images), the
 //! backward (its adjoint), and the tests.
 
+use rayon::prelude::*;
+
 use super::conv2d::ConvGeometry;
 use super::conv_block::{conv3x3_pool2, DEAD};
 use super::gemm::{gemm_nn, gemm_nt};
@@ -88,26 +90,27 @@ impl Plan {
     }
 }
 
-/// U (16, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 4a + b.
+/// U (OC, 16, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 4a + b: filter by filter
+/// (each in parallel); U[xi] (OC, C) is then the rows xi*C.. of every filter's block, which
+/// `gemm_nn` reads by strides (16C between rows), as U[xi] or as U[xi]^T.
 pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
     let half = T::f(0.5);
     // G g for a column (g0, g1, g2): the four rows of G applied to it.
     let g4 = |g0: T, g1: T, g2: T| [g0, half * (g0 + g1 + g2), half * (g0 - g1 + g2), g2];
     let mut u = zero_vec(16 * p.oc * p.c);
-    for o in 0..p.oc {
-        for c in 0..p.c {
-            let g = &w[(o * p.c + c) * 9..][..9];
+    u.par_chunks_mut(16 * p.c).zip(w.par_chunks(9 * p.c)).for_each(|(uo, wo)| {
+        for (c, g) in wo.chunks_exact(9).enumerate() {
             // t = G g (4x3): transform each of the 3 columns.
             let cols = [g4(g[0], g[3], g[6]), g4(g[1], g[4], g[7]), g4(g[2], g[5], g[8])];
             for a in 0..4 {
                 // Row a of (G g) G^T = G applied to row a of t.
                 let row = g4(cols[0][a], cols[1][a], cols[2][a]);
                 for (b, &v) in row.iter().enumerate() {
-                    u[((4 * a + b) * p.oc + o) * p.c + c] = v;
+                    uo[(4 * a + b) * p.c + c] = v;
                 }
             }
         }
-    }
+    });
     u
 }
 
@@ -190,8 +193,8 @@ pub(super) fn tile_outputs<T: Float>(s: &[&[T]; 16], k: usize, bias: T) -> [T; 4
 #[inline(always)]
 pub(super) fn multiply<T: Float>(p: &Plan, u: &[T], v: &[T], n: usize, m: &mut [T]) {
     for xi in 0..16 {
-        let (uk, vk, mk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
-        gemm_nn(p.oc, n, p.c, uk, p.c, 1, vk, mk); // M[xi] = U[xi] V[xi]
+        let (uk, vk, mk) = (&u[xi * p.c..], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
+        gemm_nn(p.oc, n, p.c, uk, 16 * p.c, 1, vk, mk); // M[xi] = U[xi] V[xi]
     }
 }
 
@@ -404,9 +407,9 @@ pub(super) fn grads_from_z<T: Float>(
     let Some(dx) = dx else { return };
     let origin = &p.origin[..t]; // tile k's top-left pixel 2i*W + 2j
     for xi in 0..16 {
-        let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
+        let (uk, zk) = (&u[xi * p.c..], &z[xi * p.oc * n..][..p.oc * n]);
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
-        gemm_nn(p.c, n, p.oc, uk, 1, p.c, zk, mdk); // Md[xi] = U[xi]^T Z[xi]
+        gemm_nn(p.c, n, p.oc, uk, 1, 16 * p.c, zk, mdk); // Md[xi] = U[xi]^T Z[xi]
     }
     // dd = B Md B^T per tile, B = (B^T)^T: for a column m of Md, B m = (m0, m1 - m2 + m3,
     // m1 + m2 - m0, -m3), first along a (columns), then along b (rows). dd's element (a, b)

@@ -44,6 +44,8 @@
 //! 4j .. 4j+6), keeping rows apart by their remainder mod 4, so that its second step is six
 //! contiguous runs over all tiles; Z and dd as runs over the group's tiles.
 
+use rayon::prelude::*;
+
 use super::conv2d::ConvGeometry;
 use super::conv_block::{sum_live, DEAD};
 use super::gemm::{gemm_nn, gemm_nt};
@@ -143,15 +145,12 @@ fn bt6<T: Float>(d: [T; 6]) -> [T; 6] {
     ]
 }
 
-/// U (36, OC, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 6a + b.
+/// U (OC, 36, C) = G g G^T for every filter g = W[o][c] (3x3), xi = 6a + b: filter by filter,
+/// each in parallel (the layout `winograd::transform_weights` describes).
 pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
     let mut u = zero_vec(XI * p.oc * p.c);
-    // One filter's 36 x C values at a time, then copied to their 36 rows (writing them
-    // straight to U would touch 36 cache lines per (o, c)).
-    let mut uo = zero_vec(XI * p.c);
-    for o in 0..p.oc {
-        for c in 0..p.c {
-            let g = &w[(o * p.c + c) * 9..][..9];
+    u.par_chunks_mut(XI * p.c).zip(w.par_chunks(9 * p.c)).for_each(|(uo, wo)| {
+        for (c, g) in wo.chunks_exact(9).enumerate() {
             // t = G g (6x3): transform each of the 3 columns.
             let cols = [g6(g[0], g[3], g[6]), g6(g[1], g[4], g[7]), g6(g[2], g[5], g[8])];
             for a in 0..6 {
@@ -162,10 +161,7 @@ pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
                 }
             }
         }
-        for (xi, row) in uo.chunks_exact(p.c).enumerate() {
-            u[(xi * p.oc + o) * p.c..][..p.c].copy_from_slice(row);
-        }
-    }
+    });
     u
 }
 
@@ -352,9 +348,9 @@ fn backward_group_impl<T: Float>(
     }
     let Some(dx) = dx else { return };
     for xi in 0..XI {
-        let (uk, zk) = (&u[xi * p.oc * p.c..][..p.oc * p.c], &z[xi * p.oc * n..][..p.oc * n]);
+        let (uk, zk) = (&u[xi * p.c..], &z[xi * p.oc * n..][..p.oc * n]);
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
-        gemm_nn(p.c, n, p.oc, uk, 1, p.c, zk, mdk); // Md[xi] = U[xi]^T Z[xi]
+        gemm_nn(p.c, n, p.oc, uk, 1, XI * p.c, zk, mdk); // Md[xi] = U[xi]^T Z[xi]
     }
     // dd = B Md B^T per tile, for each channel as runs over the group's tiles: B along a
     // (each column b of Md), then along b (each row a). Then dd's element (a, b) of tile
