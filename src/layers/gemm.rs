@@ -459,6 +459,20 @@ mod tests {
         });
     }
 
+    /// Empty products: no rows or columns leave C as it is (`gemm_nt` adds nothing); K = 0
+    /// makes C = A B all zeros (`gemm_nn` overwrites), and neither reads A or B.
+    #[test]
+    fn empty_shapes() {
+        for (m, n, k) in [(0, 5, 3), (4, 0, 3), (3, 4, 0), (0, 0, 0)] {
+            let (a, b) = (fill::<f32>(m * k, 13), fill::<f32>(n * k, 14));
+            let mut c = fill::<f32>(m * n, 15);
+            gemm_nt(m, n, k, &a, &b, &mut c);
+            assert_eq!(c, fill::<f32>(m * n, 15), "gemm_nt ({m}, {n}, {k})");
+            gemm_nn(m, n, k, &a, k, 1, &b, &mut c);
+            assert!(c.iter().all(|&v| v == 0.0), "gemm_nn ({m}, {n}, {k}): {c:?}");
+        }
+    }
+
     /// The order is the one the module doc gives: the lanes' tree, not a running sum. With
     /// 1e8 in lane 0 and ones elsewhere (f32's spacing at 1e8 is 8), a running sum loses every
     /// one. The tree: t = (1e8, 2, ..., 2) (1e8 + 1 rounds back), u = (1e8, 4, 4, 4), v = (1e8,
