@@ -473,6 +473,28 @@ mod tests {
         }
     }
 
+    /// An operand one element short is refused with the checks' message (in every build, before
+    /// any unchecked read), A by either stride order.
+    #[test]
+    fn short_operands_are_refused() {
+        let refused = |f: &dyn Fn()| {
+            let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("accepted");
+            let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(msg.contains("operands too short"), "{msg}");
+        };
+        let (m, n, k) = (5, 6, 7);
+        let (a, b, c) = (fill::<f32>(m * k, 1), fill::<f32>(n * k, 2), fill::<f32>(m * n, 3));
+        refused(&|| gemm_nt(m, n, k, &a[1..], &b, &mut c.clone()));
+        refused(&|| gemm_nt(m, n, k, &a, &b[1..], &mut c.clone()));
+        refused(&|| gemm_nt(m, n, k, &a, &b, &mut c.clone()[1..]));
+        let bn = fill::<f32>(k * n, 2);
+        for (rsa, csa) in [(k, 1), (1, m)] {
+            refused(&|| gemm_nn(m, n, k, &a[1..], rsa, csa, &bn, &mut c.clone()));
+            refused(&|| gemm_nn(m, n, k, &a, rsa, csa, &bn[1..], &mut c.clone()));
+            refused(&|| gemm_nn(m, n, k, &a, rsa, csa, &bn, &mut c.clone()[1..]));
+        }
+    }
+
     /// The order is the one the module doc gives: the lanes' tree, not a running sum. With
     /// 1e8 in lane 0 and ones elsewhere (f32's spacing at 1e8 is 8), a running sum loses every
     /// one. The tree: t = (1e8, 2, ..., 2) (1e8 + 1 rounds back), u = (1e8, 4, 4, 4), v = (1e8,
