@@ -393,11 +393,17 @@ mod tests {
     fn builds_match_portable_bit_for_bit() {
         crate::layers::check_each_vector_isa("gemm_nt", |build| {
             for (m, n, k) in SHAPES {
-                let (a, b) = (fill::<f32>(m * k, 4), fill::<f32>(n * k, 5));
-                // Four guard elements past C: the micro-kernel must not write past its rows.
+                // NaN past A and B, and four guard elements past C: a kernel that ran past the
+                // last rows would read the NaNs into the guards.
+                let nan_tail = |mut v: Vec<f32>, len: usize| {
+                    v.resize(len + 4 * k, f32::NAN);
+                    v
+                };
+                let (a, b) = (nan_tail(fill::<f32>(m * k, 4), m * k), nan_tail(fill::<f32>(n * k, 5), n * k));
+                let (a, b) = (&a[..m * k], &b[..n * k]);
                 let (mut got, mut want) = (fill::<f32>(m * n + 4, 6), fill::<f32>(m * n + 4, 6));
-                gemm_nt_on(build, m, n, k, &a, &b, &mut got[..m * n]);
-                portable(m, n, k, &a, &b, &mut want[..m * n]);
+                gemm_nt_on(build, m, n, k, a, b, &mut got[..m * n]);
+                portable(m, n, k, a, b, &mut want[..m * n]);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{build:?} ({m}, {n}, {k})");
             }
