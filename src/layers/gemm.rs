@@ -351,8 +351,9 @@ mod tests {
     /// Shapes that reach every branch: whole 4x4 blocks, edge rows and columns (m or n not a
     /// multiple of 4, or below 4), K shorter than, equal to and longer than 16, with and without
     /// a partial chunk.
-    const SHAPES: [(usize, usize, usize); 12] = [
+    const SHAPES: [(usize, usize, usize); 13] = [
         (1, 1, 1),
+        (8, 3, 20),
         (2, 2, 16),
         (3, 5, 7),
         (4, 4, 16),
