@@ -1,5 +1,6 @@
-//! Our own GEMMs for the products the Winograd paths and the im2col backward make, where a
-//! GEMM library's packing costs as much as its arithmetic: operands here are read as they lie.
+//! Our own GEMMs for every product the conv layers make (the Winograd paths' and im2col's),
+//! where a GEMM library's packing cost as much as a third of its arithmetic: operands here
+//! are read as they lie. `tensor::gemm` (matrixmultiply) keeps the linear layers' products.
 //!
 //! `gemm_nt`: C (M, N) += A (M, K) B (N, K)^T, with both operands stored along K: every
 //! entry of C is the dot product of a row of A and a row of B. The weight gradients are
@@ -18,14 +19,17 @@
 //! instead of 240 scalar adds (see `reduce16`).
 //!
 //! `gemm_nn`: C (M, N) = A (M, K) B (K, N), B row-major, A by row and column strides (U or
-//! U^T): the Winograd forward's M[xi] = U[xi] V[xi] and the backward's Md[xi] = U[xi]^T Z[xi].
+//! U^T, W or W^T): the Winograd forward's M[xi] = U[xi] V[xi] and the backward's Md[xi] =
+//! U[xi]^T Z[xi]; im2col's W col and W^T dY.
 //! Each entry is c = fma(a[i][q], b[q][j], c) for q = 0, 1, ..., K-1 from c = 0. The AVX-512
 //! micro-kernel keeps 8 rows x 48 columns of C in 24 registers: per q, three loads of B's row,
 //! eight broadcasts of A's column, 24 FMAs.
 //!
 //! The AVX2 build and the portable code compute the same operations one row (`gemm_nn`) or
 //! one product (`gemm_nt`) at a time, which the compiler vectorises; the tests check that
-//! every build gives the portable code's bits.
+//! every build gives the portable code's bits. (On an x86-64 CPU without FMA the portable
+//! code's `mul_add` is a library call, exact but slow; on other architectures it is the
+//! hardware's fused multiply-add.)
 
 use super::Isa;
 use crate::tensor::Float;
@@ -348,6 +352,15 @@ mod tests {
     use super::*;
     use crate::layers::winograd::tests::fill;
 
+    /// The largest difference of `got` from the f64 sums `want`.
+    fn worst<T: Float>(want: &[f64], got: &[T]) -> f64 {
+        want.iter().zip(got).fold(0.0f64, |w, (x, y)| w.max((x - y.as_f64()).abs()))
+    }
+
+    fn to_f32(v: &[f64]) -> Vec<f32> {
+        v.iter().map(|&x| x as f32).collect()
+    }
+
     /// Shapes that reach every branch: whole 4x4 blocks, edge rows and columns (m or n not a
     /// multiple of 4, or below 4), K shorter than, equal to and longer than 16, with and without
     /// a partial chunk.
@@ -378,13 +391,10 @@ mod tests {
                 .collect();
             let mut got = c0.clone();
             gemm_nt(m, n, k, &a, &b, &mut got);
-            let worst = want.iter().zip(&got).fold(0.0f64, |w, (x, y)| w.max((x - y).abs()));
-            assert!(worst < 1e-13 * k as f64, "f64 ({m}, {n}, {k}): {worst:e}");
-            let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-            let mut got32 = f(&c0);
-            gemm_nt(m, n, k, &f(&a), &f(&b), &mut got32);
-            let worst = want.iter().zip(&got32).fold(0.0f64, |w, (x, &y)| w.max((x - y as f64).abs()));
-            assert!(worst < 1e-6 * k as f64, "f32 ({m}, {n}, {k}): {worst:e}");
+            assert!(worst(&want, &got) < 1e-13 * k as f64, "f64 ({m}, {n}, {k}): {:e}", worst(&want, &got));
+            let mut got32 = to_f32(&c0);
+            gemm_nt(m, n, k, &to_f32(&a), &to_f32(&b), &mut got32);
+            assert!(worst(&want, &got32) < 1e-6 * k as f64, "f32 ({m}, {n}, {k}): {:e}", worst(&want, &got32));
         }
     }
 
@@ -411,8 +421,8 @@ mod tests {
         });
     }
 
-    /// Shapes for `gemm_nn`: whole 12-row blocks and rows left over, runs of 32 columns with
-    /// and without a masked end (under 16, 16 to 32, more), K of 1 and more.
+    /// Shapes for `gemm_nn`: whole 8-row blocks and rows left over, runs of 48 columns and a
+    /// last run of one, two or three vectors, whole or masked; K of 1 and more.
     const NN_SHAPES: [(usize, usize, usize); 9] = [
         (1, 1, 1),
         (12, 32, 1),
@@ -437,13 +447,11 @@ mod tests {
                     (0..m * n).map(|e| (0..k).map(|q| at(e / n, q) * b[q * n + e % n]).sum()).collect();
                 let mut got = fill::<f64>(m * n, 9);
                 gemm_nn(m, n, k, &a, rsa, csa, &b, &mut got);
-                let worst = want.iter().zip(&got).fold(0.0f64, |w, (x, y)| w.max((x - y).abs()));
-                assert!(worst < 1e-13 * k as f64, "f64 ({m}, {n}, {k}) strides ({rsa}, {csa}): {worst:e}");
-                let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-                let mut got32 = f(&fill::<f64>(m * n, 9));
-                gemm_nn(m, n, k, &f(&a), rsa, csa, &f(&b), &mut got32);
-                let worst = want.iter().zip(&got32).fold(0.0f64, |w, (x, &y)| w.max((x - y as f64).abs()));
-                assert!(worst < 1e-6 * k as f64, "f32 ({m}, {n}, {k}) strides ({rsa}, {csa}): {worst:e}");
+                let what = format!("({m}, {n}, {k}) strides ({rsa}, {csa})");
+                assert!(worst(&want, &got) < 1e-13 * k as f64, "f64 {what}: {:e}", worst(&want, &got));
+                let mut got32 = to_f32(&fill::<f64>(m * n, 9));
+                gemm_nn(m, n, k, &to_f32(&a), rsa, csa, &to_f32(&b), &mut got32);
+                assert!(worst(&want, &got32) < 1e-6 * k as f64, "f32 {what}: {:e}", worst(&want, &got32));
             }
         }
     }
