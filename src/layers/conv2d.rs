@@ -693,7 +693,6 @@ impl<T: Float> Layer<T> for Conv2d<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::winograd::tests::fill;
 
     /// Geometries that reach every branch of the phase split: strides 1, 2 and 3 (the constant
     /// and run-time strided copies), kernels smaller than, equal to and larger than the stride,
