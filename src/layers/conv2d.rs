@@ -23,9 +23,9 @@
 //! col2im is the transpose (adjoint) of im2col: where im2col copies one pixel into several
 //! columns, col2im sums those columns' gradients into that pixel.
 //!
-//! Two other ways run where they pay: a 3x3 stride-1 conv of several channels goes by
-//! Winograd (`winograd_conv.rs`), and dW of a conv with few taps per filter by dot products
-//! (`weight_grad_dots`), both tested against this im2col + GEMM path.
+//! The three products are our own GEMMs (`gemm.rs`): W col and W^T dy by `gemm_nn`, dW (every
+//! entry a dot product of two rows stored along L) by `gemm_nt`. A 3x3 stride-1 conv of
+//! several channels goes by Winograd instead (`winograd_conv.rs`), tested against this path.
 
 use rayon::prelude::*;
 

@@ -547,7 +547,8 @@ fn isa<T: Float>() -> Isa {
 
 /// Whether the direct path beats im2col + GEMM here: with AVX-512 or AVX2 for f32, always for
 /// f64 (the gradient checks, which keep the portable version tested). Portable f32 code is
-/// slower than matrixmultiply's GEMM, so f32 on a CPU with neither keeps the GEMM path.
+/// slower than the GEMM path (measured against matrixmultiply's), so f32 on a CPU with neither
+/// keeps the GEMM path.
 pub fn worthwhile<T: Float>() -> bool {
     isa::<T>() != Isa::Portable || std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>()
 }
