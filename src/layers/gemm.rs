@@ -25,112 +25,114 @@
 //! micro-kernel keeps 8 rows x 48 columns of C in 24 registers: per q, three loads of B's row,
 //! eight broadcasts of A's column, 24 FMAs.
 //!
-//! The AVX2 build and the portable code compute the same operations one row (`gemm_nn`) or
-//! one product (`gemm_nt`) at a time, which the compiler vectorises; the tests check that
-//! every build gives the portable code's bits. (On an x86-64 CPU without FMA the portable
-//! code's `mul_add` is a library call, exact but slow; on other architectures it is the
-//! hardware's fused multiply-add.)
+//! Where they run: f32 on a CPU with AVX-512F and FMA (`kernels_run`). Everywhere else (f64,
+//! the gradient checks; AVX2-only CPUs; other architectures) the same calls go to
+//! `tensor::gemm` (matrixmultiply, with its own AVX2/FMA kernels): this file has no AVX2
+//! kernel, and the portable code below compiled for AVX2 ran at 13-40 GFLOP/s on one Zen 4
+//! core against the AVX-512 kernels' 88-115 (benches/README.md), which would have slowed an
+//! AVX2-only CPU down. The portable code stays as the definition of the order: one row
+//! (`gemm_nn`) or one product (`gemm_nt`) at a time, the tests checking the kernels' bits
+//! against it. The results on the two sides differ in rounding only (matrixmultiply's
+//! `gemm_nn` order is the same; its dot products are not trees).
 
-use super::Isa;
-use crate::tensor::Float;
+use crate::tensor::{gemm, Float};
 
 /// Lanes of partial sums per dot product.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const LANES: usize = 16;
 
-/// Which build runs here: the AVX-512 kernel, the AVX2 build (both need FMA), or portable.
-pub(crate) fn build() -> Isa {
+/// Whether our kernels run for T on this CPU: f32 with AVX-512F and FMA (detected once, then
+/// cached by std).
+pub(crate) fn kernels_run<T: Float>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let fma = std::arch::is_x86_feature_detected!("fma");
-        if fma && std::arch::is_x86_feature_detected!("avx512f") {
-            return Isa::Avx512;
-        }
-        if fma && std::arch::is_x86_feature_detected!("avx2") {
-            return Isa::Avx2;
-        }
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
     }
-    Isa::Portable
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// C (m, n) += A (m, k) B (n, k)^T, all row-major and contiguous.
 pub fn gemm_nt<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
-    gemm_nt_on(build(), m, n, k, a, b, c)
-}
-
-/// `gemm_nt` in a given build, which the caller has checked this CPU runs.
-pub(crate) fn gemm_nt_on<T: Float>(build: Isa, m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "gemm_nt: operands too short for {m}x{n}x{k}");
-    match build {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() => {
-            // SAFETY: T is f32 (checked just above), so the slices are f32 slices; the caller
-            // checked that the CPU has AVX-512F and FMA.
-            unsafe {
-                let cast = |s: &[T]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());
-                let cm = std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len());
-                avx512::gemm_nt(m, n, k, cast(a), cast(b), cm)
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => {
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
-                portable(m, n, k, a, b, c)
-            }
-            // SAFETY: the caller checked that the CPU has AVX2 and FMA.
-            unsafe { avx2(m, n, k, a, b, c) }
-        }
-        _ => portable(m, n, k, a, b, c),
+    #[cfg(target_arch = "x86_64")]
+    if kernels_run::<T>() {
+        // SAFETY: T is f32 (`kernels_run`), so these are f32 slices, and the CPU has AVX-512F
+        // and FMA; the lengths were checked above.
+        unsafe { avx512::gemm_nt(m, n, k, f32s(a), f32s(b), f32s_mut(c)) };
+        return;
     }
+    gemm(false, true, m, n, k, T::one(), a, b, T::one(), c);
 }
 
 /// C (m, n) = A B, A (m, k) at `a[i * rsa + q * csa]`, B (k, n) and C row-major.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nn<T: Float>(m: usize, n: usize, k: usize, a: &[T], rsa: usize, csa: usize, b: &[T], c: &mut [T]) {
-    gemm_nn_on(build(), m, n, k, a, rsa, csa, b, c)
-}
-
-/// `gemm_nn` in a given build, which the caller has checked this CPU runs.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_nn_on<T: Float>(
-    build: Isa,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    rsa: usize,
-    csa: usize,
-    b: &[T],
-    c: &mut [T],
-) {
     let a_end = if m == 0 || k == 0 { 0 } else { (m - 1) * rsa + (k - 1) * csa + 1 };
     assert!(a.len() >= a_end && b.len() >= k * n && c.len() >= m * n, "gemm_nn: operands too short for {m}x{n}x{k}");
-    match build {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() => {
-            // SAFETY: as in `gemm_nt_on`.
-            unsafe {
-                let cast = |s: &[T]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());
-                let cm = std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len());
-                avx512::gemm_nn(m, n, k, cast(a), rsa, csa, cast(b), cm)
-            }
+    #[cfg(target_arch = "x86_64")]
+    if kernels_run::<T>() {
+        // SAFETY: as in `gemm_nt`.
+        unsafe { avx512::gemm_nn(m, n, k, f32s(a), rsa, csa, f32s(b), f32s_mut(c)) };
+        return;
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: A's m x k elements at these strides end by `a_end` <= a.len() (checked above),
+    // B and C are contiguous and long enough, and C is a unique borrow.
+    unsafe {
+        T::gemm_raw(
+            m,
+            k,
+            n,
+            T::one(),
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            n as isize,
+            1,
+            T::zero(),
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        )
+    }
+}
+
+/// The f32 slice a `&[T]` is when T is f32.
+///
+/// # Safety
+/// T must be f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn f32s<T: Float>(s: &[T]) -> &[f32] {
+    std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len())
+}
+
+/// # Safety
+/// T must be f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn f32s_mut<T: Float>(s: &mut [T]) -> &mut [f32] {
+    std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len())
+}
+
+/// C (m, n) += A B^T one product at a time, in the order the module doc gives: the
+/// definition the AVX-512 kernel is tested against.
+#[cfg(test)]
+fn portable<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] += dot(&a[i * k..][..k], &b[j * k..][..k]);
         }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => {
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            fn avx2<T: Float>(m: usize, n: usize, k: usize, a: &[T], rsa: usize, csa: usize, b: &[T], c: &mut [T]) {
-                portable_nn(0..m, n, k, a, rsa, csa, b, c)
-            }
-            // SAFETY: the caller checked that the CPU has AVX2 and FMA.
-            unsafe { avx2(m, n, k, a, rsa, csa, b, c) }
-        }
-        _ => portable_nn(0..m, n, k, a, rsa, csa, b, c),
     }
 }
 
 /// Rows `rows` of C = A B, one row at a time: c = 0, then c += a[i][q] * b[q] (fused) for each
 /// q in order, a run over the row.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn portable_nn<T: Float>(
@@ -155,17 +157,8 @@ fn portable_nn<T: Float>(
     }
 }
 
-/// One product at a time, in the order the module doc gives.
-#[inline(always)]
-fn portable<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
-    for i in 0..m {
-        for j in 0..n {
-            c[i * n + j] += dot(&a[i * k..][..k], &b[j * k..][..k]);
-        }
-    }
-}
-
 /// One dot product: 16 lane sums by FMA, the last chunk partial, then the tree.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn dot<T: Float>(x: &[T], y: &[T]) -> T {
     let mut s = [T::zero(); LANES];
@@ -183,6 +176,7 @@ fn dot<T: Float>(x: &[T], y: &[T]) -> T {
 }
 
 /// The 16 lanes summed as a tree: (l, l + 8), then (l, l + 4), (l, l + 2), (0, 1).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn tree<T: Float>(s: [T; LANES]) -> T {
     let t: [T; 8] = std::array::from_fn(|l| s[l] + s[l + 8]);
@@ -398,11 +392,24 @@ mod tests {
         }
     }
 
-    /// The AVX-512 micro-kernel (its shuffled trees included) and the AVX2 build give the
-    /// portable code's bits, for every shape above, and write nothing past C.
+    /// Runs `check` where the AVX-512 kernels run, else says `skipped` (a failure under
+    /// MEDCNN_REQUIRE_AVX512=1).
+    fn with_kernels(what: &str, check: impl FnOnce()) {
+        if kernels_run::<f32>() {
+            check();
+        } else {
+            crate::layers::skip_unless_required(
+                "AVX512",
+                &format!("no AVX-512F and FMA on this CPU: {what} is not checked"),
+            );
+        }
+    }
+
+    /// The AVX-512 micro-kernel (its shuffled trees included) gives the portable code's bits,
+    /// for every shape above, and writes nothing past C.
     #[test]
-    fn builds_match_portable_bit_for_bit() {
-        crate::layers::check_each_vector_isa("gemm_nt", |build| {
+    fn kernel_matches_portable_bit_for_bit() {
+        with_kernels("gemm_nt's kernel", || {
             for (m, n, k) in SHAPES {
                 // NaN past A and B, and four guard elements past C: a kernel that ran past the
                 // last rows would read the NaNs into the guards.
@@ -413,10 +420,10 @@ mod tests {
                 let (a, b) = (nan_tail(fill::<f32>(m * k, 4), m * k), nan_tail(fill::<f32>(n * k, 5), n * k));
                 let (a, b) = (&a[..m * k], &b[..n * k]);
                 let (mut got, mut want) = (fill::<f32>(m * n + 4, 6), fill::<f32>(m * n + 4, 6));
-                gemm_nt_on(build, m, n, k, a, b, &mut got[..m * n]);
+                gemm_nt(m, n, k, a, b, &mut got[..m * n]);
                 portable(m, n, k, a, b, &mut want[..m * n]);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{build:?} ({m}, {n}, {k})");
+                assert_eq!(bits(&got), bits(&want), "({m}, {n}, {k})");
             }
         });
     }
@@ -456,20 +463,20 @@ mod tests {
         }
     }
 
-    /// The AVX-512 micro-kernel (masked ends included) and the AVX2 build of `gemm_nn` give
-    /// the portable code's bits; nothing past a row's n columns is written.
+    /// The AVX-512 micro-kernel of `gemm_nn` (masked ends included) gives the portable code's
+    /// bits; nothing past a row's n columns is written.
     #[test]
-    fn gemm_nn_builds_match_portable_bit_for_bit() {
-        crate::layers::check_each_vector_isa("gemm_nn", |build| {
+    fn gemm_nn_kernel_matches_portable_bit_for_bit() {
+        with_kernels("gemm_nn's kernel", || {
             for (m, n, k) in NN_SHAPES {
                 let (a, b) = (fill::<f32>(m * k, 10), fill::<f32>(k * n, 11));
                 for (rsa, csa) in [(k, 1), (1, m)] {
                     // One guard element past C: the masked stores must leave it.
                     let (mut got, mut want) = (fill::<f32>(m * n + 1, 12), fill::<f32>(m * n + 1, 12));
-                    gemm_nn_on(build, m, n, k, &a, rsa, csa, &b, &mut got[..m * n]);
+                    gemm_nn(m, n, k, &a, rsa, csa, &b, &mut got[..m * n]);
                     portable_nn(0..m, n, k, &a, rsa, csa, &b, &mut want);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "{build:?} ({m}, {n}, {k}) strides ({rsa}, {csa})");
+                    assert_eq!(bits(&got), bits(&want), "({m}, {n}, {k}) strides ({rsa}, {csa})");
                 }
             }
         });
@@ -522,7 +529,12 @@ mod tests {
         a.iter_mut().step_by(16).for_each(|v| *v = 1e8);
         let b = vec![1.0f32; 5 * 16];
         let mut c = vec![0.0f32; 25];
-        gemm_nt(5, 5, 16, &a, &b, &mut c);
-        assert!(c.iter().all(|&v| v == 100_000_008.0), "{c:?}");
+        portable(5, 5, 16, &a, &b, &mut c);
+        assert!(c.iter().all(|&v| v == 100_000_008.0), "portable: {c:?}");
+        with_kernels("the kernel's tree", || {
+            let mut c = vec![0.0f32; 25];
+            gemm_nt(5, 5, 16, &a, &b, &mut c);
+            assert!(c.iter().all(|&v| v == 100_000_008.0), "kernel: {c:?}");
+        });
     }
 }
