@@ -78,9 +78,6 @@ pub fn gemm_nn<T: Float>(m: usize, n: usize, k: usize, a: &[T], rsa: usize, csa:
         unsafe { avx512::gemm_nn(m, n, k, f32s(a), rsa, csa, f32s(b), f32s_mut(c)) };
         return;
     }
-    if m == 0 || n == 0 {
-        return;
-    }
     // SAFETY: A's m x k elements at these strides end by `a_end` <= a.len() (checked above),
     // B and C are contiguous and long enough, and C is a unique borrow.
     unsafe {
