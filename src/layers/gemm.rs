@@ -1,6 +1,7 @@
 //! Our own GEMMs for every product the conv layers make (the Winograd paths' and im2col's),
-//! where a GEMM library's packing cost as much as a third of its arithmetic: operands here
-//! are read as they lie. `tensor::gemm` (matrixmultiply) keeps the linear layers' products.
+//! where a GEMM library's packing took a third of the products' time (17% of the step against
+//! its kernel's 36%): operands here are read as they lie. `tensor::gemm` (matrixmultiply)
+//! keeps the linear layers' products, and every product where these kernels do not run.
 //!
 //! `gemm_nt`: C (M, N) += A (M, K) B (N, K)^T, with both operands stored along K: every
 //! entry of C is the dot product of a row of A and a row of B. The weight gradients are
@@ -9,11 +10,12 @@
 //! panels across K, element by element (neither is stored that way): that packing was 15-17%
 //! of the reference's training step (AMD Zen 4, benches/README.md).
 //!
-//! One dot product, the order every build keeps (so every build gives the same bits):
+//! One dot product, the order the kernel keeps (the portable `dot` below is its definition,
+//! and the tests hold the kernel to its bits):
 //!   s[l] = fma(a[q + l], b[q + l], s[l])  for q = 0, 16, 32, ... and l = 0..16
 //!   (the last, partial chunk only for the lanes l < K mod 16),
 //! then the 16 lanes summed as a tree: s[l] + s[l + 8], then + 4, + 2, + 1; then C += that.
-//! A fused multiply-add rounds once; `mul_add` is the same operation in every build.
+//! A fused multiply-add rounds once; `mul_add` is the same operation as the kernel's FMA.
 //! The AVX-512 micro-kernel takes 4 rows of A and 4 rows of B: 16 dot products in 16
 //! registers, 8 loads per 16 FMAs, and at the end the 16 trees in 30 shuffles and 15 adds
 //! instead of 240 scalar adds (see `reduce16`).
@@ -493,7 +495,7 @@ mod tests {
         }
     }
 
-    /// An operand one element short is refused with the checks' message (in every build, before
+    /// An operand one element short is refused with the checks' message (on either path, before
     /// any unchecked read), A by either stride order.
     #[test]
     fn short_operands_are_refused() {
