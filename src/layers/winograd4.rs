@@ -63,13 +63,14 @@ pub fn pays(g: &ConvGeometry) -> bool {
     tiles >= 4 && 4 * XI * tiles <= 3 * super::winograd::XI * ph * pw
 }
 
-/// Where a tile's pooling window lands: the tile, the window's index in the pooled plane
-/// (PH, PW), and its top-left conv position 2pi*OW + 2pj (where the winners point).
+/// Where a pooling window's gradient goes: its top-left conv position 2pi*OW + 2pj (where
+/// the winners point), its tile (pi/2, pj/2) as an index, and the entry 4R + S of that tile's
+/// 4x4 dY at the window's top-left, R = 2(pi%2), S = 2(pj%2) (its winner adds 4r + s).
 #[derive(Clone, Copy, Debug)]
-struct Slot {
-    tile: u32,
-    pooled: u32,
+struct Window {
     corner: u32,
+    tile: u32,
+    entry: u32,
 }
 
 /// Sizes of one image, how many images share a GEMM, and where each tile sits.
@@ -88,8 +89,8 @@ pub struct Plan {
     /// Images per group: enough that each GEMM has at least 64 columns (tiles), but no more
     /// than each thread's share of the batch.
     pub group: usize,
-    /// For each window of a tile, (wi, wj) as 2wi + wj, the tiles where it exists.
-    slots: [Vec<Slot>; 4],
+    /// Every pooling window, in the pooled plane's order (pi*PW + pj).
+    windows: Vec<Window>,
 }
 
 impl Plan {
@@ -97,19 +98,15 @@ impl Plan {
         let (ph, pw) = (g.oh / 2, g.ow / 2);
         let (th, tw) = (ph.div_ceil(2), pw.div_ceil(2));
         let group = 64usize.div_ceil(th * tw).clamp(1, n.div_ceil(rayon::current_num_threads()).max(1));
-        let slots = std::array::from_fn(|s| {
-            let (wi, wj) = (s / 2, s % 2);
-            (0..th * tw)
-                .map(|k| (k, 2 * (k / tw) + wi, 2 * (k % tw) + wj))
-                .filter(|&(_, pi, pj)| pi < ph && pj < pw)
-                .map(|(k, pi, pj)| Slot {
-                    tile: k as u32,
-                    pooled: (pi * pw + pj) as u32,
-                    corner: (2 * pi * g.ow + 2 * pj) as u32,
-                })
-                .collect()
-        });
-        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, th, tw, group, slots }
+        let windows = (0..ph * pw)
+            .map(|q| (q / pw, q % pw))
+            .map(|(pi, pj)| Window {
+                corner: (2 * pi * g.ow + 2 * pj) as u32,
+                tile: ((pi / 2) * tw + pj / 2) as u32,
+                entry: (8 * (pi % 2) + 2 * (pj % 2)) as u32,
+            })
+            .collect();
+        Plan { c: g.c, oc, h: g.h, w: g.w, ow: g.ow, ph, pw, th, tw, group, windows }
     }
     /// Tiles (2x2 blocks of pooling windows) per image.
     pub fn tiles(&self) -> usize {
@@ -277,46 +274,26 @@ fn backward_group_impl<T: Float>(
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    // Z = A dY A^T for each filter, as runs over the group's tiles. Per window (4 of a tile):
-    // d = its pooled gradient where alive (else 0, and 0 where the window does not exist), and
-    // its winner's row and column in the window (0 or 1, in T). dY[r][s] is d of window
-    // (r/2, s/2) where (r%2, s%2) won it, else 0; then A along s, then along r.
-    let (dd, rest) = rows.split_at_mut(4 * n); // the row-transform scratch is free again
-    let (wr, rest) = rest.split_at_mut(4 * n);
-    let (wc, rest) = rest.split_at_mut(4 * n);
-    let (dyt, rest) = rest.split_at_mut(16 * n);
+    // Z = A dY A^T for each filter, as runs over the group's tiles: dY (16, n), the tiles'
+    // 4x4 conv-output gradients, is 0 but for one entry per live window, its pooled gradient
+    // at the winner's place (windows that an odd PH or PW leaves out stay 0); then A along
+    // each row of dY, then along each column.
+    let (dyt, rest) = rows.split_at_mut(16 * n); // the row-transform scratch is free again
     let tz = &mut rest[..24 * n];
-    // Every filter writes the windows that exist, at the same places; those that do not stay 0.
-    dd.fill(T::zero());
-    wr.fill(T::zero());
-    wc.fill(T::zero());
+    let ow = p.ow as u32;
     for o in 0..p.oc {
+        dyt.fill(T::zero());
         for i in 0..gs {
             let (dyr, ar) = (&dy[i * out + o * plane..][..plane], &arg[i * out + o * plane..][..plane]);
-            for (win, slots) in p.slots.iter().enumerate() {
-                let at = win * n + i * t;
-                for s in slots {
-                    let (k, q) = (at + s.tile as usize, s.pooled as usize);
-                    let live = ar[q] != DEAD;
-                    let off = if live { ar[q] - s.corner } else { 0 }; // one of 0, 1, OW, OW + 1
-                    let r = off >= p.ow as u32;
-                    wr[k] = if r { T::one() } else { T::zero() };
-                    wc[k] = if off - u32::from(r) * p.ow as u32 == 1 { T::one() } else { T::zero() };
-                    dd[k] = if live { dyr[q] } else { T::zero() };
-                }
+            for ((w, &a), &d) in p.windows.iter().zip(ar).zip(dyr) {
+                // A dead window writes its 0 at its own top-left entry, which no other
+                // window's winner can take: no branch on which windows live.
+                let live = a != DEAD;
+                let off = if live { a - w.corner } else { 0 }; // one of 0, 1, OW, OW + 1
+                let rs = if off >= ow { off - ow + 4 } else { off }; // 4r + s
+                dyt[(w.entry + rs) as usize * n + i * t + w.tile as usize] = if live { d } else { T::zero() };
             }
             db[o] += sum_live(dyr, ar); // the live windows' dy
-        }
-        for r in 0..4 {
-            for s in 0..4 {
-                let win = 2 * (r / 2) + s / 2;
-                let (dr, dc) = (T::f((r % 2) as f64), T::f((s % 2) as f64));
-                let (d, wr, wc) = (&dd[win * n..][..n], &wr[win * n..][..n], &wc[win * n..][..n]);
-                let dst = &mut dyt[(4 * r + s) * n..][..n];
-                for k in 0..n {
-                    dst[k] = if wr[k] == dr && wc[k] == dc { d[k] } else { T::zero() };
-                }
-            }
         }
         // tz[r][b] = (dY A^T)[r][b]: A along each row of dY.
         for r in 0..4 {
