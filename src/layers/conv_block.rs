@@ -23,9 +23,10 @@
 //! Three ways to compute it (`ConvAlgo`), one per shape of block in the model (each checked
 //! against the im2col + GEMM way written here, which also serves every other shape):
 //! - one input channel, 3x3, pool 2: `direct_conv.rs` (the first block; K = 9 is a poor GEMM);
-//! - several channels, 3x3, pool 2: `winograd.rs`, F(2x2, 3x3), forward and backward (the
-//!   other three blocks; 2.25x fewer multiplies), and on maps of at least 2x2 four-window
-//!   tiles the backward by F(4x4, 3x3) instead (`winograd4.rs`; 4x fewer; `WinogradBackward`);
+//! - several channels, 3x3, pool 2: Winograd (`Winograd` below): `winograd.rs`, F(2x2, 3x3),
+//!   2.25x fewer multiplies, or on large maps `winograd4.rs`, F(4x4, 3x3), 4x fewer: the
+//!   backward on maps of at least 2x2 four-window tiles, the forward on maps of 4x4 tiles;
+//!   the other three blocks of the reference;
 //! - anything else: im2col + GEMM, below.
 //!
 //! The two fast paths compute an unpadded 3x3 conv. A padded one (PyTorch's usual
@@ -58,47 +59,81 @@ pub enum ConvAlgo {
 /// Marks a window whose maximum was not positive: no gradient flows back through it.
 pub(crate) const DEAD: u32 = u32::MAX;
 
-/// The Winograd backward of a block, with the transformed weights it multiplies by: F(4x4,
-/// 3x3) where it pays (`winograd4.rs`: maps of at least 2x2 four-window tiles), else F(2x2,
-/// 3x3) (`winograd.rs`, whose forward every Winograd block runs). Both take the forward's
-/// winners and give the same gradients up to rounding.
-enum WinogradBackward<T> {
+/// One 2x2 window's ReLU + max from its four conv values c (row-major), as the Winograd
+/// paths pool a tile: candidates in row-major order, a later one wins only if `!(v <= best)`
+/// (a NaN wins and spreads), and the window is dead (0, `DEAD`) if the best is <= 0. The
+/// winner comes back as its offset in the window, one of `offs`.
+#[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+pub(super) fn pool_window<T: Float>(c: [T; 4], offs: [u32; 4]) -> (T, u32) {
+    let (mut best, mut off) = (c[0], offs[0]);
+    for (v, d) in [(c[1], offs[1]), (c[2], offs[2]), (c[3], offs[3])] {
+        let take = !(v <= best);
+        best = if take { v } else { best };
+        off = if take { d } else { off };
+    }
+    let dead = best <= T::zero();
+    (if dead { T::zero() } else { best }, if dead { DEAD } else { off })
+}
+
+/// A block's Winograd algorithm, with the transformed weights it multiplies by: F(4x4, 3x3)
+/// (`winograd4.rs`) or F(2x2, 3x3) (`winograd.rs`). Each way picks its own (`Winograd::new`):
+/// the backward takes only the forward's winners, and both give the same gradients up to
+/// rounding.
+enum Winograd<T> {
     F2(winograd::Plan, Vec<T>),
     F4(winograd4::Plan, Vec<T>),
 }
 
-impl<T: Float> WinogradBackward<T> {
-    /// For `n` images of the unpadded conv geometry `g`, OC filters `wt` (OC, C, 3, 3).
-    fn new(g: &ConvGeometry, wt: &[T], oc: usize, n: usize) -> Self {
-        if winograd4::pays(g) {
+impl<T: Float> Winograd<T> {
+    /// For `n` images of the unpadded conv geometry `g`, OC filters `wt` (OC, C, 3, 3): F(4x4)
+    /// where it pays for this way (`winograd4::pays_forward`, `winograd4::pays`), else F(2x2).
+    fn new(g: &ConvGeometry, wt: &[T], oc: usize, n: usize, forward: bool) -> Self {
+        let four = if forward { winograd4::pays_forward(g) } else { winograd4::pays(g) };
+        if four {
             let p = winograd4::Plan::new(g, oc, n);
             let u = winograd4::transform_weights(&p, wt);
-            WinogradBackward::F4(p, u)
+            Winograd::F4(p, u)
         } else {
             let p = winograd::Plan::new(g, oc, n);
             let u = winograd::transform_weights(&p, wt);
-            WinogradBackward::F2(p, u)
+            Winograd::F2(p, u)
         }
     }
     /// Images per group.
     fn group(&self) -> usize {
         match self {
-            WinogradBackward::F2(p, _) => p.group,
-            WinogradBackward::F4(p, _) => p.group,
+            Winograd::F2(p, _) => p.group,
+            Winograd::F4(p, _) => p.group,
         }
     }
     /// Elements of a transformed tile: Mw has this many (OC, C) planes.
     fn xi(&self) -> usize {
         match self {
-            WinogradBackward::F2(..) => winograd::XI,
-            WinogradBackward::F4(..) => winograd4::XI,
+            Winograd::F2(..) => winograd::XI,
+            Winograd::F4(..) => winograd4::XI,
         }
     }
-    /// Floats of one thread's scratch.
+    /// Floats of one thread's scratch for the forward, and the u32s of its winners.
+    fn forward_scratch(&self) -> (usize, usize) {
+        match self {
+            Winograd::F2(p, _) => (p.forward_scratch(), p.group * p.tiles()),
+            Winograd::F4(p, _) => (winograd4::forward_scratch(p), 4 * p.group * p.tiles()),
+        }
+    }
+    /// y and the winners of a group of images `xs`, biases `b`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_group(&self, b: &[T], xs: &[T], y: &mut [T], arg: &mut [u32], s: &mut [T], wins: &mut [u32]) {
+        match self {
+            Winograd::F2(p, u) => winograd::forward_group(p, u, b, xs, y, arg, s, wins),
+            Winograd::F4(p, u) => winograd4::forward_group(p, u, b, xs, y, arg, s, wins),
+        }
+    }
+    /// Floats of one thread's scratch for the backward.
     fn scratch(&self) -> usize {
         match self {
-            WinogradBackward::F2(p, _) => winograd::backward_scratch(p),
-            WinogradBackward::F4(p, _) => winograd4::backward_scratch(p),
+            Winograd::F2(p, _) => winograd::backward_scratch(p),
+            Winograd::F4(p, _) => winograd4::backward_scratch(p),
         }
     }
     #[allow(clippy::too_many_arguments)]
@@ -113,14 +148,14 @@ impl<T: Float> WinogradBackward<T> {
         s: &mut [T],
     ) {
         match self {
-            WinogradBackward::F2(p, u) => winograd::backward_group(p, u, xs, dy, arg, mw, db, dx, s),
-            WinogradBackward::F4(p, u) => winograd4::backward_group(p, u, xs, dy, arg, mw, db, dx, s),
+            Winograd::F2(p, u) => winograd::backward_group(p, u, xs, dy, arg, mw, db, dx, s),
+            Winograd::F4(p, u) => winograd4::backward_group(p, u, xs, dy, arg, mw, db, dx, s),
         }
     }
     fn finish_weight_grad(&self, mw: &[T], dw: &mut [T]) {
         match self {
-            WinogradBackward::F2(p, _) => winograd::finish_weight_grad(p, mw, dw),
-            WinogradBackward::F4(p, _) => winograd4::finish_weight_grad(p, mw, dw),
+            Winograd::F2(p, _) => winograd::finish_weight_grad(p, mw, dw),
+            Winograd::F4(p, _) => winograd4::finish_weight_grad(p, mw, dw),
         }
     }
 }
@@ -232,20 +267,20 @@ impl<T: Float> ConvReluPool<T> {
                     );
             }
             ConvAlgo::Winograd => {
-                // F(2x2, 3x3) Winograd (see `winograd.rs`): a fixed range of images per thread,
-                // a group at a time, in that thread's scratch (`tensor::with_scratch`).
-                let plan = winograd::Plan::new(&gf, oc, n);
-                let u = winograd::transform_weights(&plan, wt);
+                // Winograd (`Winograd`): a fixed range of images per thread, a group at a
+                // time, in that thread's scratch (`tensor::with_scratch`).
+                let wg = Winograd::new(&gf, wt, oc, n, true);
+                let ((floats, nwins), group) = (wg.forward_scratch(), wg.group());
                 let ranges = batch_ranges(n, rayon::current_num_threads());
                 let ys = split_by_ranges(slice_mut(&mut y), &ranges, out);
                 let args = split_by_ranges(&mut argmax, &ranges, out);
                 ranges.par_iter().zip(ys).zip(args).for_each(|((r, yr), ar)| {
-                    let mut wins = vec![0; plan.group * plan.tiles()];
+                    let mut wins = vec![0; nwins];
                     let xr = &xf[r.start * imgf..r.end * imgf];
-                    let chunks = yr.chunks_mut(plan.group * out).zip(ar.chunks_mut(plan.group * out));
-                    with_scratch(plan.forward_scratch(), |scratch| {
-                        for ((yg, ag), xg) in chunks.zip(xr.chunks(plan.group * imgf)) {
-                            winograd::forward_group(&plan, &u, b, xg, yg, ag, scratch, &mut wins);
+                    let chunks = yr.chunks_mut(group * out).zip(ar.chunks_mut(group * out));
+                    with_scratch(floats, |scratch| {
+                        for ((yg, ag), xg) in chunks.zip(xr.chunks(group * imgf)) {
+                            wg.forward_group(b, xg, yg, ag, scratch, &mut wins);
                         }
                     });
                 });
@@ -428,7 +463,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let (gf, xf) = if padded { (frame.geometry(), &self.padded[..]) } else { (g, xs) };
         assert_eq!(xf.len(), n * c * gf.h * gf.w, "ConvReluPool: the forward did not keep the padded images");
         let imgf = c * gf.h * gf.w;
-        let wplan = (algo == ConvAlgo::Winograd).then(|| WinogradBackward::new(&gf, wt, oc, n));
+        let wplan = (algo == ConvAlgo::Winograd).then(|| Winograd::new(&gf, wt, oc, n, false));
         let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&gf));
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
@@ -438,7 +473,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
                 let mut db = zero_vec(oc);
                 if let Some(wplan) = &wplan {
                     // By the adjoint of a Winograd forward (`winograd.rs`, or on large maps
-                    // `winograd4.rs`: see `WinogradBackward`), a group at a time, in this
+                    // `winograd4.rs`: see `Winograd`), a group at a time, in this
                     // thread's scratch (`tensor::with_scratch`).
                     let mut mw = zero_vec(wplan.xi() * oc * c);
                     // A padded conv's dx comes back padded, then loses its border.

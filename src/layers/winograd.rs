@@ -3,8 +3,9 @@
 //! multiplications than im2col + GEMM. Its 2x2 output tiles are exactly the pooling windows, so
 //! each tile is pooled the moment it is formed. The backward (dW and dx) is the same algorithm
 //! run in reverse, on the same tiles (see "Backward" below). `conv_block.rs` runs both for
-//! every block but the first (the backward of large maps by `winograd4.rs`'s F(4x4, 3x3)
-//! instead); the results agree with its im2col + GEMM path up to rounding, and pick the same
+//! every block but the first, except on large maps, where `winograd4.rs`'s F(4x4, 3x3) takes
+//! the backward (2x2 tiles of four windows or more) and the forward (4x4 tiles or more)
+//! instead; the results agree with its im2col + GEMM path up to rounding, and pick the same
 //! winners (tests check it).
 //!
 //! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
@@ -36,7 +37,7 @@
 use rayon::prelude::*;
 
 use super::conv2d::ConvGeometry;
-use super::conv_block::{conv3x3_pool2, DEAD};
+use super::conv_block::{conv3x3_pool2, pool_window, DEAD};
 use super::gemm::{gemm_nn, gemm_nt};
 use super::{Conv2d, MaxPool2d};
 use crate::tensor::{sum, zero_vec, Float};
@@ -206,7 +207,7 @@ pub(super) fn multiply<T: Float>(p: &Plan, u: &[T], v: &[T], n: usize, m: &mut [
 /// where an image has only 4 tiles (the last reference block; per image it was scalar code,
 /// a third of that block's forward).
 #[inline(always)]
-#[allow(clippy::too_many_arguments, clippy::neg_cmp_op_on_partial_ord)]
+#[allow(clippy::too_many_arguments)]
 fn transform_output<T: Float>(
     p: &Plan,
     m: &[T],
@@ -225,16 +226,7 @@ fn transform_output<T: Float>(
         let s: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * n..][..n]);
         let bias = b[o];
         for k in 0..n {
-            let [c00, c01, c10, c11] = tile_outputs(&s, k, bias);
-            let (mut best, mut off) = (c00, offs[0]);
-            for (v, d) in [(c01, offs[1]), (c10, offs[2]), (c11, offs[3])] {
-                let take = !(v <= best);
-                best = if take { v } else { best };
-                off = if take { d } else { off };
-            }
-            let dead = best <= T::zero();
-            vals[k] = if dead { T::zero() } else { best };
-            wins[k] = if dead { DEAD } else { off };
+            (vals[k], wins[k]) = pool_window(tile_outputs(&s, k, bias), offs);
         }
         for i in 0..gs {
             let at = (i * p.oc + o) * t;

@@ -1,13 +1,16 @@
-//! The fused block's backward by Winograd's F(4x4, 3x3) (Lavin & Gray, 2015): dW, db and dx
-//! of Conv2d(C -> OC, 3x3, stride 1, no padding) + ReLU + MaxPool2d(2, 2), given the winners
-//! of its forward. `winograd.rs` computes the forward (and, on small maps, this backward too)
-//! by F(2x2, 3x3); this file is the same algorithm with 4x4 output tiles, for the backward on
-//! maps large enough to fill them (`pays`), where it does 1.78 times fewer multiplies. The
+//! The fused block by Winograd's F(4x4, 3x3) (Lavin & Gray, 2015): Conv2d(C -> OC, 3x3,
+//! stride 1, no padding) + ReLU + MaxPool2d(2, 2), on maps large enough to fill 4x4 output
+//! tiles, where it does 1.78 times fewer multiplies than `winograd.rs`'s F(2x2, 3x3): this
+//! file is the same algorithm with 4x4 tiles. The backward (dW, db and dx, given the winners
+//! of the forward) runs here on maps of at least 2x2 tiles (`pays`); the forward on maps of
+//! at least 4x4 tiles (`pays_forward`); `conv_block.rs` picks each way on its own. The
 //! gradients are those of the convolution itself, however the forward rounded its values: the
 //! winners are the only thing the backward takes from it. Measured against F(2x2) (AMD Zen 4,
 //! benches/README.md): the backward of the reference's second and third blocks takes about a
-//! third less time (21.9 -> 14.9 and 13.2 -> 8.5 ms); the forward was not faster (the output transform's traffic eats the saving), and
-//! on the last block (one 4x4 tile per image) both ways were slower, so neither uses it.
+//! third less time (21.9 -> 14.9 and 13.2 -> 8.5 ms); the forward of the second (7x7 tiles)
+//! a tenth to a sixth less, of the third (3x3 tiles) no less (its output transform, 16
+//! outputs from 36 products per tile, costs what the GEMMs save), and on the last block (one
+//! tile per image) both ways were slower, so neither uses it.
 //!
 //! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
 //! (OH/2, OW/2). Tile (i, j) is conv rows 4i .. 4i+4 and columns 4j .. 4j+4, that is pooling
@@ -47,7 +50,7 @@
 use rayon::prelude::*;
 
 use super::conv2d::ConvGeometry;
-use super::conv_block::{sum_live, DEAD};
+use super::conv_block::{pool_window, sum_live, DEAD};
 use super::gemm::{gemm_nn, gemm_nt};
 use crate::tensor::{zero_vec, Float};
 
@@ -207,6 +210,151 @@ fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usiz
         }
     }
 }
+
+/// A^T applied to six values m: four conv outputs along a row or column of a tile.
+#[inline(always)]
+fn at6<T: Float>(m: [T; 6]) -> [T; 4] {
+    let (p12, m12, p34, m34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+    [m[0] + p12 + p34, m12 + T::f(2.0) * m34, p12 + T::f(4.0) * p34, m12 + T::f(8.0) * m34 + m[5]]
+}
+
+/// For each tile k of the runs s[xi] = M[xi] of one filter: its 16 conv outputs A^T M A plus
+/// the bias, and its four windows (wi, wj) pooled (`pool_window`) into vals[2wi + wj][k] and
+/// wins[2wi + wj][k]. Eight output slices, each its own argument (so the compiler knows they
+/// do not overlap, and the loop over the tiles is a vector loop).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pool_tiles<T: Float>(
+    s: &[&[T]; XI],
+    bias: T,
+    offs: [u32; 4],
+    v0: &mut [T],
+    v1: &mut [T],
+    v2: &mut [T],
+    v3: &mut [T],
+    w0: &mut [u32],
+    w1: &mut [u32],
+    w2: &mut [u32],
+    w3: &mut [u32],
+) {
+    let n = v0.len();
+    let (v1, v2, v3, w0, w1, w2, w3) =
+        (&mut v1[..n], &mut v2[..n], &mut v3[..n], &mut w0[..n], &mut w1[..n], &mut w2[..n], &mut w3[..n]);
+    for k in 0..n {
+        // u = A^T M (4x6), column by column; then the outputs u A (4x4), row by row (written
+        // out: closures or `array::from_fn` here are not always inlined, and then the loop is
+        // not vectorised).
+        let u0 = at6([s[0][k], s[6][k], s[12][k], s[18][k], s[24][k], s[30][k]]);
+        let u1 = at6([s[1][k], s[7][k], s[13][k], s[19][k], s[25][k], s[31][k]]);
+        let u2 = at6([s[2][k], s[8][k], s[14][k], s[20][k], s[26][k], s[32][k]]);
+        let u3 = at6([s[3][k], s[9][k], s[15][k], s[21][k], s[27][k], s[33][k]]);
+        let u4 = at6([s[4][k], s[10][k], s[16][k], s[22][k], s[28][k], s[34][k]]);
+        let u5 = at6([s[5][k], s[11][k], s[17][k], s[23][k], s[29][k], s[35][k]]);
+        let y0 = at6([u0[0], u1[0], u2[0], u3[0], u4[0], u5[0]]);
+        let y1 = at6([u0[1], u1[1], u2[1], u3[1], u4[1], u5[1]]);
+        let y2 = at6([u0[2], u1[2], u2[2], u3[2], u4[2], u5[2]]);
+        let y3 = at6([u0[3], u1[3], u2[3], u3[3], u4[3], u5[3]]);
+        (v0[k], w0[k]) = pool_window([y0[0] + bias, y0[1] + bias, y1[0] + bias, y1[1] + bias], offs);
+        (v1[k], w1[k]) = pool_window([y0[2] + bias, y0[3] + bias, y1[2] + bias, y1[3] + bias], offs);
+        (v2[k], w2[k]) = pool_window([y2[0] + bias, y2[1] + bias, y3[0] + bias, y3[1] + bias], offs);
+        (v3[k], w3[k]) = pool_window([y2[2] + bias, y2[3] + bias, y3[2] + bias, y3[3] + bias], offs);
+    }
+}
+
+/// Whether the forward pays by F(4x4) rather than F(2x2) on a block whose unpadded conv has
+/// geometry `g`: the backward's condition (`pays`), on maps of at least 4x4 tiles (on the
+/// reference's third block, 3x3 tiles, it was no faster: see the header).
+pub fn pays_forward(g: &ConvGeometry) -> bool {
+    pays(g) && (g.oh / 2).div_ceil(2) >= 4 && (g.ow / 2).div_ceil(2) >= 4
+}
+
+/// Floats of scratch for one group's forward: V (36, C, n), M (36, OC, n), one filter's
+/// pooled values (4 windows, n), and the row transform. The winners take 4n u32s.
+pub fn forward_scratch(p: &Plan) -> usize {
+    let n = p.group * p.tiles();
+    XI * (p.c + p.oc) * n + 4 * n + p.rows_scratch()
+}
+
+/// Forward for a group of images by F(4x4, 3x3): xs (G, C, H, W) -> y (G, OC, PH, PW) and
+/// the winners, given `u` from `transform_weights`; `scratch` of `forward_scratch` floats and
+/// `wins` of 4 x G x T. Per tile: M[xi] = U[xi] V[xi] (36 GEMMs), its 16 conv outputs
+/// A^T M A + bias, and its four windows pooled with the ReLU exactly as `conv_block.rs` pools
+/// (candidates in row-major order, a later one wins only if `!(v <= best)`, dead if the best
+/// is <= 0); the windows an odd PH or PW leaves out are computed (from zero pixels) and dropped.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_group_impl<T: Float>(
+    p: &Plan,
+    u: &[T],
+    b: &[T],
+    xs: &[T],
+    y: &mut [T],
+    arg: &mut [u32],
+    scratch: &mut [T],
+    wins: &mut [u32],
+) {
+    let (img, t, plane) = (p.c * p.h * p.w, p.tiles(), p.ph * p.pw);
+    let gs = xs.len() / img;
+    let n = gs * t; // columns of V and M: every tile of the group
+    let (v, rest) = scratch.split_at_mut(XI * p.c * n);
+    let (m, rest) = rest.split_at_mut(XI * p.oc * n);
+    let (vals, rows) = rest.split_at_mut(4 * n);
+    for (i, x) in xs.chunks_exact(img).enumerate() {
+        transform_input(p, x, v, n, i * t, rows);
+    }
+    for xi in 0..XI {
+        let (uk, vk, mk) = (&u[xi * p.c..], &v[xi * p.c * n..][..p.c * n], &mut m[xi * p.oc * n..][..p.oc * n]);
+        gemm_nn(p.oc, n, p.c, uk, XI * p.c, 1, vk, mk); // M[xi] = U[xi] V[xi]
+    }
+    let offs = [0, 1, p.ow as u32, p.ow as u32 + 1];
+    let wins = &mut wins[..4 * n];
+    for o in 0..p.oc {
+        // s[6a + b]: M[6a + b] for this filter, as a run over the group's tiles.
+        let s: [&[T]; XI] = std::array::from_fn(|xi| &m[(xi * p.oc + o) * n..][..n]);
+        let bias = b[o];
+        let (v01, v23) = vals.split_at_mut(2 * n);
+        let ((v0, v1), (v2, v3)) = (v01.split_at_mut(n), v23.split_at_mut(n));
+        let (w01, w23) = wins.split_at_mut(2 * n);
+        let ((w0, w1), (w2, w3)) = (w01.split_at_mut(n), w23.split_at_mut(n));
+        pool_tiles(&s, bias, offs, v0, v1, v2, v3, w0, w1, w2, w3);
+        // Each window to its place in its image: pooled row pi = 2ti + wi interleaves the
+        // windows (wi, 0) and (wi, 1) of tile row ti.
+        for i in 0..gs {
+            let at = (i * p.oc + o) * plane;
+            let (yo, ao) = (&mut y[at..at + plane], &mut arg[at..at + plane]);
+            for (pi, (yr, ar)) in yo.chunks_exact_mut(p.pw).zip(ao.chunks_exact_mut(p.pw)).enumerate() {
+                let from = i * t + (pi / 2) * p.tw;
+                let run = |win: usize| from + win * n..from + win * n + p.tw;
+                let (a, b) = (2 * (pi % 2), 2 * (pi % 2) + 1);
+                let (va, vb, wa, wb) = (&vals[run(a)], &vals[run(b)], &wins[run(a)], &wins[run(b)]);
+                let top = (2 * pi * p.ow) as u32; // the conv row of the windows' top-left
+                for (j, (yy, aa)) in yr.chunks_mut(2).zip(ar.chunks_mut(2)).enumerate() {
+                    let corner = top + 4 * j as u32;
+                    yy[0] = va[j];
+                    aa[0] = if wa[j] == DEAD { DEAD } else { corner + wa[j] };
+                    if let (Some(y1), Some(a1)) = (yy.get_mut(1), aa.get_mut(1)) {
+                        *y1 = vb[j];
+                        *a1 = if wb[j] == DEAD { DEAD } else { corner + 2 + wb[j] };
+                    }
+                }
+            }
+        }
+    }
+}
+
+vector_builds!(
+    /// Forward for a group of images (see `forward_group_impl`), in the widest build the CPU runs.
+    pub fn forward_group / forward_group_on = forward_group_impl(
+        p: &Plan,
+        u: &[T],
+        b: &[T],
+        xs: &[T],
+        y: &mut [T],
+        arg: &mut [u32],
+        scratch: &mut [T],
+        wins: &mut [u32],
+    )
+);
 
 /// A applied to four values y (a column of A^T's transpose): six values of Z's row or column.
 #[inline(always)]
@@ -461,6 +609,77 @@ mod tests {
         assert!(!takes(1, 8) && !takes(8, 1) && takes(8, 4));
     }
 
+    /// Which maps take the F(4x4) forward: those that take its backward, with at least 4x4
+    /// tiles (the reference's second block, 7x7 tiles, does; its third, 3x3, does not).
+    #[test]
+    fn forward_pays_on_maps_of_4x4_tiles() {
+        let takes = |ph: usize, pw: usize| pays_forward(&ConvGeometry::new(2, 2 * ph + 2, 2 * pw + 2, 3, 3, 1, 0));
+        assert!(takes(14, 14) && takes(8, 8) && takes(7, 8) && takes(8, 7));
+        assert!(!takes(6, 6) && !takes(6, 14) && !takes(14, 6) && !takes(2, 2));
+        // 4 tiles high but wasting too much for `pays`: one window wide.
+        assert!(!takes(8, 1) && !takes(1, 8));
+    }
+
+    /// The shapes that take the F(4x4) forward (the reference's second block; odd pooled
+    /// sizes, whose last tiles' windows are dropped; one filter; 361 windows per image), as
+    /// a block computes them: y and the winners are those of im2col + GEMM, in f64 to 1e-12
+    /// with the same winners, and in f32 close (the error printed beside F(2x2)'s).
+    #[test]
+    fn forward_matches_the_gemm_path() {
+        let shapes = [(3, 32, 64, 31, 31), (2, 3, 5, 17, 19), (5, 2, 3, 19, 16), (4, 3, 1, 18, 18), (4, 2, 3, 40, 40)];
+        for (n, c, oc, h, w) in shapes {
+            let shape = [n, c, h, w];
+            assert!(pays_forward(&ConvGeometry::new(c, h, w, 3, 3, 1, 0)), "{shape:?} should take F(4x4)");
+            let x = from_vec(&shape, fill::<f64>(n * c * h * w, 7));
+            let (mut a, mut b) = (block::<f64>(c, oc, true), block::<f64>(c, oc, false));
+            let (ya, yb) = (a.forward(&x, Ctx::eval()), b.forward(&x, Ctx::eval()));
+            let e = rel(slice(&yb), slice(&ya));
+            assert!(e < 1e-12, "f64 {shape:?} y: {e:.2e}");
+            assert_eq!(a.winners(), b.winners(), "f64 {shape:?}: the winners");
+            assert!(
+                slice(&ya).contains(&0.0) && slice(&ya).iter().any(|&v| v > 0.0),
+                "{shape:?}: dead and live windows"
+            );
+
+            // f32: against the f64 GEMM path on the same numbers, beside F(2x2)'s error.
+            let x32 = fill::<f32>(n * c * h * w, 7);
+            let mut b = block::<f64>(c, oc, false);
+            b.conv.weight.value =
+                from_vec(&[oc, c, 3, 3], fill::<f32>(oc * c * 9, 5).iter().map(|&v| v as f64).collect());
+            b.conv.bias.value = from_vec(&[oc], fill::<f32>(oc, 6).iter().map(|&v| v as f64).collect());
+            let want = b.forward(&from_vec(&shape, x32.iter().map(|&v| v as f64).collect()), Ctx::eval());
+            let g = ConvGeometry::new(c, h, w, 3, 3, 1, 0);
+            let (wt, bias) = (fill::<f32>(oc * c * 9, 5), fill::<f32>(oc, 6));
+            let (out, img) = (want.len() / n, c * h * w);
+            let (mut y4, mut a4) = (vec![0.0f32; want.len()], vec![0u32; want.len()]);
+            let p = Plan::new(&g, oc, n);
+            let u = transform_weights(&p, &wt);
+            let (mut s, mut wins) = (vec![0.0; forward_scratch(&p)], vec![0; 4 * p.group * p.tiles()]);
+            for first in (0..n).step_by(p.group) {
+                let gs = p.group.min(n - first);
+                let (yg, ag) = (&mut y4[first * out..][..gs * out], &mut a4[first * out..][..gs * out]);
+                forward_group(&p, &u, &bias, &x32[first * img..][..gs * img], yg, ag, &mut s, &mut wins);
+            }
+            let (mut y2, mut a2) = (vec![0.0f32; want.len()], vec![0u32; want.len()]);
+            let p = winograd::Plan::new(&g, oc, n);
+            let u = winograd::transform_weights(&p, &wt);
+            let (mut s, mut wins) = (vec![0.0; p.forward_scratch()], vec![0; p.group * p.tiles()]);
+            for first in (0..n).step_by(p.group) {
+                let gs = p.group.min(n - first);
+                let (yg, ag) = (&mut y2[first * out..][..gs * out], &mut a2[first * out..][..gs * out]);
+                winograd::forward_group(&p, &u, &bias, &x32[first * img..][..gs * img], yg, ag, &mut s, &mut wins);
+            }
+            let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            let (e4, e2) = (rel(slice(&want), &f64s(&y4)), rel(slice(&want), &f64s(&y2)));
+            eprintln!("f32 {shape:?} forward y: F(4x4) {e4:.1e}, F(2x2) {e2:.1e}");
+            assert!(e4 < 1e-5, "f32 {shape:?} y: F(4x4) off by {e4:.2e} of the largest");
+            // Where a window's two best values are closer than the rounding, the winner may
+            // differ; that is all that may.
+            let differ = a4.iter().zip(&a2).filter(|(a, b)| a != b).count();
+            assert!(differ * 1000 <= a4.len(), "f32 {shape:?}: {differ} of {} winners differ", a4.len());
+        }
+    }
+
     /// Each shape takes this backward, and a block's gradients by it are those of im2col +
     /// GEMM (the forward, F(2x2), picks the same winners in f64): dx, dW and db.
     #[test]
@@ -622,6 +841,19 @@ mod tests {
         let y = b.forward(&from_vec(&[n, c, h, w], x.clone()), Ctx::eval());
         let (arg, dy) = (b.winners().to_vec(), fill::<f32>(y.len(), 4));
         assert!(arg.contains(&DEAD) && arg.iter().any(|&a| a != DEAD), "dead and live windows");
+        // The forward, with a NaN pixel (its windows' values must be NaN both ways).
+        let (bias, mut xn) = (fill::<f32>(oc, 2), x.clone());
+        xn[17] = f32::NAN;
+        let out = n * oc * p.ph * p.pw;
+        let (mut s, mut wins) = (vec![0.0; forward_scratch(&p)], vec![0; 4 * n * p.tiles()]);
+        let (mut y1, mut a1, mut y2, mut a2) = (vec![0.0; out], vec![0; out], vec![0.0; out], vec![0; out]);
+        forward_group_on(build, &p, &u, &bias, &xn, &mut y1, &mut a1, &mut s, &mut wins);
+        forward_group_impl(&p, &u, &bias, &xn, &mut y2, &mut a2, &mut s, &mut wins);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y1), bits(&y2), "{build:?} forward y");
+        assert_eq!(a1, a2, "{build:?} forward winners");
+        assert!(y1.iter().any(|v| v.is_nan()) && a1.contains(&DEAD), "a NaN window and a dead one");
+
         let mut s = vec![0.0; backward_scratch(&p)];
         let (mut mw1, mut mw2) = (vec![0.0; XI * oc * c], vec![0.0; XI * oc * c]);
         let (mut dx1, mut dx2) = (vec![0.0; n * c * h * w], vec![0.0; n * c * h * w]);
