@@ -107,14 +107,14 @@ pub fn gemm_nn<T: Float>(m: usize, n: usize, k: usize, a: &[T], rsa: usize, csa:
 /// # Safety
 /// T must be f32.
 #[cfg(target_arch = "x86_64")]
-unsafe fn f32s<T: Float>(s: &[T]) -> &[f32] {
+pub(super) unsafe fn f32s<T: Float>(s: &[T]) -> &[f32] {
     std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len())
 }
 
 /// # Safety
 /// T must be f32.
 #[cfg(target_arch = "x86_64")]
-unsafe fn f32s_mut<T: Float>(s: &mut [T]) -> &mut [f32] {
+pub(super) unsafe fn f32s_mut<T: Float>(s: &mut [T]) -> &mut [f32] {
     std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len())
 }
 

@@ -165,6 +165,91 @@ pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
     u
 }
 
+/// B^T along one input row for every tile column j < TW: dst[b * plane + at + j] = (B^T d)[b]
+/// with d = row[4j .. 4j + 6] (`row` holds 4*TW + 2 pixels). By the AVX-512 kernel below
+/// where `gemm::kernels_run` (seven tiles per step, with the same operations in the same
+/// order, so the same bits), else one tile at a time: a row has too few tiles (7 in the
+/// reference) for the compiler's vector loop, and this was two thirds of the transform.
+#[inline(always)]
+fn row_transform<T: Float>(row: &[T], tw: usize, dst: &mut [T], plane: usize, at: usize) {
+    assert!(row.len() >= 4 * tw + 2 && (tw == 0 || dst.len() >= 5 * plane + at + tw), "row_transform: short slices");
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::kernels_run::<T>() {
+        // SAFETY: T is f32 (`kernels_run`) and the CPU has AVX-512F; the lengths were checked.
+        unsafe { avx512::row_transform(super::gemm::f32s(row), tw, super::gemm::f32s_mut(dst), plane, at) };
+        return;
+    }
+    row_transform_portable(row, tw, dst, plane, at);
+}
+
+/// `row_transform` one tile at a time: the definition the kernel is tested against.
+#[inline(always)]
+fn row_transform_portable<T: Float>(row: &[T], tw: usize, dst: &mut [T], plane: usize, at: usize) {
+    for j in 0..tw {
+        let d = &row[4 * j..][..6];
+        let rt = bt6([d[0], d[1], d[2], d[3], d[4], d[5]]);
+        for (b, v) in rt.into_iter().enumerate() {
+            dst[b * plane + at + j] = v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Tiles per step: tile j of a step reads pixels 4j .. 4j + 6 of the 32 in two registers.
+    const STEP: usize = 7;
+
+    /// `row_transform` for f32, seven tiles at a time: the step's 30 pixels in two registers
+    /// (masked loads: nothing past the row is read), the six taps of each tile gathered into
+    /// lanes by `permutex2var`, `bt6` on the lanes, and masked stores of the step's tiles.
+    ///
+    /// # Safety
+    /// `row` holds at least 4 tw + 2 floats, `dst` at least 5 plane + at + tw.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_transform(row: &[f32], tw: usize, dst: &mut [f32], plane: usize, at: usize) {
+        // Lane j of tap q reads pixel 4j + q (lanes past the step's tiles are not stored).
+        let tap =
+            |q: i32| _mm512_setr_epi32(q, 4 + q, 8 + q, 12 + q, 16 + q, 20 + q, 24 + q, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        let idx = [tap(0), tap(1), tap(2), tap(3), tap(4), tap(5)];
+        let (four, two, five) = (_mm512_set1_ps(4.0), _mm512_set1_ps(2.0), _mm512_set1_ps(5.0));
+        let lanes = |k: usize| -> u16 { ((1u32 << k.min(16)) - 1) as u16 };
+        let mut j0 = 0;
+        while j0 < tw {
+            let tiles = (tw - j0).min(STEP);
+            let len = 4 * tiles + 2; // pixels this step reads
+            let src = row.as_ptr().add(4 * j0);
+            let lo = _mm512_maskz_loadu_ps(lanes(len), src);
+            let hi = _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.add(16));
+            let d = [
+                _mm512_permutex2var_ps(lo, idx[0], hi),
+                _mm512_permutex2var_ps(lo, idx[1], hi),
+                _mm512_permutex2var_ps(lo, idx[2], hi),
+                _mm512_permutex2var_ps(lo, idx[3], hi),
+                _mm512_permutex2var_ps(lo, idx[4], hi),
+                _mm512_permutex2var_ps(lo, idx[5], hi),
+            ];
+            // bt6, operation for operation.
+            let (s34, d42, d31) = (_mm512_add_ps(d[3], d[4]), _mm512_sub_ps(d[4], d[2]), _mm512_sub_ps(d[3], d[1]));
+            let two31 = _mm512_mul_ps(two, d31);
+            let r = [
+                _mm512_add_ps(_mm512_sub_ps(_mm512_mul_ps(four, d[0]), _mm512_mul_ps(five, d[2])), d[4]),
+                _mm512_sub_ps(s34, _mm512_mul_ps(four, _mm512_add_ps(d[1], d[2]))),
+                _mm512_add_ps(_mm512_sub_ps(d[4], d[3]), _mm512_mul_ps(four, _mm512_sub_ps(d[1], d[2]))),
+                _mm512_add_ps(d42, two31),
+                _mm512_sub_ps(d42, two31),
+                _mm512_add_ps(_mm512_sub_ps(_mm512_mul_ps(four, d[1]), _mm512_mul_ps(five, d[3])), d[5]),
+            ];
+            let dst = dst.as_mut_ptr().add(at + j0);
+            for (b, v) in r.into_iter().enumerate() {
+                _mm512_mask_storeu_ps(dst.add(b * plane), lanes(tiles), v);
+            }
+            j0 += tiles;
+        }
+    }
+}
+
 /// V (36, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
 /// scratch for one channel's row transform, `plan.rows_scratch()` floats.
 ///
@@ -187,15 +272,7 @@ fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usiz
             } else {
                 pad[..cols_in].fill(T::zero());
             }
-            let dst = &mut r4[(r % 4) * 6 * plane..][..6 * plane];
-            let row = (r / 4) * tw;
-            for j in 0..tw {
-                let d = &pad[4 * j..][..6];
-                let rt = bt6([d[0], d[1], d[2], d[3], d[4], d[5]]);
-                for (b, v) in rt.into_iter().enumerate() {
-                    dst[b * plane + row + j] = v;
-                }
-            }
+            row_transform(&pad[..4 * tw + 2], tw, &mut r4[(r % 4) * 6 * plane..][..6 * plane], plane, (r / 4) * tw);
         }
         for b in 0..6 {
             let run = |q: usize, next: usize| &r4[(q * 6 + b) * plane + next * tw..][..t];
@@ -607,6 +684,42 @@ mod tests {
         // A map one window high (or wide) leaves half of every tile empty: 1x8 pooled is 4
         // tiles, 576 products for 8 windows. 8x4 is 8 full tiles.
         assert!(!takes(1, 8) && !takes(8, 1) && takes(8, 4));
+    }
+
+    /// The AVX-512 row transform gives the portable one's bits for rows of 1 to 23 tiles (one
+    /// to four steps of seven, full and partial), reads nothing past the row (NaN there) and
+    /// writes nothing but the row's tiles (NaN guards around them stay).
+    #[test]
+    fn row_kernel_matches_portable_bit_for_bit() {
+        if !crate::layers::gemm::kernels_run::<f32>() {
+            crate::layers::skip_unless_required(
+                "AVX512",
+                "no AVX-512F and FMA on this CPU: the row kernel is not checked",
+            );
+            return;
+        }
+        for tw in 1..=23 {
+            let len = 4 * tw + 2;
+            let mut buf = fill::<f32>(len + 16, tw as u64);
+            buf[len..].fill(f32::NAN); // past the row
+            let (plane, at) = (tw + 9, 3);
+            let run = |f: fn(&[f32], usize, &mut [f32], usize, usize)| {
+                let mut dst = vec![f32::NAN; 6 * plane];
+                f(&buf[..len], tw, &mut dst, plane, at);
+                dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let (kernel, portable) = (run(row_transform::<f32>), run(row_transform_portable::<f32>));
+            assert_eq!(kernel, portable, "{tw} tiles");
+            for b in 0..6 {
+                let written = &portable[b * plane..][..plane];
+                let nan = |v: &u32| f32::from_bits(*v).is_nan();
+                assert!(written[..at].iter().all(nan) && written[at + tw..].iter().all(nan), "{tw} tiles: guards");
+                assert!(
+                    !written[at..at + tw].iter().any(nan),
+                    "{tw} tiles: every tile written, nothing past the row read"
+                );
+            }
+        }
     }
 
     /// Which maps take the F(4x4) forward: those that take its backward, with at least 4x4
