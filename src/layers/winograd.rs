@@ -115,6 +115,97 @@ pub fn transform_weights<T: Float>(p: &Plan, w: &[T]) -> Vec<T> {
     u
 }
 
+/// B^T along one input row for every tile column j < PW: dst[b * plane + at + j] = (B^T d)[b]
+/// with d = row[2j .. 2j + 4] (`row` holds 2*PW + 2 pixels): d0 - d2, d1 + d2, d2 - d1,
+/// d1 - d3. By the AVX-512 kernel below where `gemm::kernels_run` (fifteen tiles per step, the
+/// same operations, so the same bits), else one tile at a time: a row has too few tiles (14, 6
+/// and 2 in the reference) for the compiler's vector loop.
+#[inline(always)]
+fn row_transform<T: Float>(row: &[T], pw: usize, dst: &mut [T], plane: usize, at: usize) {
+    assert!(row.len() >= 2 * pw + 2 && (pw == 0 || dst.len() >= 3 * plane + at + pw), "row_transform: short slices");
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::kernels_run::<T>() {
+        // SAFETY: T is f32 (`kernels_run`) and the CPU has AVX-512F; the lengths were checked.
+        unsafe { avx512::row_transform(super::gemm::f32s(row), pw, super::gemm::f32s_mut(dst), plane, at) };
+        return;
+    }
+    row_transform_portable(row, pw, dst, plane, at);
+}
+
+/// `row_transform` one tile at a time: the definition the kernel is tested against.
+#[inline(always)]
+fn row_transform_portable<T: Float>(row: &[T], pw: usize, dst: &mut [T], plane: usize, at: usize) {
+    let (r0, rest) = dst[at..].split_at_mut(plane);
+    let (r1, rest) = rest.split_at_mut(plane);
+    let (r2, r3) = rest.split_at_mut(plane);
+    // Iterators rather than indices: no bounds check per element.
+    let outs = r0[..pw].iter_mut().zip(&mut r1[..pw]).zip(r2[..pw].iter_mut().zip(&mut r3[..pw]));
+    for (((o0, o1), (o2, o3)), (a, b)) in outs.zip(row.chunks_exact(2).zip(row[2..].chunks_exact(2))) {
+        let (d0, d1, d2, d3) = (a[0], a[1], b[0], b[1]);
+        (*o0, *o1, *o2, *o3) = (d0 - d2, d1 + d2, d2 - d1, d1 - d3);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Tiles per step: tile j of a step reads pixels 2j .. 2j + 4 of the 32 in two registers.
+    const STEP: usize = 15;
+
+    /// `row_transform` for f32, fifteen tiles at a time: the step's pixels in two registers
+    /// (masked loads: nothing past the row is read), each tile's four taps gathered into lanes
+    /// by `permutex2var`, and masked stores of the step's tiles.
+    ///
+    /// # Safety
+    /// `row` holds at least 2 pw + 2 floats, `dst` at least 3 plane + at + pw.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_transform(row: &[f32], pw: usize, dst: &mut [f32], plane: usize, at: usize) {
+        // Lane j of tap q reads pixel 2j + q (lane 15, past the step's tiles, is not stored).
+        let tap = |q: i32| {
+            let l = |j: i32| 2 * j + q;
+            _mm512_setr_epi32(
+                l(0),
+                l(1),
+                l(2),
+                l(3),
+                l(4),
+                l(5),
+                l(6),
+                l(7),
+                l(8),
+                l(9),
+                l(10),
+                l(11),
+                l(12),
+                l(13),
+                l(14),
+                0,
+            )
+        };
+        let idx = [tap(0), tap(1), tap(2), tap(3)];
+        let lanes = |k: usize| -> u16 { ((1u32 << k.min(16)) - 1) as u16 };
+        let mut j0 = 0;
+        while j0 < pw {
+            let tiles = (pw - j0).min(STEP);
+            let len = 2 * tiles + 2; // pixels this step reads
+            let src = row.as_ptr().add(2 * j0);
+            let lo = _mm512_maskz_loadu_ps(lanes(len), src);
+            let hi = _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.add(16));
+            let d0 = _mm512_permutex2var_ps(lo, idx[0], hi);
+            let d1 = _mm512_permutex2var_ps(lo, idx[1], hi);
+            let d2 = _mm512_permutex2var_ps(lo, idx[2], hi);
+            let d3 = _mm512_permutex2var_ps(lo, idx[3], hi);
+            let r = [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
+            let dst = dst.as_mut_ptr().add(at + j0);
+            for (b, v) in r.into_iter().enumerate() {
+                _mm512_mask_storeu_ps(dst.add(b * plane), lanes(tiles), v);
+            }
+            j0 += tiles;
+        }
+    }
+}
+
 /// V (16, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
 /// scratch for one channel's row transform, 8 * (PH+1) * PW floats.
 ///
@@ -133,17 +224,7 @@ pub(super) fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usiz
         for r in 0..2 * p.ph + 2 {
             let xr = &xc[r * p.w..][..2 * pw + 2];
             let dst = if r % 2 == 0 { &mut *re } else { &mut *ro };
-            let row = (r / 2) * pw;
-            let (r0, rest) = dst[row..].split_at_mut(half);
-            let (r1, rest) = rest.split_at_mut(half);
-            let (r2, r3) = rest.split_at_mut(half);
-            // Iterators rather than indices: no bounds check per element (a row has PW < 16
-            // tiles in the reference, too few for a vector loop, so this runs as scalar code).
-            let outs = r0[..pw].iter_mut().zip(&mut r1[..pw]).zip(r2[..pw].iter_mut().zip(&mut r3[..pw]));
-            for (((o0, o1), (o2, o3)), (a, b)) in outs.zip(xr.chunks_exact(2).zip(xr[2..].chunks_exact(2))) {
-                let (d0, d1, d2, d3) = (a[0], a[1], b[0], b[1]);
-                (*o0, *o1, *o2, *o3) = (d0 - d2, d1 + d2, d2 - d1, d1 - d3);
-            }
+            row_transform(xr, pw, dst, half, (r / 2) * pw);
         }
         for b in 0..4 {
             let (e0, e1) = (&re[b * half..][..t], &re[b * half + pw..][..t]); // rows 2i, 2i+2
@@ -570,6 +651,42 @@ pub(super) mod tests {
             let (ya, yb) = (a.forward(&x32, Ctx::eval()), b.forward(&x32, Ctx::eval()));
             assert!(rel(slice(&yb), slice(&ya)) < 1e-5, "f32 {shape:?}: {:.2e}", rel(slice(&yb), slice(&ya)));
             assert!(slice(&ya).iter().any(|&v| v > 0.0) && slice(&ya).contains(&0.0), "live and dead windows");
+        }
+    }
+
+    /// The AVX-512 row transform gives the portable one's bits for rows of 1 to 47 tiles (one
+    /// to four steps of fifteen, full and partial), reads nothing past the row (NaN there) and
+    /// writes nothing but the row's tiles (NaN guards around them stay).
+    #[test]
+    fn row_kernel_matches_portable_bit_for_bit() {
+        if !crate::layers::gemm::kernels_run::<f32>() {
+            crate::layers::skip_unless_required(
+                "AVX512",
+                "no AVX-512F and FMA on this CPU: the row kernel is not checked",
+            );
+            return;
+        }
+        for pw in 1..=47 {
+            let len = 2 * pw + 2;
+            let mut buf = fill::<f32>(len + 16, pw as u64);
+            buf[len..].fill(f32::NAN); // past the row
+            let (plane, at) = (pw + 9, 3);
+            let run = |f: fn(&[f32], usize, &mut [f32], usize, usize)| {
+                let mut dst = vec![f32::NAN; 4 * plane];
+                f(&buf[..len], pw, &mut dst, plane, at);
+                dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let (kernel, portable) = (run(row_transform::<f32>), run(row_transform_portable::<f32>));
+            assert_eq!(kernel, portable, "{pw} tiles");
+            for b in 0..4 {
+                let written = &portable[b * plane..][..plane];
+                let nan = |v: &u32| f32::from_bits(*v).is_nan();
+                assert!(written[..at].iter().all(nan) && written[at + pw..].iter().all(nan), "{pw} tiles: guards");
+                assert!(
+                    !written[at..at + pw].iter().any(nan),
+                    "{pw} tiles: every tile written, nothing past the row read"
+                );
+            }
         }
     }
 
