@@ -156,11 +156,12 @@ mod avx512 {
     /// `row_transform` for f32, fifteen tiles at a time: the step's pixels in two registers
     /// (masked loads: nothing past the row is read), each tile's four taps gathered into lanes
     /// by `permutex2var`, and masked stores of the step's tiles.
-    ///
-    /// # Safety
-    /// `row` holds at least 2 pw + 2 floats, `dst` at least 3 plane + at + pw.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row_transform(row: &[f32], pw: usize, dst: &mut [f32], plane: usize, at: usize) {
+    pub(super) fn row_transform(row: &[f32], pw: usize, dst: &mut [f32], plane: usize, at: usize) {
+        assert!(
+            row.len() >= 2 * pw + 2 && (pw == 0 || dst.len() >= 3 * plane + at + pw),
+            "row_transform: short slices"
+        );
         // Lane j of tap q reads pixel 2j + q (lane 15, past the step's tiles, is not stored).
         let tap = |q: i32| {
             let l = |j: i32| 2 * j + q;
@@ -189,17 +190,24 @@ mod avx512 {
         while j0 < pw {
             let tiles = (pw - j0).min(STEP);
             let len = 2 * tiles + 2; // pixels this step reads
-            let src = row.as_ptr().add(2 * j0);
-            let lo = _mm512_maskz_loadu_ps(lanes(len), src);
-            let hi = _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.add(16));
+            let src = row[2 * j0..].as_ptr();
+            // SAFETY: the masks cover the step's `len` pixels, inside `row` (asserted above); a
+            // lane the mask leaves out is not read (the second pointer may lie past the row).
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_maskz_loadu_ps(lanes(len), src),
+                    _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.wrapping_add(16)),
+                )
+            };
             let d0 = _mm512_permutex2var_ps(lo, idx[0], hi);
             let d1 = _mm512_permutex2var_ps(lo, idx[1], hi);
             let d2 = _mm512_permutex2var_ps(lo, idx[2], hi);
             let d3 = _mm512_permutex2var_ps(lo, idx[3], hi);
             let r = [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
-            let dst = dst.as_mut_ptr().add(at + j0);
+            let dst = dst[at + j0..].as_mut_ptr();
             for (b, v) in r.into_iter().enumerate() {
-                _mm512_mask_storeu_ps(dst.add(b * plane), lanes(tiles), v);
+                // SAFETY: lanes 0..tiles of row b: dst[at + j0 + b plane ..][..tiles], inside `dst`.
+                unsafe { _mm512_mask_storeu_ps(dst.add(b * plane), lanes(tiles), v) };
             }
             j0 += tiles;
         }

@@ -204,11 +204,12 @@ mod avx512 {
     /// `row_transform` for f32, seven tiles at a time: the step's 30 pixels in two registers
     /// (masked loads: nothing past the row is read), the six taps of each tile gathered into
     /// lanes by `permutex2var`, `bt6` on the lanes, and masked stores of the step's tiles.
-    ///
-    /// # Safety
-    /// `row` holds at least 4 tw + 2 floats, `dst` at least 5 plane + at + tw.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row_transform(row: &[f32], tw: usize, dst: &mut [f32], plane: usize, at: usize) {
+    pub(super) fn row_transform(row: &[f32], tw: usize, dst: &mut [f32], plane: usize, at: usize) {
+        assert!(
+            row.len() >= 4 * tw + 2 && (tw == 0 || dst.len() >= 5 * plane + at + tw),
+            "row_transform: short slices"
+        );
         // Lane j of tap q reads pixel 4j + q (lanes past the step's tiles are not stored).
         let tap =
             |q: i32| _mm512_setr_epi32(q, 4 + q, 8 + q, 12 + q, 16 + q, 20 + q, 24 + q, 0, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -219,9 +220,15 @@ mod avx512 {
         while j0 < tw {
             let tiles = (tw - j0).min(STEP);
             let len = 4 * tiles + 2; // pixels this step reads
-            let src = row.as_ptr().add(4 * j0);
-            let lo = _mm512_maskz_loadu_ps(lanes(len), src);
-            let hi = _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.add(16));
+            let src = row[4 * j0..].as_ptr();
+            // SAFETY: the masks cover the step's `len` pixels, inside `row` (asserted above); a
+            // lane the mask leaves out is not read (the second pointer may lie past the row).
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_maskz_loadu_ps(lanes(len), src),
+                    _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.wrapping_add(16)),
+                )
+            };
             let d = [
                 _mm512_permutex2var_ps(lo, idx[0], hi),
                 _mm512_permutex2var_ps(lo, idx[1], hi),
@@ -241,9 +248,10 @@ mod avx512 {
                 _mm512_sub_ps(d42, two31),
                 _mm512_add_ps(_mm512_sub_ps(_mm512_mul_ps(four, d[1]), _mm512_mul_ps(five, d[3])), d[5]),
             ];
-            let dst = dst.as_mut_ptr().add(at + j0);
+            let dst = dst[at + j0..].as_mut_ptr();
             for (b, v) in r.into_iter().enumerate() {
-                _mm512_mask_storeu_ps(dst.add(b * plane), lanes(tiles), v);
+                // SAFETY: lanes 0..tiles of row b: dst[at + j0 + b plane ..][..tiles], inside `dst`.
+                unsafe { _mm512_mask_storeu_ps(dst.add(b * plane), lanes(tiles), v) };
             }
             j0 += tiles;
         }
