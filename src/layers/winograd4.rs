@@ -256,6 +256,122 @@ mod avx512 {
             j0 += tiles;
         }
     }
+
+    /// `add_patch_row` for f32, seven tiles per step: their q runs in six registers (lane j:
+    /// tile j), B along b on the lanes, then the six outputs of each tile spread to pixels by
+    /// `permutex2var` into two 16-pixel registers: the main part (b < 4: pixel 4j + b) and the
+    /// overlap (b = 4, 5: pixel 4j + 4, 4j + 5, shared with tile j + 1). The row's pixels get the
+    /// overlap first and the main part second, as one tile after another gives them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn add_patch_row(q: [&[f32]; 6], tw: usize, row: &mut [f32]) {
+        assert!(q.iter().all(|r| r.len() >= tw), "add_patch_row: short runs");
+        // Lane p (pixel 4j + b of the step, j = p/4 + first) from source lane j of c[b]: main
+        // from c0, c1 (b = 0, 1: index j, 16 + j) and c2, c3 (b = 2, 3); the overlap at pixel
+        // 4j + 4 + b from c4, c5 (b = 0, 1) of tile j.
+        let main = |first: i32, odd: i32| {
+            let l = |p: i32| if p % 4 == odd || p % 4 == odd + 1 { (p / 4 + first) + 16 * (p % 2) } else { 0 };
+            _mm512_setr_epi32(
+                l(0),
+                l(1),
+                l(2),
+                l(3),
+                l(4),
+                l(5),
+                l(6),
+                l(7),
+                l(8),
+                l(9),
+                l(10),
+                l(11),
+                l(12),
+                l(13),
+                l(14),
+                l(15),
+            )
+        };
+        let over = |first: i32| {
+            let l = |p: i32| if p % 4 < 2 && p / 4 + first >= 1 { (p / 4 + first - 1) + 16 * (p % 2) } else { 0 };
+            _mm512_setr_epi32(
+                l(0),
+                l(1),
+                l(2),
+                l(3),
+                l(4),
+                l(5),
+                l(6),
+                l(7),
+                l(8),
+                l(9),
+                l(10),
+                l(11),
+                l(12),
+                l(13),
+                l(14),
+                l(15),
+            )
+        };
+        let (m01, m23, ov) = ([main(0, 0), main(4, 0)], [main(0, 2), main(4, 2)], [over(0), over(4)]);
+        let (four, two, five) = (_mm512_set1_ps(4.0), _mm512_set1_ps(2.0), _mm512_set1_ps(5.0));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let lanes = |k: usize| -> u16 { ((1u32 << k.min(16)) - 1) as u16 };
+        let mut j0 = 0;
+        while j0 < tw {
+            let tiles = (tw - j0).min(STEP);
+            let load = |r: &[f32]| {
+                // SAFETY: lanes 0..tiles of the run from j0, inside it (asserted above).
+                unsafe { _mm512_maskz_loadu_ps(lanes(tiles), r[j0..].as_ptr()) }
+            };
+            let m = [load(q[0]), load(q[1]), load(q[2]), load(q[3]), load(q[4]), load(q[5])];
+            // b6, operation for operation.
+            let (p12, m21, p34, m43) = (
+                _mm512_add_ps(m[1], m[2]),
+                _mm512_sub_ps(m[2], m[1]),
+                _mm512_add_ps(m[3], m[4]),
+                _mm512_sub_ps(m[4], m[3]),
+            );
+            // Negation flips the sign bit, as `-x` does (0 - x would turn -0.0 into +0.0).
+            let neg = |x: __m512| _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign));
+            let two43 = _mm512_mul_ps(two, m43);
+            let c = [
+                _mm512_mul_ps(four, m[0]),
+                _mm512_add_ps(_mm512_mul_ps(four, _mm512_add_ps(m21, m[5])), two43),
+                neg(_mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(five, m[0]), _mm512_mul_ps(four, p12)), p34)),
+                _mm512_sub_ps(_mm512_sub_ps(neg(m21), two43), _mm512_mul_ps(five, m[5])),
+                _mm512_add_ps(_mm512_add_ps(m[0], p12), p34),
+                m[5],
+            ];
+            let base = 4 * j0; // the step's first pixel
+            let valid = row.len().saturating_sub(base); // pixels of the row from there
+            for h in 0..2 {
+                // Pixels 16h .. 16h + 16 of the step: main for p < 4 tiles, overlap for
+                // p % 4 < 2, 4 <= p < 4 tiles + 4.
+                let lo = 16 * h;
+                let main_mask = lanes((4 * tiles).saturating_sub(lo));
+                let over_mask = 0x3333 & lanes((4 * tiles + 4).saturating_sub(lo)) & !lanes(4usize.saturating_sub(lo));
+                let row_mask = lanes(valid.saturating_sub(lo));
+                let touched = (main_mask | over_mask) & row_mask;
+                if touched == 0 {
+                    continue;
+                }
+                let mv = _mm512_mask_blend_ps(
+                    0xCCCC,
+                    _mm512_permutex2var_ps(c[0], m01[h], c[1]),
+                    _mm512_permutex2var_ps(c[2], m23[h], c[3]),
+                );
+                let ovv = _mm512_permutex2var_ps(c[4], ov[h], c[5]);
+                let at = row[base..].as_mut_ptr().wrapping_add(lo);
+                // SAFETY: `touched` keeps to the row's pixels (row_mask); masked-out lanes are
+                // neither read nor written.
+                unsafe {
+                    let x = _mm512_maskz_loadu_ps(touched, at);
+                    let x = _mm512_mask_add_ps(x, over_mask & row_mask, x, ovv);
+                    let x = _mm512_mask_add_ps(x, main_mask & row_mask, x, mv);
+                    _mm512_mask_storeu_ps(at, touched, x);
+                }
+            }
+            j0 += tiles;
+        }
+    }
 }
 
 /// V (36, C, ld) for one image's tiles, written at column offset `at` of each row. `rows` is
@@ -562,12 +678,12 @@ fn backward_group_impl<T: Float>(
         let mdk = &mut md[xi * p.c * n..][..p.c * n];
         gemm_nn(p.c, n, p.oc, uk, 1, XI * p.c, zk, mdk); // Md[xi] = U[xi]^T Z[xi]
     }
-    // dd = B Md B^T per tile, for each channel as runs over the group's tiles: B along a
-    // (each column b of Md), then along b (each row a). Then dd's element (a, b) of tile
-    // (i, j) is added to dx[c][4i + a][4j + b]; the patches of neighbouring tiles overlap by
-    // two. Only pixels some window reads get a share (the rest of a patch was zeros).
-    let (pa, rest) = rows.split_at_mut(XI * n); // the Z runs' scratch is free again
-    let ddr = &mut rest[..XI * n];
+    // dd = B Md B^T per tile: for each channel, B along a (each column b of Md) as runs over
+    // the group's tiles, into pa; then for each patch row a of each tile row i, B along b and
+    // the row's patches added to dx[c][4i + a] (`add_patch_row`): dd's element (a, b) of tile
+    // (i, j) lands on column 4j + b, so neighbouring patches overlap by two columns (and two
+    // rows). Only pixels some window reads get a share (the rest of a patch was zeros).
+    let pa = &mut rows[..XI * n]; // the Z runs' scratch is free again
     let (rows_in, cols_in) = (2 * p.ph + 2, 2 * p.pw + 2);
     let img_plane = p.h * p.w;
     for c in 0..p.c {
@@ -581,27 +697,45 @@ fn backward_group_impl<T: Float>(
                 (q0[k], q1[k], q2[k], q3[k], q4[k], q5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
             }
         }
-        for a in 0..6 {
-            let q = |b: usize| &pa[(6 * a + b) * n..][..n];
-            let (q0, q1, q2, q3, q4, q5) = (q(0), q(1), q(2), q(3), q(4), q(5));
-            let mut outs = ddr[6 * a * n..].chunks_mut(n); // ddr[6a + b]
-            let [d0, d1, d2, d3, d4, d5]: [&mut [T]; 6] = std::array::from_fn(|_| outs.next().unwrap());
-            for k in 0..n {
-                let v = b6([q0[k], q1[k], q2[k], q3[k], q4[k], q5[k]]);
-                (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]) = (v[0], v[1], v[2], v[3], v[4], v[5]);
-            }
-        }
         for i in 0..gs {
             let dxc = &mut dx[i * img + c * img_plane..][..img_plane];
-            for k in 0..t {
-                let (r0, c0) = (4 * (k / p.tw), 4 * (k % p.tw)); // the patch's top-left pixel
-                for a in 0..6.min(rows_in - r0) {
-                    let dst = &mut dxc[(r0 + a) * p.w + c0..][..6.min(cols_in - c0)];
-                    for (b, d) in dst.iter_mut().enumerate() {
-                        *d += ddr[(6 * a + b) * n + i * t + k];
-                    }
+            for ti in 0..p.th {
+                for a in 0..6.min(rows_in - 4 * ti) {
+                    let from = i * t + ti * p.tw; // the tile row's first tile
+                    let q = |b: usize| &pa[(6 * a + b) * n + from..][..p.tw];
+                    let row = &mut dxc[(4 * ti + a) * p.w..][..cols_in];
+                    add_patch_row([q(0), q(1), q(2), q(3), q(4), q(5)], p.tw, row);
                 }
             }
+        }
+    }
+}
+
+/// B along b for one patch row of a tile row, added to its image row: row[4j + b] +=
+/// (B q_j)[b] for j < tw, b < 6, q_j = (q[0][j], ..., q[5][j]) (one row a of B Md), tile by
+/// tile, the columns past `row` dropped. By the AVX-512 kernel below where
+/// `gemm::kernels_run` (seven tiles per step, the same sums in the same order), else one tile
+/// at a time: that scalar scatter was the F(4x4) backward's largest piece of own code.
+#[inline(always)]
+fn add_patch_row<T: Float>(q: [&[T]; 6], tw: usize, row: &mut [T]) {
+    assert!(q.iter().all(|r| r.len() >= tw), "add_patch_row: short runs");
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm::kernels_run::<T>() {
+        // SAFETY: T is f32 (`kernels_run`) and the CPU has AVX-512F.
+        unsafe { avx512::add_patch_row(q.map(|r| super::gemm::f32s(r)), tw, super::gemm::f32s_mut(row)) };
+        return;
+    }
+    add_patch_row_portable(q, tw, row);
+}
+
+/// `add_patch_row` one tile at a time: the definition the kernel is tested against. A pixel
+/// shared by tiles j - 1 and j gets j - 1's share first.
+#[inline(always)]
+fn add_patch_row_portable<T: Float>(q: [&[T]; 6], tw: usize, row: &mut [T]) {
+    for j in 0..tw {
+        let v = b6([q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j]]);
+        for (d, x) in row.iter_mut().skip(4 * j).take(6).zip(v) {
+            *d += x;
         }
     }
 }
@@ -726,6 +860,46 @@ mod tests {
                     !written[at..at + tw].iter().any(nan),
                     "{tw} tiles: every tile written, nothing past the row read"
                 );
+            }
+        }
+    }
+
+    /// The AVX-512 patch-row kernel gives the portable one's bits for rows of 1 to 23 tiles,
+    /// the row as long as its patches (4 TW + 2 pixels, PW even) or two pixels short (PW odd:
+    /// the last patch's overhang dropped), on values that overlap and on signed zeros (where
+    /// `-x` and `0 - x` differ); it writes nothing past the row (NaN guards stay).
+    #[test]
+    fn patch_row_kernel_matches_portable_bit_for_bit() {
+        if !crate::layers::gemm::kernels_run::<f32>() {
+            crate::layers::skip_unless_required(
+                "AVX512",
+                "no AVX-512F and FMA on this CPU: the patch-row kernel is not checked",
+            );
+            return;
+        }
+        for tw in 1..=23 {
+            for short in [0, 2] {
+                for zeros in [false, true] {
+                    let len = 4 * tw + 2 - short;
+                    let mut q = fill::<f32>(6 * tw, tw as u64);
+                    let mut start = fill::<f32>(len + 8, 3 + tw as u64);
+                    if zeros {
+                        q.iter_mut().enumerate().for_each(|(i, v)| *v = if i % 3 == 0 { -0.0 } else { 0.0 });
+                        start.iter_mut().enumerate().for_each(|(i, v)| *v = if i % 2 == 0 { -0.0 } else { 0.0 });
+                    }
+                    start[len..].fill(f32::NAN); // past the row
+                    let runs: [&[f32]; 6] = std::array::from_fn(|b| &q[b * tw..][..tw]);
+                    let run = |f: fn([&[f32]; 6], usize, &mut [f32])| {
+                        let mut buf = start.clone();
+                        f(runs, tw, &mut buf[..len]);
+                        buf.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    let (kernel, portable) = (run(add_patch_row::<f32>), run(add_patch_row_portable::<f32>));
+                    assert_eq!(kernel, portable, "{tw} tiles, {short} short, zeros {zeros}");
+                    assert!(portable[len..].iter().all(|v| f32::from_bits(*v).is_nan()), "{tw} tiles: guards");
+                    let before = start.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert!(zeros || portable[..len] != before[..len], "{tw} tiles: the row changed");
+                }
             }
         }
     }
