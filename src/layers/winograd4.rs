@@ -731,6 +731,7 @@ fn add_patch_row<T: Float>(q: [&[T]; 6], tw: usize, row: &mut [T]) {
 /// `add_patch_row` one tile at a time: the definition the kernel is tested against. A pixel
 /// shared by tiles j - 1 and j gets j - 1's share first.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // tile j of six runs
 fn add_patch_row_portable<T: Float>(q: [&[T]; 6], tw: usize, row: &mut [T]) {
     for j in 0..tw {
         let v = b6([q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j]]);
