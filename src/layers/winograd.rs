@@ -575,6 +575,71 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// `len` floats that end where an inaccessible page begins, so that a kernel reading or
+    /// writing one element past them faults (the row kernels' tests: a wider load mask would
+    /// read pixels no lane keeps, which values alone cannot show). Linux only; elsewhere, plain
+    /// memory with the test saying so.
+    pub(in crate::layers) struct Guarded {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        map: (*mut libc::c_void, usize),
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        plain: Vec<f32>,
+        at: *mut f32,
+        len: usize,
+    }
+
+    impl Guarded {
+        pub(in crate::layers) fn new(values: &[f32]) -> Self {
+            let len = values.len();
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            {
+                let page = 4096;
+                let data = (4 * len).div_ceil(page) * page;
+                // SAFETY: a fresh anonymous mapping of data + one page; the last page loses its
+                // access, and the floats are written inside the mapping, ending at that page.
+                unsafe {
+                    let base = libc::mmap(
+                        std::ptr::null_mut(),
+                        data + page,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    assert!(base != libc::MAP_FAILED, "mmap failed");
+                    let guard = base.cast::<u8>().add(data);
+                    assert_eq!(libc::mprotect(guard.cast(), page, libc::PROT_NONE), 0, "mprotect failed");
+                    let at = guard.cast::<f32>().sub(len);
+                    std::ptr::copy_nonoverlapping(values.as_ptr(), at, len);
+                    Guarded { map: (base, data + page), at, len }
+                }
+            }
+            #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+            {
+                eprintln!("skipped: no guard page on this platform: reads past a row are not checked");
+                let mut plain = values.to_vec();
+                let at = plain.as_mut_ptr();
+                Guarded { plain, at, len }
+            }
+        }
+        pub(in crate::layers) fn slice(&self) -> &[f32] {
+            // SAFETY: `len` floats written in `new`, alive until drop.
+            unsafe { std::slice::from_raw_parts(self.at, self.len) }
+        }
+        pub(in crate::layers) fn slice_mut(&mut self) -> &mut [f32] {
+            // SAFETY: as in `slice`, borrowed uniquely.
+            unsafe { std::slice::from_raw_parts_mut(self.at, self.len) }
+        }
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            // SAFETY: the mapping `new` made, unmapped once.
+            unsafe { libc::munmap(self.map.0, self.map.1) };
+        }
+    }
+
     /// Which blocks take Winograd: a 3x3 stride-1 conv (padded or not) with several input
     /// channels, pooled 2x2 with stride 2 in floor mode, on a plane of at least 4x4 once padded.
     /// One channel goes to the direct path instead (its products would be one wide).
@@ -663,8 +728,8 @@ pub(super) mod tests {
     }
 
     /// The AVX-512 row transform gives the portable one's bits for rows of 1 to 47 tiles (one
-    /// to four steps of fifteen, full and partial), reads nothing past the row (NaN there) and
-    /// writes nothing but the row's tiles (NaN guards around them stay).
+    /// to four steps of fifteen, full and partial), reads nothing past the row (it ends at a
+    /// page that faults) and writes nothing but the row's tiles (NaN guards around them stay).
     #[test]
     fn row_kernel_matches_portable_bit_for_bit() {
         if !crate::layers::gemm::kernels_run::<f32>() {
@@ -679,9 +744,10 @@ pub(super) mod tests {
             let mut buf = fill::<f32>(len + 16, pw as u64);
             buf[len..].fill(f32::NAN); // past the row
             let (plane, at) = (pw + 9, 3);
+            let row = Guarded::new(&buf[..len]); // a read past the row faults
             let run = |f: fn(&[f32], usize, &mut [f32], usize, usize)| {
                 let mut dst = vec![f32::NAN; 4 * plane];
-                f(&buf[..len], pw, &mut dst, plane, at);
+                f(row.slice(), pw, &mut dst, plane, at);
                 dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             let (kernel, portable) = (run(row_transform::<f32>), run(row_transform_portable::<f32>));
