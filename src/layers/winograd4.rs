@@ -391,12 +391,19 @@ fn transform_input<T: Float>(p: &Plan, x: &[T], v: &mut [T], ld: usize, at: usiz
     for c in 0..p.c {
         let xc = &x[c * p.h * p.w..][..p.h * p.w];
         for r in 0..4 * p.th + 2 {
-            if r < rows_in {
-                pad[..cols_in].copy_from_slice(&xc[r * p.w..][..cols_in]);
+            // The row as the tiles read it: straight from x where the tiles' 4 TW + 2 columns
+            // are the pixels some window reads (PW even); else copied, zeros past those.
+            let row = if r < rows_in && cols_in == 4 * tw + 2 {
+                &xc[r * p.w..][..cols_in]
             } else {
-                pad[..cols_in].fill(T::zero());
-            }
-            row_transform(&pad[..4 * tw + 2], tw, &mut r4[(r % 4) * 6 * plane..][..6 * plane], plane, (r / 4) * tw);
+                if r < rows_in {
+                    pad[..cols_in].copy_from_slice(&xc[r * p.w..][..cols_in]);
+                } else {
+                    pad[..cols_in].fill(T::zero());
+                }
+                &pad[..4 * tw + 2]
+            };
+            row_transform(row, tw, &mut r4[(r % 4) * 6 * plane..][..6 * plane], plane, (r / 4) * tw);
         }
         for b in 0..6 {
             let run = |q: usize, next: usize| &r4[(q * 6 + b) * plane + next * tw..][..t];
