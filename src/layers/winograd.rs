@@ -728,10 +728,24 @@ pub(super) mod tests {
     }
 
     /// The AVX-512 row transform gives the portable one's bits for rows of 1 to 47 tiles (one
-    /// to four steps of fifteen, full and partial), reads nothing past the row (it ends at a
-    /// page that faults) and writes nothing but the row's tiles (NaN guards around them stay).
+    /// to four steps of fifteen, full and partial); see `check_row_kernel`.
     #[test]
     fn row_kernel_matches_portable_bit_for_bit() {
+        check_row_kernel(2, 4, 47, row_transform::<f32>, row_transform_portable::<f32>);
+    }
+
+    /// Checks a row transform's AVX-512 kernel (`kernel`, which dispatches to it) against its
+    /// portable definition, bit for bit, for rows of 1 to `max` tiles, tile j reading pixels
+    /// `step` j .. `step` j + 2 + `step`: the row ends at a page that faults (nothing past it
+    /// may be read), and the `outs` output rows have NaN guards around the tiles' entries
+    /// (nothing else may be written, and every tile must be).
+    pub(in crate::layers) fn check_row_kernel(
+        step: usize,
+        outs: usize,
+        max: usize,
+        kernel: fn(&[f32], usize, &mut [f32], usize, usize),
+        portable: fn(&[f32], usize, &mut [f32], usize, usize),
+    ) {
         if !crate::layers::gemm::kernels_run::<f32>() {
             crate::layers::skip_unless_required(
                 "AVX512",
@@ -739,27 +753,24 @@ pub(super) mod tests {
             );
             return;
         }
-        for pw in 1..=47 {
-            let len = 2 * pw + 2;
-            let mut buf = fill::<f32>(len + 16, pw as u64);
-            buf[len..].fill(f32::NAN); // past the row
-            let (plane, at) = (pw + 9, 3);
-            let row = Guarded::new(&buf[..len]); // a read past the row faults
+        for tiles in 1..=max {
+            let len = step * tiles + 2;
+            let row = Guarded::new(&fill::<f32>(len, tiles as u64));
+            let (plane, at) = (tiles + 9, 3);
             let run = |f: fn(&[f32], usize, &mut [f32], usize, usize)| {
-                let mut dst = vec![f32::NAN; 4 * plane];
-                f(row.slice(), pw, &mut dst, plane, at);
+                let mut dst = vec![f32::NAN; outs * plane];
+                f(row.slice(), tiles, &mut dst, plane, at);
                 dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
-            let (kernel, portable) = (run(row_transform::<f32>), run(row_transform_portable::<f32>));
-            assert_eq!(kernel, portable, "{pw} tiles");
-            for b in 0..4 {
-                let written = &portable[b * plane..][..plane];
-                let nan = |v: &u32| f32::from_bits(*v).is_nan();
-                assert!(written[..at].iter().all(nan) && written[at + pw..].iter().all(nan), "{pw} tiles: guards");
+            let (got, want) = (run(kernel), run(portable));
+            assert_eq!(got, want, "{tiles} tiles");
+            let nan = |v: &u32| f32::from_bits(*v).is_nan();
+            for written in want.chunks_exact(plane) {
                 assert!(
-                    !written[at..at + pw].iter().any(nan),
-                    "{pw} tiles: every tile written, nothing past the row read"
+                    written[..at].iter().all(nan) && written[at + tiles..].iter().all(nan),
+                    "{tiles} tiles: guards"
                 );
+                assert!(!written[at..at + tiles].iter().any(nan), "{tiles} tiles: every tile written");
             }
         }
     }

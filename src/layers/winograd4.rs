@@ -201,6 +201,14 @@ mod avx512 {
     /// Tiles per step: tile j of a step reads pixels 4j .. 4j + 6 of the 32 in two registers.
     const STEP: usize = 7;
 
+    /// The index vector whose lane p is f(p), for `permutex2var`.
+    #[target_feature(enable = "avx512f")]
+    fn index(f: impl Fn(i32) -> i32) -> __m512i {
+        let lanes: [i32; 16] = std::array::from_fn(|p| f(p as i32));
+        // SAFETY: 16 i32s, an unaligned load.
+        unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+    }
+
     /// `row_transform` for f32, seven tiles at a time: the step's 30 pixels in two registers
     /// (masked loads: nothing past the row is read), the six taps of each tile gathered into
     /// lanes by `permutex2var`, `bt6` on the lanes, and masked stores of the step's tiles.
@@ -211,8 +219,7 @@ mod avx512 {
             "row_transform: short slices"
         );
         // Lane j of tap q reads pixel 4j + q (lanes past the step's tiles are not stored).
-        let tap =
-            |q: i32| _mm512_setr_epi32(q, 4 + q, 8 + q, 12 + q, 16 + q, 20 + q, 24 + q, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        let tap = |q: i32| index(|j| if j < STEP as i32 { 4 * j + q } else { 0 });
         let idx = [tap(0), tap(1), tap(2), tap(3), tap(4), tap(5)];
         let (four, two, five) = (_mm512_set1_ps(4.0), _mm512_set1_ps(2.0), _mm512_set1_ps(5.0));
         let lanes = |k: usize| -> u16 { ((1u32 << k.min(16)) - 1) as u16 };
@@ -269,46 +276,10 @@ mod avx512 {
         // from c0, c1 (b = 0, 1: index j, 16 + j) and c2, c3 (b = 2, 3); the overlap at pixel
         // 4j + 4 + b from c4, c5 (b = 0, 1) of tile j.
         let main = |first: i32, odd: i32| {
-            let l = |p: i32| if p % 4 == odd || p % 4 == odd + 1 { (p / 4 + first) + 16 * (p % 2) } else { 0 };
-            _mm512_setr_epi32(
-                l(0),
-                l(1),
-                l(2),
-                l(3),
-                l(4),
-                l(5),
-                l(6),
-                l(7),
-                l(8),
-                l(9),
-                l(10),
-                l(11),
-                l(12),
-                l(13),
-                l(14),
-                l(15),
-            )
+            index(|p| if p % 4 == odd || p % 4 == odd + 1 { (p / 4 + first) + 16 * (p % 2) } else { 0 })
         };
         let over = |first: i32| {
-            let l = |p: i32| if p % 4 < 2 && p / 4 + first >= 1 { (p / 4 + first - 1) + 16 * (p % 2) } else { 0 };
-            _mm512_setr_epi32(
-                l(0),
-                l(1),
-                l(2),
-                l(3),
-                l(4),
-                l(5),
-                l(6),
-                l(7),
-                l(8),
-                l(9),
-                l(10),
-                l(11),
-                l(12),
-                l(13),
-                l(14),
-                l(15),
-            )
+            index(|p| if p % 4 < 2 && p / 4 + first >= 1 { (p / 4 + first - 1) + 16 * (p % 2) } else { 0 })
         };
         let (m01, m23, ov) = ([main(0, 0), main(4, 0)], [main(0, 2), main(4, 2)], [over(0), over(4)]);
         let (four, two, five) = (_mm512_set1_ps(4.0), _mm512_set1_ps(2.0), _mm512_set1_ps(5.0));
@@ -802,7 +773,7 @@ mod tests {
     use super::*;
     use crate::layers::winograd::{
         self,
-        tests::{block, fill, rel, Guarded},
+        tests::{block, check_row_kernel, fill, rel, Guarded},
     };
     use crate::layers::Isa;
     use crate::layers::{Conv2d, ConvReluPool, Ctx, Layer, MaxPool2d};
@@ -837,40 +808,10 @@ mod tests {
     }
 
     /// The AVX-512 row transform gives the portable one's bits for rows of 1 to 23 tiles (one
-    /// to four steps of seven, full and partial), reads nothing past the row (it ends at a
-    /// page that faults) and writes nothing but the row's tiles (NaN guards around them stay).
+    /// to four steps of seven, full and partial); see `winograd::tests::check_row_kernel`.
     #[test]
     fn row_kernel_matches_portable_bit_for_bit() {
-        if !crate::layers::gemm::kernels_run::<f32>() {
-            crate::layers::skip_unless_required(
-                "AVX512",
-                "no AVX-512F and FMA on this CPU: the row kernel is not checked",
-            );
-            return;
-        }
-        for tw in 1..=23 {
-            let len = 4 * tw + 2;
-            let mut buf = fill::<f32>(len + 16, tw as u64);
-            buf[len..].fill(f32::NAN); // past the row
-            let (plane, at) = (tw + 9, 3);
-            let row = Guarded::new(&buf[..len]); // a read past the row faults
-            let run = |f: fn(&[f32], usize, &mut [f32], usize, usize)| {
-                let mut dst = vec![f32::NAN; 6 * plane];
-                f(row.slice(), tw, &mut dst, plane, at);
-                dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            };
-            let (kernel, portable) = (run(row_transform::<f32>), run(row_transform_portable::<f32>));
-            assert_eq!(kernel, portable, "{tw} tiles");
-            for b in 0..6 {
-                let written = &portable[b * plane..][..plane];
-                let nan = |v: &u32| f32::from_bits(*v).is_nan();
-                assert!(written[..at].iter().all(nan) && written[at + tw..].iter().all(nan), "{tw} tiles: guards");
-                assert!(
-                    !written[at..at + tw].iter().any(nan),
-                    "{tw} tiles: every tile written, nothing past the row read"
-                );
-            }
-        }
+        check_row_kernel(4, 6, 23, row_transform::<f32>, row_transform_portable::<f32>);
     }
 
     /// The AVX-512 patch-row kernel gives the portable one's bits for rows of 1 to 23 tiles,
