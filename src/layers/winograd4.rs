@@ -42,10 +42,17 @@
 //! The price is rounding: the transforms' entries reach 8 and 1/24, so in f32 the gradients
 //! are further from a direct sum than F(2x2)'s (the tests bound both and say by how much).
 //!
+//! The forward's outputs, Y = A^T M A per tile with M[xi] = U[xi] V[xi], are pooled four
+//! windows to a tile (`pool_tiles`), in the same order and with the same ReLU as every path.
+//!
 //! Each transform is applied one dimension at a time, on runs over the tiles so the compiler
 //! can vectorise them: the input transform along each input row first (tile j reads columns
-//! 4j .. 4j+6), keeping rows apart by their remainder mod 4, so that its second step is six
-//! contiguous runs over all tiles; Z and dd as runs over the group's tiles.
+//! 4j .. 4j+6; `row_transform`), keeping rows apart by their remainder mod 4, so that its
+//! second step is six contiguous runs over all tiles; Z and dd as runs over the group's tiles,
+//! dd's last step along each patch row with the scatter onto dx (`add_patch_row`). Where a row
+//! has too few tiles for the compiler's vector loops (7 in the reference), `row_transform`
+//! and `add_patch_row` run AVX-512 kernels (the `avx512` module) that give the portable
+//! code's bits.
 
 use rayon::prelude::*;
 
