@@ -941,6 +941,48 @@ mod tests {
         }
     }
 
+    /// The pixels no pooling window reads (rows past 2 PH + 1, columns past 2 PW + 1: the last
+    /// row or column of an odd conv plane) take no part, both ways: with NaN there, a block by
+    /// F(4x4) gives what im2col + GEMM gives with zeros there (y, winners, dx, dW, db; f64),
+    /// and dx is 0 on them. Shapes with odd and even conv planes, so that some tiles overhang
+    /// those pixels and some read the image rows directly.
+    #[test]
+    fn pixels_no_window_reads_take_no_part() {
+        for (n, c, oc, h, w) in
+            [(2, 3, 4, 19, 20), (2, 2, 3, 20, 19), (2, 2, 3, 21, 19), (3, 2, 2, 21, 21), (2, 3, 2, 19, 19)]
+        {
+            let shape = [n, c, h, w];
+            assert!(pays_forward(&ConvGeometry::new(c, h, w, 3, 3, 1, 0)), "{shape:?} should take F(4x4) both ways");
+            let (rows_in, cols_in) = (2 * ((h - 2) / 2) + 2, 2 * ((w - 2) / 2) + 2);
+            assert!(rows_in < h || cols_in < w, "{shape:?}: some pixels unread");
+            let unread = |i: usize| (i / w) % h >= rows_in || i % w >= cols_in;
+            let values = fill::<f64>(n * c * h * w, 7);
+            let with = |v: f64| {
+                from_vec(&shape, values.iter().enumerate().map(|(i, &x)| if unread(i) { v } else { x }).collect())
+            };
+            let (mut a, mut b) = (block::<f64>(c, oc, true), block::<f64>(c, oc, false));
+            let (ya, yb) = (a.forward(&with(f64::NAN), Ctx::eval()), b.forward(&with(0.0), Ctx::eval()));
+            let e = rel(slice(&yb), slice(&ya));
+            assert!(e < 1e-12, "{shape:?} y: {e:.2e}");
+            assert_eq!(a.winners(), b.winners(), "{shape:?}: the winners");
+            let dy = from_vec(ya.shape(), fill::<f64>(ya.len(), 8));
+            let (dxa, dxb) = (a.backward(&dy), b.backward(&dy));
+            let pairs: [(&str, &Tensor<f64>, &Tensor<f64>); 3] = [
+                ("dx", &dxb, &dxa),
+                ("dW", &b.conv.weight.grad, &a.conv.weight.grad),
+                ("db", &b.conv.bias.grad, &a.conv.bias.grad),
+            ];
+            for (what, want, got) in pairs {
+                let e = rel(slice(want), slice(got));
+                assert!(e < 1e-12, "{shape:?} {what}: {e:.2e}");
+            }
+            assert!(
+                slice(&dxa).iter().enumerate().all(|(i, &d)| !unread(i) || d == 0.0),
+                "{shape:?}: dx on unread pixels"
+            );
+        }
+    }
+
     /// Each shape takes this backward, and a block's gradients by it are those of im2col +
     /// GEMM (the forward, F(2x2), picks the same winners in f64): dx, dW and db.
     #[test]
