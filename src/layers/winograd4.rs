@@ -844,7 +844,8 @@ mod tests {
                     let mut q = fill::<f32>(6 * tw, tw as u64);
                     let mut start = fill::<f32>(len + 8, 3 + tw as u64);
                     if zeros > 0 {
-                        let sign = |i: usize, every: usize| if zeros == 2 || i.is_multiple_of(every) { -0.0 } else { 0.0 };
+                        let sign =
+                            |i: usize, every: usize| if zeros == 2 || i.is_multiple_of(every) { -0.0 } else { 0.0 };
                         q.iter_mut().enumerate().for_each(|(i, v)| *v = sign(i, 3));
                         start.iter_mut().enumerate().for_each(|(i, v)| *v = sign(i, 2));
                     }
