@@ -942,6 +942,24 @@ mod tests {
         }
     }
 
+    /// dx, dW and db of block a (by Winograd) are those of block b (by im2col + GEMM) within
+    /// 1e-12 of the largest (f64).
+    fn same_gradients(
+        what: &str,
+        (a, dxa): (&ConvReluPool<f64>, &Tensor<f64>),
+        (b, dxb): (&ConvReluPool<f64>, &Tensor<f64>),
+    ) {
+        let pairs: [(&str, &Tensor<f64>, &Tensor<f64>); 3] = [
+            ("dx", dxb, dxa),
+            ("dW", &b.conv.weight.grad, &a.conv.weight.grad),
+            ("db", &b.conv.bias.grad, &a.conv.bias.grad),
+        ];
+        for (name, want, got) in pairs {
+            let e = rel(slice(want), slice(got));
+            assert!(e < 1e-12, "{what} {name}: {e:.2e}");
+        }
+    }
+
     /// The pixels no pooling window reads (rows past 2 PH + 1, columns past 2 PW + 1: the last
     /// row or column of an odd conv plane) take no part, both ways: with NaN there, a block by
     /// F(4x4) gives what im2col + GEMM gives with zeros there (y, winners, dx, dW, db; f64),
@@ -968,15 +986,7 @@ mod tests {
             assert_eq!(a.winners(), b.winners(), "{shape:?}: the winners");
             let dy = from_vec(ya.shape(), fill::<f64>(ya.len(), 8));
             let (dxa, dxb) = (a.backward(&dy), b.backward(&dy));
-            let pairs: [(&str, &Tensor<f64>, &Tensor<f64>); 3] = [
-                ("dx", &dxb, &dxa),
-                ("dW", &b.conv.weight.grad, &a.conv.weight.grad),
-                ("db", &b.conv.bias.grad, &a.conv.bias.grad),
-            ];
-            for (what, want, got) in pairs {
-                let e = rel(slice(want), slice(got));
-                assert!(e < 1e-12, "{shape:?} {what}: {e:.2e}");
-            }
+            same_gradients(&format!("{shape:?}"), (&a, &dxa), (&b, &dxb));
             assert!(
                 slice(&dxa).iter().enumerate().all(|(i, &d)| !unread(i) || d == 0.0),
                 "{shape:?}: dx on unread pixels"
@@ -997,15 +1007,7 @@ mod tests {
             assert_eq!(a.winners(), b.winners(), "{shape:?}: the forwards' winners");
             let dy = from_vec(ya.shape(), fill::<f64>(ya.len(), 8));
             let (dxa, dxb) = (a.backward(&dy), b.backward(&dy));
-            let pairs: [(&str, &Tensor<f64>, &Tensor<f64>); 3] = [
-                ("dx", &dxb, &dxa),
-                ("dW", &b.conv.weight.grad, &a.conv.weight.grad),
-                ("db", &b.conv.bias.grad, &a.conv.bias.grad),
-            ];
-            for (what, want, got) in pairs {
-                let e = rel(slice(want), slice(got));
-                assert!(e < 1e-12, "f64 {shape:?} {what}: {e:.2e}");
-            }
+            same_gradients(&format!("f64 {shape:?}"), (&a, &dxa), (&b, &dxb));
             assert!(
                 slice(&yb).contains(&0.0) && slice(&dxa).iter().any(|&v| v != 0.0),
                 "{shape:?}: dead and live windows"
