@@ -8,9 +8,10 @@
 //! winners are the only thing the backward takes from it. Measured against F(2x2) (AMD Zen 4,
 //! benches/README.md): the backward of the reference's second and third blocks takes about a
 //! third less time (21.9 -> 14.9 and 13.2 -> 8.5 ms); the forward of the second (7x7 tiles)
-//! a tenth to a sixth less, of the third (3x3 tiles) no less (its output transform, 16
-//! outputs from 36 products per tile, costs what the GEMMs save), and on the last block (one
-//! tile per image) both ways were slower, so neither uses it.
+//! 8-13% less (medians 7.64 -> 7.00 and 6.81 -> 5.91 ms in two runs), of the third (3x3
+//! tiles) no less (its output transform, 16 outputs from 36 products per tile, costs what the
+//! GEMMs save), and on the last block (one tile per image) both ways were slower, so neither
+//! uses it.
 //!
 //! Shapes, per image: x (C, H, W) -> conv (OC, OH, OW) = (H-2, W-2) -> y (OC, PH, PW) =
 //! (OH/2, OW/2). Tile (i, j) is conv rows 4i .. 4i+4 and columns 4j .. 4j+4, that is pooling
