@@ -279,12 +279,14 @@ pub(super) fn tile_outputs<T: Float>(s: &[&[T]; 16], k: usize, bias: T) -> [T; 4
     ]
 }
 
-/// M[xi] (OC, n) = U[xi] (OC, C) V[xi] (C, n) for the 16 xi: the products of a forward.
+/// M[xi] (OC, n) = U[xi] (OC, C) V[xi] (C, n) for each of the `xi` transformed elements (16
+/// here, 36 in `winograd4.rs`): the products of a forward. U is (OC, xi, C), as
+/// `transform_weights` stores it, so U[xi]'s rows are xi*C apart.
 #[inline(always)]
-pub(super) fn multiply<T: Float>(p: &Plan, u: &[T], v: &[T], n: usize, m: &mut [T]) {
-    for xi in 0..16 {
-        let (uk, vk, mk) = (&u[xi * p.c..], &v[xi * p.c * n..], &mut m[xi * p.oc * n..]);
-        gemm_nn(p.oc, n, p.c, uk, 16 * p.c, 1, vk, mk); // M[xi] = U[xi] V[xi]
+pub(super) fn multiply<T: Float>(xi: usize, oc: usize, c: usize, u: &[T], v: &[T], n: usize, m: &mut [T]) {
+    for k in 0..xi {
+        let (uk, vk, mk) = (&u[k * c..], &v[k * c * n..][..c * n], &mut m[k * oc * n..][..oc * n]);
+        gemm_nn(oc, n, c, uk, xi * c, 1, vk, mk); // M[k] = U[k] V[k]
     }
 }
 
@@ -351,7 +353,7 @@ fn forward_group_impl<T: Float>(
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    multiply(p, u, v, n, m);
+    multiply(XI, p.oc, p.c, u, v, n, m);
     transform_output(p, m, gs, b, y, arg, vals, wins);
 }
 

@@ -489,10 +489,7 @@ fn forward_group_impl<T: Float>(
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    for xi in 0..XI {
-        let (uk, vk, mk) = (&u[xi * p.c..], &v[xi * p.c * n..][..p.c * n], &mut m[xi * p.oc * n..][..p.oc * n]);
-        gemm_nn(p.oc, n, p.c, uk, XI * p.c, 1, vk, mk); // M[xi] = U[xi] V[xi]
-    }
+    super::winograd::multiply(XI, p.oc, p.c, u, v, n, m); // M[xi] = U[xi] V[xi]
     let offs = [0, 1, p.ow as u32, p.ow as u32 + 1];
     let wins = &mut wins[..4 * n];
     for o in 0..p.oc {

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use super::conv2d::{ConvGeometry, Padded, RangeSums};
 use super::winograd::{backward_scratch, finish_weight_grad, grads_from_z, multiply, tile_outputs};
-use super::winograd::{transform_input, transform_weights, Plan};
+use super::winograd::{transform_input, transform_weights, Plan, XI};
 use super::{batch_ranges, split_by_ranges, Conv2d, Hw};
 use crate::tensor::{slice_mut, sum, with_scratch, zero_vec, zeros, Float, Tensor};
 
@@ -91,7 +91,7 @@ fn forward_group_impl<T: Float>(
     for (i, x) in xs.chunks_exact(img).enumerate() {
         transform_input(p, x, v, n, i * t, rows);
     }
-    multiply(p, u, v, n, m);
+    multiply(XI, p.oc, p.c, u, v, n, m);
     let (q0, rest) = q.split_at_mut(n);
     let (q1, rest) = rest.split_at_mut(n);
     let (q2, q3) = rest.split_at_mut(n);
