@@ -77,19 +77,25 @@ pub(super) fn pool_window<T: Float>(c: [T; 4], offs: [u32; 4]) -> (T, u32) {
 }
 
 /// A block's Winograd algorithm, with the transformed weights it multiplies by: F(4x4, 3x3)
-/// (`winograd4.rs`) or F(2x2, 3x3) (`winograd.rs`). Each way picks its own (`Winograd::new`):
-/// the backward takes only the forward's winners, and both give the same gradients up to
-/// rounding.
+/// (`winograd4.rs`) or F(2x2, 3x3) (`winograd.rs`). Each way picks its own (`for_forward`,
+/// `for_backward`): the backward takes only the forward's winners, and both give the same
+/// gradients up to rounding.
 enum Winograd<T> {
     F2(winograd::Plan, Vec<T>),
     F4(winograd4::Plan, Vec<T>),
 }
 
 impl<T: Float> Winograd<T> {
-    /// For `n` images of the unpadded conv geometry `g`, OC filters `wt` (OC, C, 3, 3): F(4x4)
-    /// where it pays for this way (`winograd4::pays_forward`, `winograd4::pays`), else F(2x2).
-    fn new(g: &ConvGeometry, wt: &[T], oc: usize, n: usize, forward: bool) -> Self {
-        let four = if forward { winograd4::pays_forward(g) } else { winograd4::pays(g) };
+    /// The forward's algorithm for `n` images of the unpadded conv geometry `g`, OC filters
+    /// `wt` (OC, C, 3, 3): F(4x4) on maps of 4x4 tiles or more (`winograd4::pays_forward`).
+    fn for_forward(g: &ConvGeometry, wt: &[T], oc: usize, n: usize) -> Self {
+        Self::new(winograd4::pays_forward(g), g, wt, oc, n)
+    }
+    /// The backward's: F(4x4) on maps of 2x2 tiles or more (`winograd4::pays`).
+    fn for_backward(g: &ConvGeometry, wt: &[T], oc: usize, n: usize) -> Self {
+        Self::new(winograd4::pays(g), g, wt, oc, n)
+    }
+    fn new(four: bool, g: &ConvGeometry, wt: &[T], oc: usize, n: usize) -> Self {
         if four {
             let p = winograd4::Plan::new(g, oc, n);
             let u = winograd4::transform_weights(&p, wt);
@@ -269,7 +275,7 @@ impl<T: Float> ConvReluPool<T> {
             ConvAlgo::Winograd => {
                 // Winograd (`Winograd`): a fixed range of images per thread, a group at a
                 // time, in that thread's scratch (`tensor::with_scratch`).
-                let wg = Winograd::new(&gf, wt, oc, n, true);
+                let wg = Winograd::for_forward(&gf, wt, oc, n);
                 let ((floats, nwins), group) = (wg.forward_scratch(), wg.group());
                 let ranges = batch_ranges(n, rayon::current_num_threads());
                 let ys = split_by_ranges(slice_mut(&mut y), &ranges, out);
@@ -463,7 +469,7 @@ impl<T: Float> Layer<T> for ConvReluPool<T> {
         let (gf, xf) = if padded { (frame.geometry(), &self.padded[..]) } else { (g, xs) };
         assert_eq!(xf.len(), n * c * gf.h * gf.w, "ConvReluPool: the forward did not keep the padded images");
         let imgf = c * gf.h * gf.w;
-        let wplan = (algo == ConvAlgo::Winograd).then(|| Winograd::new(&gf, wt, oc, n, false));
+        let wplan = (algo == ConvAlgo::Winograd).then(|| Winograd::for_backward(&gf, wt, oc, n));
         let plan = (algo == ConvAlgo::Direct).then(|| direct_conv::Plan::new(&gf));
         let partials: Vec<(Vec<T>, Vec<T>)> = ranges
             .par_iter()
