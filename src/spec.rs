@@ -104,7 +104,9 @@ pub struct BuildOptions {
     /// The training build: Conv + ReLU + MaxPool in a row become one fused `ConvReluPool` (the
     /// fast CPU path), with the same parameters, names and results as the three layers, and
     /// the first layer does not compute the gradient of the images (its backward returns an
-    /// empty tensor). The layer-by-layer build (`false`) is what explain and the tests read.
+    /// empty tensor). A Conv + ReLU that no max pool follows becomes one `Conv2d` with its ReLU
+    /// fused in (`Conv2d::relu`). The layer-by-layer build (`false`) is what explain and the
+    /// tests read.
     pub fused: bool,
     /// Fused blocks use im2col + GEMM only (no direct or Winograd path): the sums closest to
     /// the GPU's, which the CUDA checks compare against.
@@ -261,7 +263,14 @@ impl ModelSpec {
                             // As the fused block above: the training build skips the images'
                             // gradient; the layer-by-layer build (explain's) keeps it.
                             conv.input_grad = i > 0 || !opts.fused;
-                            m.push_kind(name, LayerKind::Conv2d, conv)
+                            // ... and takes a ReLU that follows into the conv (`Conv2d::relu`).
+                            conv.relu = opts.fused && matches!(infos.get(i + 1).map(|l| l.spec), Some(LayerSpec::Relu));
+                            let fused_relu = conv.relu;
+                            m.push_kind(name, LayerKind::Conv2d, conv);
+                            if fused_relu {
+                                i += 2;
+                                continue;
+                            }
                         }
                     }
                 }

@@ -273,8 +273,8 @@ fn random_specs_cover_every_layer_and_argument() {
     assert!(missing.is_empty(), "the random specs never use: {missing:?}");
 }
 
-/// Forward, dx and every parameter gradient of the fused build against the layer-by-layer one
-/// from the same seed, in f64 (different summation orders: within 1e-10 relative) and in f32 as
+/// Forward, dx and every parameter gradient of the fused build (conv + ReLU + max-pool blocks,
+/// convs with their ReLU fused in) against the layer-by-layer one from the same seed, in f64 (different summation orders: within 1e-10 relative) and in f32 as
 /// the CPU backend trains (direct and Winograd paths where they apply: within 1e-4 of the
 /// largest value, the f32 rounding of sums over up to a few hundred terms).
 #[test]
@@ -283,12 +283,13 @@ fn fused_and_layer_by_layer_networks_agree() {
     specs.extend((0..RANDOM_SPECS).map(random_spec));
     specs.push(ModelSpec::reference(InputShape::new(1, 48).unwrap(), 0.4));
     specs.push(ModelSpec::reference(InputShape::new(3, 50).unwrap(), 0.4));
-    let mut fused_blocks = 0;
+    let (mut fused_blocks, mut fused_relus) = (0, 0);
     for (k, s) in specs.iter().enumerate() {
         let seed = 100 + k as u64;
         let mut plain = s.build::<f64>(3, BuildOptions::default(), seed).unwrap();
         let mut fused = s.build::<f64>(3, BuildOptions { fused: true, gemm_only: false }, seed).unwrap();
         fused_blocks += fused.find(LayerKind::ConvReluPool).len();
+        fused_relus += fused.layers.iter().filter(|l| l.layer.describe().ends_with(") + ReLU")).count();
         let [c, h, w] = s.input.chw();
         let mut rng = Lcg(seed);
         let x = rng.distinct(&[3, c, h, w]);
@@ -322,6 +323,7 @@ fn fused_and_layer_by_layer_networks_agree() {
         }
     }
     assert!(fused_blocks >= 10, "only {fused_blocks} fused blocks were compared");
+    assert!(fused_relus >= 5, "only {fused_relus} convs with a fused ReLU were compared");
 }
 
 /// `arch_text` parses back to the same spec, and the shapes `resolve` promises are those of the

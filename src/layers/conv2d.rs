@@ -30,6 +30,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{gemm_nn, gemm_nt};
+use super::relu::{mask_into, relu_in_place};
 use super::{batch_ranges, nchw, out_len, split_by_ranges, winograd_conv, Ctx, Hw, Layer, Param};
 use crate::tensor::{slice, slice_mut, sum, zero_vec, zeros, Float, Tensor};
 
@@ -487,6 +488,13 @@ pub struct Conv2d<T: Float> {
     /// On the Winograd path: the last forward's input with its zero border written out, kept
     /// for the backward (empty where the input needs no border).
     padded: Vec<T>,
+    /// A ReLU fused in: y = max(0, conv), applied to each group's output while it is still in
+    /// cache, instead of a `Relu` layer's own pass over the whole batch (the training build
+    /// sets it for a conv that a ReLU, but no max pool, follows). Backward then starts from
+    /// dy * [y > 0], a group at a time. Off by default.
+    pub relu: bool,
+    /// With `relu`: [y > 0] of the last forward, as the `Relu` layer keeps it.
+    live: Vec<bool>,
 }
 
 impl<T: Float> Conv2d<T> {
@@ -526,6 +534,8 @@ impl<T: Float> Conv2d<T> {
             input_grad: true,
             winograd: true,
             padded: Vec::new(),
+            relu: false,
+            live: Vec::new(),
         }
     }
 
@@ -563,13 +573,14 @@ impl<T: Float> Conv2d<T> {
 impl<T: Float> Layer<T> for Conv2d<T> {
     fn describe(&self) -> String {
         format!(
-            "Conv2d({}->{}, k{}x{}, s{}, p{})",
+            "Conv2d({}->{}, k{}x{}, s{}, p{}){}",
             self.in_channels,
             self.out_channels,
             self.kernel.h,
             self.kernel.w,
             axes(self.stride),
-            axes(self.padding)
+            axes(self.padding),
+            if self.relu { " + ReLU" } else { "" }
         )
     }
 
@@ -590,19 +601,34 @@ impl<T: Float> Layer<T> for Conv2d<T> {
     fn forward_owned(&mut self, x: Tensor<T>, _ctx: Ctx) -> Tensor<T> {
         let (n, c, h, w) = nchw("Conv2d", &x);
         let g = self.geometry(x.shape());
+        let (oc, k, l) = (self.out_channels, g.k(), g.l());
         let (wt, b) = (slice(&self.weight.value), slice(&self.bias.value));
-        if self.runs_winograd(x.shape()) {
-            let y = winograd_conv::forward(&g, wt, b, slice(&x), n, &mut self.padded);
+        self.live.resize(if self.relu { n * oc * l } else { 0 }, false);
+        let winograd = self.runs_winograd(x.shape());
+        let live = &mut self.live[..];
+        if winograd {
+            let y = winograd_conv::forward(&g, wt, b, slice(&x), n, &mut self.padded, live);
             self.x = Some(x);
             return y;
         }
-        let (oc, k, l) = (self.out_channels, g.k(), g.l());
         let gsize = group_size(l, n);
         let mut y = zeros(&[n, oc, g.oh, g.ow]);
+        let chunk = gsize * oc * l;
+        // Each group's part of the ReLU mask (none without one).
+        let lives: Vec<&mut [bool]> = if self.relu {
+            live.chunks_mut(chunk).collect()
+        } else {
+            (0..n.div_ceil(gsize)).map(|_| <&mut [bool]>::default()).collect()
+        };
         // One group of images per task; each task keeps its own col and GEMM-output buffers.
-        slice_mut(&mut y).par_chunks_mut(gsize * oc * l).zip(slice(&x).par_chunks(gsize * c * h * w)).for_each_init(
+        slice_mut(&mut y).par_chunks_mut(chunk).zip(slice(&x).par_chunks(gsize * c * h * w)).zip(lives).for_each_init(
             || (zero_vec(k * gsize * l), zero_vec(if gsize > 1 { oc * gsize * l } else { 0 }), Vec::new()),
-            |(col, yc, phases), (ys, xs)| conv_forward_group(&g, wt, b, xs, col, yc, phases, ys),
+            |(col, yc, phases), ((ys, xs), live)| {
+                conv_forward_group(&g, wt, b, xs, col, yc, phases, ys);
+                if !live.is_empty() {
+                    relu_in_place(ys, live);
+                }
+            },
         );
         self.x = Some(x); // kept for backward without a copy
         y
@@ -616,9 +642,11 @@ impl<T: Float> Layer<T> for Conv2d<T> {
         assert_eq!(dy.shape(), &[n, oc, g.oh, g.ow], "Conv2d: dy shape");
         let wt = slice(&self.weight.value);
         let input_grad = self.input_grad;
+        let live = &self.live[..];
+        assert_eq!(live.len(), if self.relu { dy.len() } else { 0 }, "Conv2d: the forward's ReLU mask");
         if self.runs_winograd(x.shape()) {
             let (xs, dys) = (slice(x), slice(dy));
-            let (dx, partials) = winograd_conv::backward(&g, wt, oc, xs, &self.padded, dys, n, input_grad);
+            let (dx, partials) = winograd_conv::backward(&g, wt, oc, xs, &self.padded, dys, live, n, input_grad);
             self.add_range_sums(partials);
             return dx;
         }
@@ -639,20 +667,27 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                 let mut db = zero_vec(oc);
                 let mut col = zero_vec(k * gsize * l);
                 let mut dcol = zero_vec(if input_grad { k * gsize * l } else { 0 });
-                let mut dc = zero_vec(if gsize > 1 { oc * gsize * l } else { 0 });
+                let mut dc = zero_vec(if gsize > 1 || !live.is_empty() { oc * gsize * l } else { 0 });
                 let mut phases = Vec::new();
                 let mut first = r.start;
                 while first < r.end {
                     let gs = gsize.min(r.end - first);
                     let ld = gs * l;
-                    let dyg = &dys[first * oc * l..(first + gs) * oc * l];
-                    // dY (OC, G*L): the group's dy side by side (one image's dy already is).
-                    let dcg: &[T] = if gs == 1 {
+                    let span = first * oc * l..(first + gs) * oc * l;
+                    let dyg = &dys[span.clone()];
+                    let live_g = (!live.is_empty()).then(|| &live[span]);
+                    // dY (OC, G*L): the group's dy side by side (one image's dy already is),
+                    // times the fused ReLU's mask where there is one.
+                    let dcg: &[T] = if live_g.is_none() && gs == 1 {
                         dyg
                     } else {
-                        for (i, dyi) in dyg.chunks_exact(oc * l).enumerate() {
-                            for (o, row) in dyi.chunks_exact(l).enumerate() {
-                                dc[o * ld + i * l..][..l].copy_from_slice(row);
+                        for (r, row) in dyg.chunks_exact(l).enumerate() {
+                            // row r of dyg is (image i, channel o)
+                            let (i, o) = (r / oc, r % oc);
+                            let to = &mut dc[o * ld + i * l..][..l];
+                            match live_g {
+                                Some(lg) => mask_into(row, &lg[r * l..][..l], to),
+                                None => to.copy_from_slice(row),
                             }
                         }
                         &dc[..oc * ld]
@@ -810,5 +845,58 @@ mod tests {
         let lhs: f64 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
         assert!((lhs - rhs).abs() < 1e-10, "{g:?}: {lhs} vs {rhs}");
+    }
+
+    /// A conv with its ReLU fused in (`Conv2d::relu`) gives the bits of `Conv2d` then `Relu`:
+    /// y, dx, dW and db, on the im2col path with one image per GEMM (L = 256) and with several
+    /// (L = 16, groups cut short by the batch), and on the Winograd path; in f32 (where the CPU
+    /// runs its AVX-512 kernels) and f64; about half the outputs negative, a NaN pixel (its
+    /// outputs stay NaN and live, as the layer keeps them), and each layer run on a larger
+    /// batch first (the mask is resized, nothing of it kept).
+    #[test]
+    fn fused_relu_gives_the_bits_of_conv_then_relu() {
+        fn check<T: Float>() {
+            use crate::layers::{Ctx, Relu};
+            use crate::tensor::from_vec;
+            // (C, OC, kernel, stride, padding, N, H): which path it takes is asserted below.
+            let cases = [(1, 8, 5, 2, 2, 3, 32, false), (3, 5, 3, 2, 1, 7, 8, false), (4, 6, 3, 1, 1, 3, 6, true)];
+            for (c, oc, k, st, pad, n, h, winograd) in cases {
+                let make = |relu: bool| {
+                    let mut l = Conv2d::<T>::new(c, oc, k, st, pad);
+                    let w: Vec<T> = (0..oc * c * k * k).map(|i| T::f(pixel(i) - 1.0)).collect();
+                    l.weight.value = from_vec(&[oc, c, k, k], w);
+                    l.bias.value = from_vec(&[oc], (0..oc).map(|i| T::f(0.1 * i as f64 - 0.2)).collect());
+                    l.relu = relu;
+                    l
+                };
+                let (mut fused, mut conv, mut relu) = (make(true), make(false), Relu::<T>::new());
+                let shape = |n: usize| [n, c, h, h];
+                assert_eq!(fused.runs_winograd(&shape(n)), winograd, "C{c} k{k} s{st}");
+                for n in [n + 2, n] {
+                    let mut x: Vec<T> = (0..n * c * h * h).map(|i| T::f(pixel(3 * i + 1) - 1.0)).collect();
+                    x[5] = T::nan();
+                    let x = from_vec(&shape(n), x);
+                    let yf = fused.forward(&x, Ctx::train(1));
+                    let yp = relu.forward_owned(conv.forward(&x, Ctx::train(1)), Ctx::train(1));
+                    let bits = |t: &Tensor<T>| slice(t).iter().map(|v| v.as_f64().to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&yf), bits(&yp), "C{c} k{k} s{st}: y");
+                    let dead = slice(&yf).iter().filter(|v| **v == T::zero()).count();
+                    assert!(dead > yf.len() / 5 && dead < yf.len() * 4 / 5, "C{c}: {dead} of {} dead", yf.len());
+                    assert!(slice(&yf).iter().any(|v| v.is_nan()), "C{c}: the NaN pixel's outputs");
+                    let dy = from_vec(yf.shape(), (0..yf.len()).map(|i| T::f(pixel(i + 7) - 0.4)).collect());
+                    for l in [&mut fused, &mut conv] {
+                        l.weight.grad.fill(T::zero());
+                        l.bias.grad.fill(T::zero());
+                    }
+                    let dxf = fused.backward(&dy);
+                    let dxp = conv.backward(&relu.backward(&dy));
+                    assert_eq!(bits(&dxf), bits(&dxp), "C{c} k{k} s{st}: dx");
+                    assert_eq!(bits(&fused.weight.grad), bits(&conv.weight.grad), "C{c}: dW");
+                    assert_eq!(bits(&fused.bias.grad), bits(&conv.bias.grad), "C{c}: db");
+                }
+            }
+        }
+        check::<f32>();
+        check::<f64>();
     }
 }

@@ -42,6 +42,25 @@ fn relu<T: Float>(v: T) -> (T, bool) {
     (y, !(y <= T::zero()))
 }
 
+/// ys = max(ys, 0) in place, live = [ys > 0]: the forward of this layer, and of a conv with
+/// its ReLU fused in (`Conv2d::relu`), which calls it on each group's output while it is in cache.
+pub(crate) fn relu_in_place<T: Float>(ys: &mut [T], live: &mut [bool]) {
+    assert_eq!(ys.len(), live.len(), "relu_in_place: one mask entry per value");
+    for (v, l) in ys.iter_mut().zip(live) {
+        (*v, *l) = relu(*v);
+    }
+}
+
+/// dx = dy where live, 0 elsewhere: this layer's backward, and a fused conv's first step back.
+/// A select, not a branch: the mask is as good as random, and a branch on it mispredicted half
+/// the time (a fused conv's backward took 1.6 ms more for 2M values).
+pub(crate) fn mask_into<T: Float>(dy: &[T], live: &[bool], dx: &mut [T]) {
+    assert!(dy.len() == live.len() && dy.len() == dx.len(), "mask_into: one mask entry per value");
+    for ((d, &l), o) in dy.iter().zip(live).zip(dx) {
+        *o = std::hint::select_unpredictable(l, *d, T::zero());
+    }
+}
+
 impl<T: Float> Layer<T> for Relu<T> {
     fn describe(&self) -> String {
         "ReLU".into()
@@ -58,11 +77,10 @@ impl<T: Float> Layer<T> for Relu<T> {
     fn forward_owned(&mut self, mut x: Tensor<T>, _ctx: Ctx) -> Tensor<T> {
         self.shape = x.shape().to_vec();
         self.live.resize(x.len(), false);
-        slice_mut(&mut x).par_chunks_mut(CHUNK).zip(self.live.par_chunks_mut(CHUNK)).for_each(|(xs, ls)| {
-            for (v, l) in xs.iter_mut().zip(ls) {
-                (*v, *l) = relu(*v);
-            }
-        });
+        slice_mut(&mut x)
+            .par_chunks_mut(CHUNK)
+            .zip(self.live.par_chunks_mut(CHUNK))
+            .for_each(|(xs, ls)| relu_in_place(xs, ls));
         x
     }
 

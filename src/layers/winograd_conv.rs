@@ -25,6 +25,7 @@
 use rayon::prelude::*;
 
 use super::conv2d::{ConvGeometry, Padded, RangeSums};
+use super::relu::{mask_into, relu_in_place};
 use super::winograd::{backward_scratch, finish_weight_grad, grads_from_z, multiply, tile_outputs};
 use super::winograd::{transform_input, transform_weights, Plan, XI};
 use super::{batch_ranges, split_by_ranges, Conv2d, Hw};
@@ -247,8 +248,18 @@ vector_builds!(
 
 /// The conv's forward on x (N, C, H, W): y (N, OC, OH, OW), a fixed range of images per
 /// thread, a group at a time in that thread's scratch (`tensor::with_scratch`). `padded`
-/// receives the padded images (kept for the backward).
-pub fn forward<T: Float>(g: &ConvGeometry, wt: &[T], b: &[T], x: &[T], n: usize, padded: &mut Vec<T>) -> Tensor<T> {
+/// receives the padded images (kept for the backward). A fused ReLU (`Conv2d::relu`) passes
+/// its mask `live`, one entry per output, and each group's y goes through the ReLU as soon as
+/// it is written; without one `live` is empty.
+pub fn forward<T: Float>(
+    g: &ConvGeometry,
+    wt: &[T],
+    b: &[T],
+    x: &[T],
+    n: usize,
+    padded: &mut Vec<T>,
+    live: &mut [bool],
+) -> Tensor<T> {
     let oc = b.len();
     let s = Shape::new(g, oc, n);
     let p = &s.plan;
@@ -258,11 +269,16 @@ pub fn forward<T: Float>(g: &ConvGeometry, wt: &[T], b: &[T], x: &[T], n: usize,
     let (img, out) = (p.c * p.h * p.w, oc * s.oh * s.ow);
     let ranges = batch_ranges(n, rayon::current_num_threads());
     let ys = split_by_ranges(slice_mut(&mut y), &ranges, out);
-    ranges.par_iter().zip(ys).for_each(|(r, yr)| {
+    let relu = !live.is_empty();
+    let lives = split_by_ranges(live, &ranges, if relu { out } else { 0 });
+    ranges.par_iter().zip(ys).zip(lives).for_each(|((r, yr), lr)| {
         let xr = &xp[r.start * img..r.end * img];
         with_scratch(s.forward_scratch(), |scratch| {
-            for (yg, xg) in yr.chunks_mut(p.group * out).zip(xr.chunks(p.group * img)) {
+            for (i, (yg, xg)) in yr.chunks_mut(p.group * out).zip(xr.chunks(p.group * img)).enumerate() {
                 forward_group(p, s.oh, s.ow, &u, b, xg, yg, scratch);
+                if relu {
+                    relu_in_place(yg, &mut lr[i * p.group * out..][..yg.len()]);
+                }
             }
         });
     });
@@ -271,7 +287,8 @@ pub fn forward<T: Float>(g: &ConvGeometry, wt: &[T], b: &[T], x: &[T], n: usize,
 
 /// The conv's backward: dx (N, C, H, W) (or (0, C, H, W) without `input_grad`) and each
 /// thread range's (dW, db), in range order, for `Conv2d::add_range_sums`. x (N, C, H, W) is the
-/// forward's input and `padded` the padded images it kept.
+/// forward's input and `padded` the padded images it kept; `live` the fused ReLU's mask from
+/// the forward (each group's dy is masked by it first), or empty.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Float>(
     g: &ConvGeometry,
@@ -280,6 +297,7 @@ pub fn backward<T: Float>(
     x: &[T],
     padded: &[T],
     dy: &[T],
+    live: &[bool],
     n: usize,
     input_grad: bool,
 ) -> (Tensor<T>, RangeSums<T>) {
@@ -299,9 +317,14 @@ pub fn backward<T: Float>(
         .map(|(r, dx_part)| {
             let (mut mw, mut db) = (zero_vec(16 * oc * g.c), zero_vec(oc));
             let dx_range = input_grad.then_some(dx_part);
+            let mut masked = zero_vec(if live.is_empty() { 0 } else { p.group * out });
             with_scratch(backward_scratch(p), |scratch| {
                 s.frame.for_each_group(r.clone(), p.group, dx_range, |first, gs, dxg| {
-                    let (xg, dyg) = (&xp[first * imgp..][..gs * imgp], &dy[first * out..][..gs * out]);
+                    let (xg, mut dyg) = (&xp[first * imgp..][..gs * imgp], &dy[first * out..][..gs * out]);
+                    if !live.is_empty() {
+                        mask_into(dyg, &live[first * out..][..gs * out], &mut masked[..gs * out]);
+                        dyg = &masked[..gs * out];
+                    }
                     backward_group(p, s.oh, s.ow, &u, xg, dyg, &mut mw, &mut db, dxg, scratch);
                 });
             });
