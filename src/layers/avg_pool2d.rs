@@ -26,6 +26,9 @@ use rayon::prelude::*;
 use super::{nchw, window_out_hw, Ctx, Hw, Layer};
 use crate::tensor::{slice, slice_mut, sum, zeros, Float, Tensor};
 
+/// Planes per parallel task in the 2x2 loops (at least): one plane is too little work to split.
+const PLANES: usize = 16;
+
 pub struct AvgPool2d {
     kernel: Hw,
     stride: Hw,
@@ -103,6 +106,16 @@ impl AvgPool2d {
         })
     }
 
+    /// Whether the (OH, OW) windows of an (H, W) input are PyTorch's `AvgPool2d(2)` ones:
+    /// kernel 2, stride 2, no padding, and every window whole (floor mode, or an even plane in
+    /// ceil mode; a remainder row or column of an odd plane in floor mode is in no window). The
+    /// common pool, run by a loop of its own in the general loop's order of operations (the
+    /// same bits; the general loop's window bounds keep it scalar).
+    fn is_2x2(&self, oh: usize, ow: usize, h: usize, w: usize) -> bool {
+        (self.kernel, self.stride, self.padding) == (Hw::square(2), Hw::square(2), Hw::square(0))
+            && (oh, ow) == (h / 2, w / 2)
+    }
+
     /// The row and column windows of an (H, W) input.
     fn windows(&self, h: usize, w: usize) -> (Vec<Span>, Vec<Span>) {
         let (oh, ow) = self.out_hw(h, w);
@@ -136,19 +149,12 @@ impl<T: Float> Layer<T> for AvgPool2d {
         let (rows, cols) = self.windows(h, w);
         let (oh, ow) = (rows.len(), cols.len());
         let mut y = zeros(&[n, c, oh, ow]);
-        slice_mut(&mut y).par_chunks_mut(oh * ow).zip(slice(x).par_chunks(h * w)).for_each(|(yp, xp)| {
-            for (i, r) in rows.iter().enumerate() {
-                for (j, q) in cols.iter().enumerate() {
-                    let mut sum = T::zero();
-                    for ih in r.lo..r.hi {
-                        for iw in q.lo..q.hi {
-                            sum += xp[ih * w + iw];
-                        }
-                    }
-                    yp[i * ow + j] = sum / T::f((r.padded * q.padded) as f64);
-                }
-            }
-        });
+        let planes = slice_mut(&mut y).par_chunks_mut(oh * ow).zip(slice(x).par_chunks(h * w));
+        if self.is_2x2(oh, ow, h, w) {
+            planes.with_min_len(PLANES).for_each(|(yp, xp)| pool_2x2(xp, w, yp, ow));
+        } else {
+            planes.for_each(|(yp, xp)| pool(xp, w, &rows, &cols, yp));
+        }
         self.input_shape = x.shape().to_vec();
         y
     }
@@ -161,19 +167,68 @@ impl<T: Float> Layer<T> for AvgPool2d {
         let (oh, ow) = (rows.len(), cols.len());
         assert_eq!(&dy.shape()[2..], &[oh, ow], "AvgPool2d: dy shape");
         let mut dx = zeros(&s_in);
-        slice_mut(&mut dx).par_chunks_mut(h * w).zip(slice(dy).par_chunks(oh * ow)).for_each(|(dxp, dyp)| {
-            for (i, r) in rows.iter().enumerate() {
-                for (j, q) in cols.iter().enumerate() {
-                    let share = dyp[i * ow + j] / T::f((r.padded * q.padded) as f64);
-                    for ih in r.lo..r.hi {
-                        for iw in q.lo..q.hi {
-                            dxp[ih * w + iw] += share;
-                        }
-                    }
+        let planes = slice_mut(&mut dx).par_chunks_mut(h * w).zip(slice(dy).par_chunks(oh * ow));
+        if self.is_2x2(oh, ow, h, w) {
+            planes.with_min_len(PLANES).for_each(|(dxp, dyp)| spread_2x2(dyp, ow, dxp, w));
+        } else {
+            planes.for_each(|(dxp, dyp)| spread(dyp, &rows, &cols, dxp, w));
+        }
+        dx
+    }
+}
+
+/// One plane's pool: yp (OH, OW) from xp (H, W), the windows `rows` x `cols`.
+fn pool<T: Float>(xp: &[T], w: usize, rows: &[Span], cols: &[Span], yp: &mut [T]) {
+    let ow = cols.len();
+    for (i, r) in rows.iter().enumerate() {
+        for (j, q) in cols.iter().enumerate() {
+            let mut sum = T::zero();
+            for ih in r.lo..r.hi {
+                for iw in q.lo..q.hi {
+                    sum += xp[ih * w + iw];
                 }
             }
-        });
-        dx
+            yp[i * ow + j] = sum / T::f((r.padded * q.padded) as f64);
+        }
+    }
+}
+
+/// `pool` for 2x2 windows at stride 2 (`AvgPool2d::is_2x2`), the same operations in the same
+/// order (the sum from +0, so that -0 sums as it does there).
+fn pool_2x2<T: Float>(xp: &[T], w: usize, yp: &mut [T], ow: usize) {
+    for (i, yrow) in yp.chunks_exact_mut(ow).enumerate() {
+        let (top, bottom) = (&xp[2 * i * w..][..2 * ow], &xp[(2 * i + 1) * w..][..2 * ow]);
+        for ((v, t), b) in yrow.iter_mut().zip(top.chunks_exact(2)).zip(bottom.chunks_exact(2)) {
+            *v = (T::zero() + t[0] + t[1] + b[0] + b[1]) / T::f(4.0);
+        }
+    }
+}
+
+/// One plane's backward: dxp (H, W), zero on entry, += each window's share of dyp (OH, OW).
+fn spread<T: Float>(dyp: &[T], rows: &[Span], cols: &[Span], dxp: &mut [T], w: usize) {
+    let ow = cols.len();
+    for (i, r) in rows.iter().enumerate() {
+        for (j, q) in cols.iter().enumerate() {
+            let share = dyp[i * ow + j] / T::f((r.padded * q.padded) as f64);
+            for ih in r.lo..r.hi {
+                for iw in q.lo..q.hi {
+                    dxp[ih * w + iw] += share;
+                }
+            }
+        }
+    }
+}
+
+/// `spread` for 2x2 windows at stride 2: each pixel is in one window at most, so it gets
+/// +0 + share, as there.
+fn spread_2x2<T: Float>(dyp: &[T], ow: usize, dxp: &mut [T], w: usize) {
+    for (i, dyrow) in dyp.chunks_exact(ow).enumerate() {
+        let (top, bottom) = dxp[2 * i * w..].split_at_mut(w);
+        let quads = top.chunks_exact_mut(2).zip(bottom[..2 * ow].chunks_exact_mut(2));
+        for ((t, b), &d) in quads.zip(dyrow) {
+            let share = T::zero() + d / T::f(4.0);
+            [t[0], t[1], b[0], b[1]] = [share; 4];
+        }
     }
 }
 
@@ -231,5 +286,39 @@ mod tests {
         let s = spans(4, 6, 3, 2, 1);
         let got: Vec<(usize, usize, usize)> = s.iter().map(|s| (s.lo, s.hi, s.padded)).collect();
         assert_eq!(got, vec![(0, 2, 3), (1, 4, 3), (3, 6, 3), (5, 6, 2)]);
+    }
+
+    /// The 2x2 loops give the general loops' bits, forward and backward, on even and odd
+    /// planes (the remainder row and column in no window), with signed zeros, infinities and a
+    /// NaN among the values; and the layer takes them exactly where the windows are 2x2 ones.
+    #[test]
+    fn the_2x2_loops_give_the_general_loops_bits() {
+        fn check<T: Float>() {
+            let odd = [T::neg_zero(), T::zero(), T::infinity(), T::neg_infinity(), T::nan()];
+            let value = |i: usize| if i % 7 == 3 { odd[i / 7 % 5] } else { T::f((i as f64 * 0.61).sin() - 0.1) };
+            for (h, w) in [(4, 4), (5, 7), (6, 3), (2, 2), (3, 2), (8, 9)] {
+                let (oh, ow) = (h / 2, w / 2);
+                let pool2 = AvgPool2d::new(2, 2);
+                let (rows, cols) = pool2.windows(h, w);
+                assert!(pool2.is_2x2(rows.len(), cols.len(), h, w), "{h}x{w}");
+                let xp: Vec<T> = (0..h * w).map(value).collect();
+                let (mut a, mut b) = (vec![T::one(); oh * ow], vec![T::one(); oh * ow]);
+                pool(&xp, w, &rows, &cols, &mut a);
+                pool_2x2(&xp, w, &mut b, ow);
+                let bits = |v: &[T]| v.iter().map(|x| x.as_f64().to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{h}x{w} forward");
+                let dyp: Vec<T> = (0..oh * ow).map(|i| value(i + 2)).collect();
+                let (mut a, mut b) = (vec![T::zero(); h * w], vec![T::zero(); h * w]);
+                spread(&dyp, &rows, &cols, &mut a, w);
+                spread_2x2(&dyp, ow, &mut b, w);
+                assert_eq!(bits(&a), bits(&b), "{h}x{w} backward");
+            }
+            assert!(!AvgPool2d::with_options(2, 2, 0, true).is_2x2(3, 3, 5, 5), "ceil mode, odd plane");
+            assert!(!AvgPool2d::with_options(2, 2, 1, false).is_2x2(3, 3, 4, 4), "padded");
+            assert!(!AvgPool2d::new(2, 1).is_2x2(2, 3, 3, 4), "stride 1");
+            assert!(!AvgPool2d::new(3, 2).is_2x2(2, 2, 5, 5), "kernel 3");
+        }
+        check::<f32>();
+        check::<f64>();
     }
 }
