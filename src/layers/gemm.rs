@@ -27,15 +27,20 @@
 //! micro-kernel keeps 8 rows x 48 columns of C in 24 registers: per q, three loads of B's row,
 //! eight broadcasts of A's column, 24 FMAs.
 //!
-//! Where they run: f32 on a CPU with AVX-512F and FMA (`kernels_run`). Everywhere else (f64,
-//! the gradient checks; AVX2-only CPUs; other architectures) the same calls go to
-//! `tensor::gemm` (matrixmultiply, with its own AVX2/FMA kernels): this file has no AVX2
-//! kernel, and the portable code below compiled for AVX2 ran at 13-40 GFLOP/s on one Zen 4
-//! core against the AVX-512 kernels' 88-115 (benches/README.md), which would have slowed an
-//! AVX2-only CPU down. The portable code stays as the definition of the order: one row
-//! (`gemm_nn`) or one product (`gemm_nt`) at a time, the tests checking the kernels' bits
-//! against it. The results on the two sides differ in rounding only (matrixmultiply's
-//! `gemm_nn` order is the same; its dot products are not trees).
+//! An AVX2 micro-kernel of `gemm_nn` serves CPUs without AVX-512: 6 rows x 16 columns of C in
+//! 12 of AVX2's 16 registers (two loads of B's row, six broadcasts, 12 FMAs per q); plain
+//! loads and stores for whole blocks, masked ones only for the last columns (AMD's masked moves
+//! are slow: masked everywhere, the kernel ran at half its rate). `gemm_nt` has no AVX2 kernel
+//! (`Kernel::Avx2` says why).
+//!
+//! Where they run (`Kernel::best`, `Kernel::best_nt`): f32 on a CPU with AVX-512F and FMA
+//! (`kernels_run`); `gemm_nn` also on one with AVX2 and FMA. Everywhere else (f64, the
+//! gradient checks; `gemm_nt` on AVX2-only CPUs; other architectures) the same calls go to
+//! `tensor::gemm` (matrixmultiply, with its own AVX2/FMA kernels). The portable code below
+//! compiled for AVX2 ran at 13-40 GFLOP/s on one Zen 4 core, so it stays the definition of the
+//! order only: one row (`gemm_nn`) or one product (`gemm_nt`) at a time, the tests checking
+//! every kernel's bits against it. The results on the two sides differ in rounding only
+//! (matrixmultiply's `gemm_nn` order is the same; its dot products are not trees).
 
 use crate::tensor::{gemm, Float};
 
@@ -56,13 +61,68 @@ pub(crate) fn kernels_run<T: Float>() -> bool {
     false
 }
 
+/// Which code computes a product. `Kernel::best` is what `gemm_nn` runs and `Kernel::best_nt`
+/// what `gemm_nt` runs; the `_on` forms take one by name (the benchmark and the tests compare
+/// them on one CPU).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kernel {
+    /// Our AVX-512 micro-kernels (f32).
+    Avx512,
+    /// Our AVX2 micro-kernel of `gemm_nn` (f32), for CPUs without AVX-512. `gemm_nt` has none:
+    /// its dot products keep two 256-bit registers each, so a block holds 2 x 3 of them and
+    /// reads 10 loads per 12 FMAs, and it ran at 43-75 GFLOP/s where matrixmultiply's AVX2
+    /// kernel ran at 66-88 (benches/README.md).
+    Avx2,
+    /// matrixmultiply (`tensor::gemm`): f64, and CPUs with neither.
+    Library,
+}
+
+impl Kernel {
+    /// The kernel `gemm_nn` runs for T here: AVX-512, else AVX2 (with FMA), else the library.
+    pub fn best<T: Float>() -> Kernel {
+        [Kernel::Avx512, Kernel::Avx2].into_iter().find(|k| k.runs::<T>()).unwrap_or(Kernel::Library)
+    }
+
+    /// The kernel `gemm_nt` runs for T here: AVX-512, else the library.
+    pub fn best_nt<T: Float>() -> Kernel {
+        if Kernel::Avx512.runs::<T>() {
+            Kernel::Avx512
+        } else {
+            Kernel::Library
+        }
+    }
+
+    /// Whether this CPU runs the kernel for T.
+    pub fn runs<T: Float>(self) -> bool {
+        let f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+        match self {
+            Kernel::Library => true,
+            Kernel::Avx512 => f32 && kernels_run::<T>(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                f32 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 => false,
+        }
+    }
+}
+
 /// C (m, n) += A (m, k) B (n, k)^T, all row-major and contiguous.
 pub fn gemm_nt<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+    gemm_nt_on(Kernel::best_nt::<T>(), m, n, k, a, b, c);
+}
+
+/// `gemm_nt` by a given kernel (AVX-512 or the library), which this CPU must run for T
+/// (`Kernel::runs`).
+pub fn gemm_nt_on<T: Float>(kernel: Kernel, m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "gemm_nt: operands too short for {m}x{n}x{k}");
+    assert!(kernel.runs::<T>(), "gemm_nt: this CPU does not run {kernel:?} for this type");
+    assert!(kernel != Kernel::Avx2, "gemm_nt: no Avx2 kernel (see `Kernel::Avx2`)");
     #[cfg(target_arch = "x86_64")]
-    if kernels_run::<T>() {
-        // SAFETY: T is f32 (`kernels_run`), so these are f32 slices, and the CPU has AVX-512F
-        // and FMA; the lengths were checked above.
+    if kernel == Kernel::Avx512 {
+        // SAFETY: T is f32 and the CPU has AVX-512F and FMA (`Kernel::runs`), so these are f32
+        // slices; the lengths were checked above.
         unsafe { avx512::gemm_nt(m, n, k, f32s(a), f32s(b), f32s_mut(c)) };
         return;
     }
@@ -72,13 +132,33 @@ pub fn gemm_nt<T: Float>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut
 /// C (m, n) = A B, A (m, k) at `a[i * rsa + q * csa]`, B (k, n) and C row-major.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nn<T: Float>(m: usize, n: usize, k: usize, a: &[T], rsa: usize, csa: usize, b: &[T], c: &mut [T]) {
+    gemm_nn_on(Kernel::best::<T>(), m, n, k, a, rsa, csa, b, c);
+}
+
+/// `gemm_nn` by a given kernel, which this CPU must run for T (`Kernel::runs`).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn_on<T: Float>(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    rsa: usize,
+    csa: usize,
+    b: &[T],
+    c: &mut [T],
+) {
     let a_end = if m == 0 || k == 0 { 0 } else { (m - 1) * rsa + (k - 1) * csa + 1 };
     assert!(a.len() >= a_end && b.len() >= k * n && c.len() >= m * n, "gemm_nn: operands too short for {m}x{n}x{k}");
+    assert!(kernel.runs::<T>(), "gemm_nn: this CPU does not run {kernel:?} for this type");
     #[cfg(target_arch = "x86_64")]
-    if kernels_run::<T>() {
-        // SAFETY: as in `gemm_nt`.
-        unsafe { avx512::gemm_nn(m, n, k, f32s(a), rsa, csa, f32s(b), f32s_mut(c)) };
-        return;
+    match kernel {
+        // SAFETY: T is f32 and the CPU has the kernel's features (`Kernel::runs`), so these are
+        // f32 slices; the lengths were checked above.
+        Kernel::Avx512 => return unsafe { avx512::gemm_nn(m, n, k, f32s(a), rsa, csa, f32s(b), f32s_mut(c)) },
+        // SAFETY: as above.
+        Kernel::Avx2 => return unsafe { avx2::gemm_nn(m, n, k, f32s(a), rsa, csa, f32s(b), f32s_mut(c)) },
+        Kernel::Library => {}
     }
     // SAFETY: A's m x k elements at these strides end by `a_end` <= a.len() (checked above),
     // B and C are contiguous and long enough, and C is a unique borrow.
@@ -340,6 +420,99 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Lane masks for `maskload` / `maskstore`: the first `w` of eight lanes (w <= 8).
+    #[target_feature(enable = "avx2")]
+    fn first(w: usize) -> __m256i {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), lanes)
+    }
+
+    /// Blocks of 6 rows by 16 columns (12 accumulators, two loads of B's row and six
+    /// broadcasts of A's column per q), the last columns masked, the last rows (m mod 6) a
+    /// smaller block.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_nn(m: usize, n: usize, k: usize, a: &[f32], rsa: usize, csa: usize, b: &[f32], c: &mut [f32]) {
+        for j in (0..n).step_by(16) {
+            for i in (0..m).step_by(6) {
+                // SAFETY: rows i..min(i+6, m) of A reach a[(m-1)*rsa + (k-1)*csa] < a.len(),
+                // B's rows have n columns and the masks stop at n, C's rows exist (the caller
+                // checked the lengths).
+                unsafe {
+                    let (a, b, c, left) =
+                        (a.as_ptr().add(i * rsa), b.as_ptr().add(j), c.as_mut_ptr().add(i * n + j), n - j);
+                    macro_rules! rows {
+                        ($r:literal) => {
+                            if left >= 16 {
+                                block::<$r, true>(a, rsa, csa, b, n, k, c, left)
+                            } else {
+                                block::<$r, false>(a, rsa, csa, b, n, k, c, left)
+                            }
+                        };
+                    }
+                    match m - i {
+                        1 => rows!(1),
+                        2 => rows!(2),
+                        3 => rows!(3),
+                        4 => rows!(4),
+                        5 => rows!(5),
+                        _ => rows!(6),
+                    }
+                }
+            }
+        }
+    }
+
+    /// C (R rows at `c`, row stride n) = A's R rows x B's columns j..j + min(16, left); WHOLE
+    /// (left >= 16) with plain loads and stores, else masked ones (AMD's masked moves are slow:
+    /// in every block they halved the kernel's rate).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const R: usize, const WHOLE: bool>(
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        n: usize,
+        k: usize,
+        c: *mut f32,
+        left: usize,
+    ) {
+        let masks = [first(left.min(8)), first(left.saturating_sub(8).min(8))];
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for q in 0..k {
+            let row = b.add(q * n);
+            let bv = [0, 1].map(|v| {
+                if WHOLE {
+                    _mm256_loadu_ps(row.add(8 * v))
+                } else {
+                    _mm256_maskload_ps(row.wrapping_add(8 * v), masks[v])
+                }
+            });
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let s = _mm256_broadcast_ss(&*a.add(i * rsa + q * csa));
+                for v in 0..2 {
+                    acc[v] = _mm256_fmadd_ps(s, bv[v], acc[v]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for v in 0..2 {
+                if WHOLE {
+                    _mm256_storeu_ps(c.add(i * n + 8 * v), acc[v]);
+                } else {
+                    // (a vector's lanes past n are all off)
+                    _mm256_maskstore_ps(c.add(i * n).wrapping_add(8 * v), masks[v], acc[v]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,16 +564,22 @@ mod tests {
         }
     }
 
-    /// Runs `check` where the AVX-512 kernels run, else says `skipped` (a failure under
-    /// MEDCNN_REQUIRE_AVX512=1).
-    fn with_kernels(what: &str, check: impl FnOnce()) {
-        if kernels_run::<f32>() {
-            check();
-        } else {
-            crate::layers::skip_unless_required(
-                "AVX512",
-                &format!("no AVX-512F and FMA on this CPU: {what} is not checked"),
-            );
+    /// Runs `check` for each of `kernels` this CPU runs; for one it does not, says `skipped` (a
+    /// failure under MEDCNN_REQUIRE_AVX512=1 / MEDCNN_REQUIRE_AVX2=1).
+    fn with_kernels(kernels: &[Kernel], what: &str, check: impl Fn(Kernel)) {
+        for &kernel in kernels {
+            let (name, needs) = match kernel {
+                Kernel::Avx512 => ("AVX512", "AVX-512F and FMA"),
+                _ => ("AVX2", "AVX2 and FMA"),
+            };
+            if kernel.runs::<f32>() {
+                check(kernel);
+            } else {
+                crate::layers::skip_unless_required(
+                    name,
+                    &format!("no {needs} on this CPU: {what} ({kernel:?}) is not checked"),
+                );
+            }
         }
     }
 
@@ -408,7 +587,7 @@ mod tests {
     /// for every shape above, and writes nothing past C.
     #[test]
     fn kernel_matches_portable_bit_for_bit() {
-        with_kernels("gemm_nt's kernel", || {
+        with_kernels(&[Kernel::Avx512], "gemm_nt's kernel", |kernel| {
             for (m, n, k) in SHAPES {
                 // NaN past A and B, and four guard elements past C: a kernel that ran past the
                 // last rows would read the NaNs into the guards.
@@ -419,17 +598,20 @@ mod tests {
                 let (a, b) = (nan_tail(fill::<f32>(m * k, 4), m * k), nan_tail(fill::<f32>(n * k, 5), n * k));
                 let (a, b) = (&a[..m * k], &b[..n * k]);
                 let (mut got, mut want) = (fill::<f32>(m * n + 4, 6), fill::<f32>(m * n + 4, 6));
-                gemm_nt(m, n, k, a, b, &mut got[..m * n]);
+                gemm_nt_on(kernel, m, n, k, a, b, &mut got[..m * n]);
                 portable(m, n, k, a, b, &mut want[..m * n]);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "({m}, {n}, {k})");
+                assert_eq!(bits(&got), bits(&want), "{kernel:?} ({m}, {n}, {k})");
             }
         });
     }
 
-    /// Shapes for `gemm_nn`: whole 8-row blocks and rows left over, runs of 48 columns and a
-    /// last run of one, two or three vectors, whole or masked; K of 1 and more.
-    const NN_SHAPES: [(usize, usize, usize); 9] = [
+    /// Shapes for `gemm_nn`: whole 8-row (AVX-512) and 6-row (AVX2) blocks and every count of
+    /// rows left over, runs of 48 (16) columns and a last run of one, two or three vectors (one
+    /// or two halves), whole or masked; K of 1 and more.
+    const NN_SHAPES: [(usize, usize, usize); 11] = [
+        (14, 17, 7),
+        (9, 33, 4),
         (1, 1, 1),
         (12, 32, 1),
         (12, 7, 5),
@@ -462,20 +644,20 @@ mod tests {
         }
     }
 
-    /// The AVX-512 micro-kernel of `gemm_nn` (masked ends included) gives the portable code's
-    /// bits; nothing past a row's n columns is written.
+    /// Each micro-kernel of `gemm_nn` (masked ends included) gives the portable code's bits;
+    /// nothing past a row's n columns is written.
     #[test]
     fn gemm_nn_kernel_matches_portable_bit_for_bit() {
-        with_kernels("gemm_nn's kernel", || {
+        with_kernels(&[Kernel::Avx512, Kernel::Avx2], "gemm_nn's kernel", |kernel| {
             for (m, n, k) in NN_SHAPES {
                 let (a, b) = (fill::<f32>(m * k, 10), fill::<f32>(k * n, 11));
                 for (rsa, csa) in [(k, 1), (1, m)] {
                     // One guard element past C: the masked stores must leave it.
                     let (mut got, mut want) = (fill::<f32>(m * n + 1, 12), fill::<f32>(m * n + 1, 12));
-                    gemm_nn(m, n, k, &a, rsa, csa, &b, &mut got[..m * n]);
+                    gemm_nn_on(kernel, m, n, k, &a, rsa, csa, &b, &mut got[..m * n]);
                     portable_nn(0..m, n, k, &a, rsa, csa, &b, &mut want);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "({m}, {n}, {k}) strides ({rsa}, {csa})");
+                    assert_eq!(bits(&got), bits(&want), "{kernel:?} ({m}, {n}, {k}) strides ({rsa}, {csa})");
                 }
             }
         });
@@ -530,10 +712,48 @@ mod tests {
         let mut c = vec![0.0f32; 25];
         portable(5, 5, 16, &a, &b, &mut c);
         assert!(c.iter().all(|&v| v == 100_000_008.0), "portable: {c:?}");
-        with_kernels("the kernel's tree", || {
+        with_kernels(&[Kernel::Avx512], "the kernel's tree", |kernel| {
             let mut c = vec![0.0f32; 25];
-            gemm_nt(5, 5, 16, &a, &b, &mut c);
-            assert!(c.iter().all(|&v| v == 100_000_008.0), "kernel: {c:?}");
+            gemm_nt_on(kernel, 5, 5, 16, &a, &b, &mut c);
+            assert!(c.iter().all(|&v| v == 100_000_008.0), "{kernel:?}: {c:?}");
         });
+    }
+
+    /// Lanes past K's last partial chunk keep their sums exactly, a -0 included (an FMA of
+    /// masked-off zeros would make it +0): every product underflows to -0 (-1e-30 x 1e-30), so
+    /// all 16 lane sums are -0, their tree is -0 and C = -0 + -0 stays -0. K = 21: one whole
+    /// chunk, then five lanes of a partial one. Blocks and edges (5 x 5).
+    #[test]
+    fn partial_chunks_keep_signed_zeros() {
+        let (a, b) = (vec![-1e-30f32; 5 * 21], vec![1e-30f32; 5 * 21]);
+        let mut c = vec![-0.0f32; 25];
+        portable(5, 5, 21, &a, &b, &mut c);
+        assert!(c.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()), "portable: {c:?}");
+        with_kernels(&[Kernel::Avx512], "the partial chunk's lanes", |kernel| {
+            let mut c = vec![-0.0f32; 25];
+            gemm_nt_on(kernel, 5, 5, 21, &a, &b, &mut c);
+            assert!(c.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()), "{kernel:?}: {c:?}");
+        });
+    }
+
+    /// A kernel this CPU does not run for the type is refused by name, before any read (f64
+    /// has no kernel of ours), and so is the AVX2 kernel `gemm_nt` does not have.
+    #[test]
+    fn kernels_refuse_what_they_do_not_run() {
+        assert_eq!((Kernel::best::<f64>(), Kernel::best_nt::<f64>()), (Kernel::Library, Kernel::Library));
+        let refused = |f: &dyn Fn(), want: &str| {
+            let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("accepted");
+            let msg = err.downcast_ref::<String>().cloned().or(err.downcast_ref::<&str>().map(|s| s.to_string()));
+            assert!(msg.as_deref().unwrap_or_default().contains(want), "{msg:?}");
+        };
+        for kernel in [Kernel::Avx512, Kernel::Avx2] {
+            assert!(!kernel.runs::<f64>());
+            let want = format!("does not run {kernel:?}");
+            refused(&|| gemm_nt_on(kernel, 1, 1, 1, &[1.0f64], &[1.0], &mut [0.0]), &want);
+            refused(&|| gemm_nn_on(kernel, 1, 1, 1, &[1.0f64], 1, 1, &[1.0], &mut [0.0]), &want);
+        }
+        if Kernel::Avx2.runs::<f32>() {
+            refused(&|| gemm_nt_on(Kernel::Avx2, 1, 1, 1, &[1.0f32], &[1.0], &mut [0.0]), "no Avx2 kernel");
+        }
     }
 }
