@@ -94,13 +94,14 @@ impl Kernel {
 
     /// Whether this CPU runs the kernel for T.
     pub fn runs<T: Float>(self) -> bool {
-        let f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
         match self {
             Kernel::Library => true,
-            Kernel::Avx512 => f32 && kernels_run::<T>(),
+            Kernel::Avx512 => kernels_run::<T>(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
-                f32 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+                std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
             }
             #[cfg(not(target_arch = "x86_64"))]
             Kernel::Avx2 => false,
