@@ -681,12 +681,12 @@ impl<T: Float> Layer<T> for Conv2d<T> {
                     let dcg: &[T] = if live_g.is_none() && gs == 1 {
                         dyg
                     } else {
-                        for (r, row) in dyg.chunks_exact(l).enumerate() {
-                            // row r of dyg is (image i, channel o)
-                            let (i, o) = (r / oc, r % oc);
+                        for (at, row) in dyg.chunks_exact(l).enumerate() {
+                            // row `at` of dyg is (image i, channel o)
+                            let (i, o) = (at / oc, at % oc);
                             let to = &mut dc[o * ld + i * l..][..l];
                             match live_g {
-                                Some(lg) => mask_into(row, &lg[r * l..][..l], to),
+                                Some(lg) => mask_into(row, &lg[at * l..][..l], to),
                                 None => to.copy_from_slice(row),
                             }
                         }
