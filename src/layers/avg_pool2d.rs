@@ -313,6 +313,22 @@ mod tests {
                 spread_2x2(&dyp, ow, &mut b, w);
                 assert_eq!(bits(&a), bits(&b), "{h}x{w} backward");
             }
+            // The layer takes the 2x2 loops and gives the general loops' bits, plane by plane.
+            let (n, c, h, w) = (2, 3, 5, 6);
+            let mut layer = AvgPool2d::new(2, 2);
+            let x = crate::tensor::from_vec(&[n, c, h, w], (0..n * c * h * w).map(value).collect());
+            let y = layer.forward(&x, Ctx::eval());
+            let dy = crate::tensor::from_vec(y.shape(), (0..y.len()).map(|i| value(i + 5)).collect());
+            let dx = layer.backward(&dy);
+            let (rows, cols) = layer.windows(h, w);
+            let (mut want_y, mut want_dx) = (vec![T::one(); y.len()], vec![T::zero(); x.len()]);
+            for p in 0..n * c {
+                pool(&slice(&x)[p * h * w..][..h * w], w, &rows, &cols, &mut want_y[p * 6..][..6]);
+                spread(&slice(&dy)[p * 6..][..6], &rows, &cols, &mut want_dx[p * h * w..][..h * w], w);
+            }
+            let bits = |v: &[T]| v.iter().map(|x| x.as_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!((y.shape(), bits(slice(&y))), (&[n, c, 2, 3][..], bits(&want_y)), "layer forward");
+            assert_eq!(bits(slice(&dx)), bits(&want_dx), "layer backward");
             assert!(!AvgPool2d::with_options(2, 2, 0, true).is_2x2(3, 3, 5, 5), "ceil mode, odd plane");
             assert!(!AvgPool2d::with_options(2, 2, 1, false).is_2x2(3, 3, 4, 4), "padded");
             assert!(!AvgPool2d::new(2, 1).is_2x2(2, 3, 3, 4), "stride 1");
