@@ -304,8 +304,12 @@ fn fused_and_layer_by_layer_networks_agree() {
             }
         };
         close(slice(&ya), slice(&yb), "y");
-        // A fused first block does not compute the images' gradient (nobody needs it).
-        if fused.layers[0].kind != LayerKind::ConvReluPool {
+        // The layer-by-layer build computes the images' gradient (explain's saliency needs it);
+        // the training build's first conv (fused block or plain) does not (nobody needs it).
+        assert_eq!(dxa.len(), x.len(), "{}: the plain build's dx", s.arch_text());
+        if matches!(fused.layers[0].kind, LayerKind::ConvReluPool | LayerKind::Conv2d) {
+            assert_eq!(dxb.len(), 0, "{}: the training build's first conv computed dx", s.arch_text());
+        } else {
             close(slice(&dxa), slice(&dxb), "dx");
         }
         for ((n, pa), (_, pb)) in plain.named_params().iter().zip(fused.named_params().iter()) {
