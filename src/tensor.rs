@@ -176,6 +176,7 @@ pub fn keep_freed_memory() {
 /// page from every core's TLB, an interrupt to each other core, page by page. In the profile
 /// of a training step that was 18% of the time (Intel Xeon, 2 threads, a padded-3x3 spec).
 /// Zeros written out fault once each, cheaply, as plain first touches.
+///
 /// A large n (a layer's whole-batch output or gradient, allocated before its parallel work
 /// starts) is written by every thread, not by the caller alone.
 pub fn zero_vec<T: Float>(n: usize) -> Vec<T> {

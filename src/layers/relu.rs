@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::{Ctx, Layer};
-use crate::tensor::{from_vec, slice, slice_mut, Float, Tensor};
+use crate::tensor::{slice, slice_mut, zeros, Float, Tensor};
 
 /// Elements per parallel task: below this, splitting costs more than it saves.
 const CHUNK: usize = 1 << 14;
@@ -86,12 +86,9 @@ impl<T: Float> Layer<T> for Relu<T> {
 
     fn backward(&mut self, dy: &Tensor<T>) -> Tensor<T> {
         assert_eq!(dy.shape(), &self.shape[..], "ReLU::backward: dy shape (or no forward before it)");
-        let dx: Vec<T> = slice(dy)
-            .par_iter()
-            .with_min_len(CHUNK)
-            .zip(self.live.par_iter())
-            .map(|(&d, &l)| std::hint::select_unpredictable(l, d, T::zero())) // as `mask_into`
-            .collect();
-        from_vec(dy.shape(), dx)
+        let mut dx = zeros(dy.shape());
+        let chunks = slice_mut(&mut dx).par_chunks_mut(CHUNK).zip(slice(dy).par_chunks(CHUNK));
+        chunks.zip(self.live.par_chunks(CHUNK)).for_each(|((dxs, dys), ls)| mask_into(dys, ls, dxs));
+        dx
     }
 }
