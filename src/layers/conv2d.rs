@@ -26,6 +26,11 @@
 //! The three products are our own GEMMs (`gemm.rs`): W col and W^T dy by `gemm_nn`, dW (every
 //! entry a dot product of two rows stored along L) by `gemm_nt`. A 3x3 stride-1 conv of
 //! several channels goes by Winograd instead (`winograd_conv.rs`), tested against this path.
+//!
+//! With a ReLU fused in (`relu`, set by the training build where no max pool follows), either
+//! path ends each group with y = max(0, y), keeping [y > 0], and its backward starts each group
+//! from dy * [y > 0] (`relu::mask_into`) before the products above: the `Relu` layer's math,
+//! done while the group is in cache instead of in a pass of its own over the whole batch.
 
 use rayon::prelude::*;
 
